@@ -1,0 +1,16 @@
+"""curvlinops: curvature matrices of neural networks as matrix-free linear operators."""
+
+from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
+from curvlinops.ggn import GGNLinearOperator
+from curvlinops.hessian import HessianLinearOperator
+
+__version__ = "3.0.0"
+
+__all__ = [
+    # Base classes
+    "PyTorchLinearOperator",
+    "CurvatureLinearOperator",
+    # Curvature operators
+    "HessianLinearOperator",
+    "GGNLinearOperator",
+]

@@ -1,0 +1,920 @@
+"""Base classes: the PyTorch linear operator and the curvature operator's data loop.
+
+Layer one of the library. :class:`PyTorchLinearOperator` owns everything about
+*formats* (vectors, matrices, tensor lists, NumPy arrays), the operator algebra
+(sums, scalings, chains, adjoints) and the export to SciPy.
+:class:`CurvatureLinearOperator` owns everything about *data*: it loops over
+mini-batches, scales each batch's contribution for the loss's reduction, and probes
+that model and data are deterministic. Concrete operators only supply products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping
+from numbers import Real
+
+import numpy
+from scipy.sparse.linalg import LinearOperator
+from torch import (
+    Generator,
+    Size,
+    Tensor,
+    as_tensor,
+    cat,
+    no_grad,
+    randn,
+    zeros,
+    zeros_like,
+)
+from torch import device as torch_device
+from torch import dtype as torch_dtype
+from torch.autograd import grad
+from tqdm import tqdm
+
+from curvlinops._checks import (
+    check_batch_input,
+    check_block_sizes,
+    check_params,
+    check_reduction,
+)
+from curvlinops.utils import allclose_report, batch_fingerprint
+
+# Tolerances of the determinism probe (two passes must agree up to float noise).
+_DETERMINISM_RTOL, _DETERMINISM_ATOL = 1e-5, 1e-7
+
+
+class PyTorchLinearOperator:
+    r"""Linear operator :math:`\mathbf{A} \in \mathbb{R}^{M \times N}` on tensors.
+
+    Its domain and range are lists of tensors (*tensor-list format*), such as the
+    parameters of a neural network. ``in_shape`` lists the tensor shapes the operator
+    acts on and ``out_shape`` those it produces, so that
+    ``A.shape == (sum(prod(s) for s in out_shape), sum(prod(s) for s in in_shape))``.
+
+    ``A @ X`` accepts
+
+    - a vector of shape ``[N]`` or a matrix of shape ``[N, K]`` (torch or NumPy),
+    - a tensor list with the shapes of ``in_shape``, each optionally with a trailing
+      axis of ``K`` columns,
+
+    and returns the result in the same format (NumPy in, NumPy out). ``X @ A``
+    multiplies from the left. Operators combine lazily with ``+``, ``-``, ``@`` and
+    scalar ``*`` and ``/``; :meth:`to_scipy` exports to SciPy.
+
+    A subclass implements :meth:`_matmat`, which receives and returns tensor lists
+    whose tensors carry a trailing column axis, and either sets ``SELF_ADJOINT = True``
+    or implements :meth:`_adjoint`. It also provides the ``device`` and ``dtype``
+    properties.
+
+    Example:
+        >>> from torch import eye, manual_seed, rand
+        >>> from curvlinops.examples import TensorLinearOperator
+        >>> _ = manual_seed(0)
+        >>> A = TensorLinearOperator(rand(3, 3))
+        >>> B = 2 * A - A.adjoint() @ A
+        >>> B.shape
+        (3, 3)
+        >>> dense = 2 * A.tensor - A.tensor.T @ A.tensor
+        >>> (B @ eye(3)).allclose(dense)
+        True
+
+    Attributes:
+        SELF_ADJOINT: Whether the operator equals its adjoint. Default: ``False``.
+    """
+
+    SELF_ADJOINT: bool = False
+    # Makes NumPy hand ``ndarray @ operator`` over to ``operator.__rmatmul__``.
+    __array_ufunc__ = None
+
+    def __init__(
+        self, in_shape: list[tuple[int, ...]], out_shape: list[tuple[int, ...]]
+    ):
+        """Store the tensor-list formats of the operator's domain and range.
+
+        Args:
+            in_shape: Shapes of the tensors the operator acts on.
+            out_shape: Shapes of the tensors the operator produces.
+        """
+        self._in_shape = [Size(s) for s in in_shape]
+        self._out_shape = [Size(s) for s in out_shape]
+        self.shape = (
+            sum(s.numel() for s in self._out_shape),
+            sum(s.numel() for s in self._in_shape),
+        )
+
+    @property
+    def device(self) -> torch_device:
+        """Return the device the operator lives on.
+
+        Raises:
+            NotImplementedError: Must be provided by the subclass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define `device`.")
+
+    @property
+    def dtype(self) -> torch_dtype:
+        """Return the floating point type of the operator.
+
+        Raises:
+            NotImplementedError: Must be provided by the subclass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define `dtype`.")
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Multiply onto a matrix in tensor-list format.
+
+        Args:
+            M: Tensors of shapes ``[*in_shape[i], K]``.
+
+        Raises:
+            NotImplementedError: Must be implemented by the subclass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement `_matmat`.")
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        """Return the adjoint operator (only called if ``SELF_ADJOINT`` is ``False``).
+
+        Raises:
+            NotImplementedError: Must be implemented by non-self-adjoint subclasses.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement `_adjoint`."
+        )
+
+    def adjoint(self) -> PyTorchLinearOperator:
+        r"""Return the adjoint (transpose) :math:`\mathbf{A}^\top`.
+
+        Returns:
+            The adjoint operator; ``self`` if the operator is self-adjoint.
+        """
+        return self if self.SELF_ADJOINT else self._adjoint()
+
+    # Products and format conversion
+
+    def __matmul__(self, X):
+        """Multiply the operator onto a vector, matrix, tensor list, or operator.
+
+        Args:
+            X: A torch or NumPy vector ``[N]`` or matrix ``[N, K]``, a tensor list
+                with the shapes of ``in_shape`` (each optionally with a trailing
+                column axis), or another :class:`PyTorchLinearOperator`.
+
+        Returns:
+            ``A @ X`` in the format of ``X``; a lazy chain if ``X`` is an operator.
+
+        Raises:
+            TypeError: If ``X`` has an unsupported type.
+        """
+        if isinstance(X, PyTorchLinearOperator):
+            return _ChainPyTorchLinearOperator(self, X)
+        if isinstance(X, numpy.ndarray):
+            return self._matmul_numpy(X)
+        if isinstance(X, Tensor):
+            return self._matmul_tensor(X)
+        if isinstance(X, (list, tuple)):
+            return self._matmul_tensor_list(list(X))
+        raise TypeError(
+            "Expected a torch.Tensor, numpy.ndarray, list of tensors or "
+            f"PyTorchLinearOperator, got {type(X).__name__}."
+        )
+
+    def __rmatmul__(self, X):
+        """Multiply a row vector ``[M]`` or matrix ``[K, M]`` onto the operator.
+
+        Args:
+            X: A torch or NumPy vector or matrix.
+
+        Returns:
+            ``X @ A`` in the format of ``X``.
+
+        Raises:
+            TypeError: If ``X`` is neither a tensor nor an array.
+        """
+        if not isinstance(X, (Tensor, numpy.ndarray)):
+            raise TypeError(
+                f"Expected a torch.Tensor or numpy.ndarray, got {type(X).__name__}."
+            )
+        if X.ndim == 1:
+            return self.adjoint() @ X
+        return (self.adjoint() @ X.T).T
+
+    def _matmul_numpy(self, X: numpy.ndarray) -> numpy.ndarray:
+        """Multiply onto a NumPy vector or matrix, computing in the operator's world.
+
+        Args:
+            X: NumPy vector ``[N]`` or matrix ``[N, K]``.
+
+        Returns:
+            NumPy result of the operator's dtype.
+        """
+        X_torch = as_tensor(numpy.asarray(X)).to(self.device, self.dtype)
+        return self._matmul_tensor(X_torch).detach().cpu().numpy()
+
+    def _matmul_tensor(self, X: Tensor) -> Tensor:
+        """Multiply onto a flat vector ``[N]`` or matrix ``[N, K]``.
+
+        Args:
+            X: Vector or matrix.
+
+        Returns:
+            The result as vector ``[M]`` or matrix ``[M, K]``.
+
+        Raises:
+            ValueError: If shape, device, or dtype of ``X`` do not fit.
+        """
+        self._check_device_and_dtype(X)
+        if X.ndim not in {1, 2} or X.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"Expected a vector of shape [{self.shape[1]}] or matrix of shape "
+                f"[{self.shape[1]}, K], got {list(X.shape)}."
+            )
+        is_vec = X.ndim == 1
+        M = X.unsqueeze(-1) if is_vec else X
+        AM = self._matmat(_split_columns(M, self._in_shape))
+        AM = _flatten_columns(AM)
+        return AM.squeeze(-1) if is_vec else AM
+
+    def _matmul_tensor_list(self, X: list[Tensor]) -> list[Tensor]:
+        """Multiply onto a vector or matrix in tensor-list format.
+
+        Args:
+            X: Tensors with the shapes of ``in_shape``, optionally all with a
+                trailing column axis of the same size.
+
+        Returns:
+            The result in tensor-list format, with column axis if ``X`` has one.
+
+        Raises:
+            ValueError: If number, shapes, devices or dtypes of the tensors mismatch.
+        """
+        if len(X) != len(self._in_shape):
+            raise ValueError(f"Expected {len(self._in_shape)} tensors, got {len(X)}.")
+        for x in X:
+            self._check_device_and_dtype(x)
+        if all(x.shape == s for x, s in zip(X, self._in_shape)):
+            return [r.squeeze(-1) for r in self._matmat([x.unsqueeze(-1) for x in X])]
+        num_cols = {x.shape[-1] for x in X if x.ndim > 0}
+        if len(num_cols) == 1 and all(
+            x.shape[:-1] == s for x, s in zip(X, self._in_shape)
+        ):
+            return self._matmat(X)
+        raise ValueError(
+            f"Expected tensors of shapes {[list(s) for s in self._in_shape]}, "
+            f"optionally with a shared trailing column axis, got "
+            f"{[list(x.shape) for x in X]}."
+        )
+
+    def _check_device_and_dtype(self, X: Tensor):
+        """Verify that a tensor lives on the operator's device and has its dtype.
+
+        Args:
+            X: Tensor to check.
+
+        Raises:
+            ValueError: If device or dtype differ.
+        """
+        if X.dtype != self.dtype:
+            raise ValueError(f"Expected dtype {self.dtype}, got {X.dtype}.")
+        if X.device != self.device:
+            raise ValueError(f"Expected device {self.device}, got {X.device}.")
+
+    # Algebra
+
+    def __add__(self, other: PyTorchLinearOperator) -> PyTorchLinearOperator:
+        """Return the lazy sum ``self + other``.
+
+        Args:
+            other: Operator of the same shape.
+
+        Returns:
+            The sum operator.
+        """
+        if not isinstance(other, PyTorchLinearOperator):
+            return NotImplemented
+        return _SumPyTorchLinearOperator(self, other)
+
+    def __sub__(self, other: PyTorchLinearOperator) -> PyTorchLinearOperator:
+        """Return the lazy difference ``self - other``.
+
+        Args:
+            other: Operator of the same shape.
+
+        Returns:
+            The difference operator.
+        """
+        if not isinstance(other, PyTorchLinearOperator):
+            return NotImplemented
+        return _SumPyTorchLinearOperator(self, -1.0 * other)
+
+    def __mul__(self, scalar: float) -> PyTorchLinearOperator:
+        """Return the lazily scaled operator ``self * scalar``.
+
+        Args:
+            scalar: A real number.
+
+        Returns:
+            The scaled operator.
+        """
+        if not _is_real_scalar(scalar):
+            return NotImplemented
+        return _ScaledPyTorchLinearOperator(self, float(scalar))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> PyTorchLinearOperator:
+        """Return the lazily scaled operator ``self / scalar``.
+
+        Args:
+            scalar: A non-zero real number.
+
+        Returns:
+            The scaled operator.
+
+        Raises:
+            ZeroDivisionError: If ``scalar`` is zero.
+        """
+        if not _is_real_scalar(scalar):
+            return NotImplemented
+        if float(scalar) == 0.0:
+            raise ZeroDivisionError("Cannot divide a linear operator by zero.")
+        return _ScaledPyTorchLinearOperator(self, 1.0 / float(scalar))
+
+    def __neg__(self) -> PyTorchLinearOperator:
+        """Return the lazily negated operator.
+
+        Returns:
+            The operator scaled by ``-1``.
+        """
+        return -1.0 * self
+
+    # SciPy export
+
+    def to_scipy(self, dtype: numpy.dtype | None = None) -> LinearOperator:
+        """Wrap the operator as a SciPy ``LinearOperator`` (NumPy in, NumPy out).
+
+        Use it to hand the operator to ``scipy.sparse.linalg`` (``eigsh``, ``cg``,
+        ``lsmr``, ...). Computations still run in PyTorch on the operator's device.
+
+        Args:
+            dtype: NumPy dtype the SciPy operator reports and returns. Defaults to the
+                NumPy equivalent of the operator's dtype.
+
+        Returns:
+            A SciPy linear operator with ``matvec``, ``matmat``, ``rmatvec`` and
+            ``rmatmat``.
+        """
+        if dtype is None:
+            dtype = zeros(0, dtype=self.dtype).numpy().dtype
+        adjoint = self.adjoint()
+
+        def apply(op: PyTorchLinearOperator, X: numpy.ndarray) -> numpy.ndarray:
+            return op._matmul_numpy(X).astype(dtype, copy=False)
+
+        return LinearOperator(
+            shape=self.shape,
+            dtype=dtype,
+            matvec=lambda x: apply(self, x),
+            matmat=lambda X: apply(self, X),
+            rmatvec=lambda x: apply(adjoint, x),
+            rmatmat=lambda X: apply(adjoint, X),
+        )
+
+    def __repr__(self) -> str:
+        """Return a short description with shape, dtype and device.
+
+        Returns:
+            Description string.
+        """
+        return (
+            f"<{type(self).__name__} of shape {self.shape}, dtype={self.dtype}, "
+            f"device={self.device}>"
+        )
+
+
+def _is_real_scalar(x) -> bool:
+    """Return whether ``x`` is a real number (Python, NumPy, or 0-d tensor).
+
+    Args:
+        x: Candidate scalar.
+
+    Returns:
+        Whether ``x`` is a real scalar.
+    """
+    if isinstance(x, Tensor):
+        return x.ndim == 0 and not x.is_complex()
+    return isinstance(x, Real)
+
+
+def _split_columns(M: Tensor, shapes: list[Size]) -> list[Tensor]:
+    """Split a matrix ``[N, K]`` into tensor-list format with trailing column axis.
+
+    Args:
+        M: Matrix whose rows are the stacked flattened tensors.
+        shapes: Tensor shapes of the list format.
+
+    Returns:
+        Tensors of shapes ``[*shapes[i], K]`` (views of ``M``).
+    """
+    num_cols = M.shape[-1]
+    blocks = M.split([s.numel() for s in shapes])
+    return [b.reshape(*s, num_cols) for b, s in zip(blocks, shapes)]
+
+
+def _flatten_columns(M: list[Tensor]) -> Tensor:
+    """Stack a tensor list with trailing column axis into a matrix ``[N, K]``.
+
+    Args:
+        M: Tensors of shapes ``[*s_i, K]``.
+
+    Returns:
+        Matrix of shape ``[sum_i prod(s_i), K]``.
+    """
+    return cat([m.reshape(-1, m.shape[-1]) for m in M])
+
+
+def _convert_format(M: list[Tensor], shapes: list[Size]) -> list[Tensor]:
+    """Convert a tensor list with trailing column axis into another list format.
+
+    Args:
+        M: Tensors with trailing column axis.
+        shapes: Target tensor shapes (same total size).
+
+    Returns:
+        The same numbers in the target format.
+    """
+    if [m.shape[:-1] for m in M] == shapes:
+        return M
+    return _split_columns(_flatten_columns(M), shapes)
+
+
+class _CompositePyTorchLinearOperator(PyTorchLinearOperator):
+    """Operator built from other operators, which it checks for compatibility.
+
+    Device and dtype are those of the operands, which must all agree.
+    """
+
+    def __init__(self, operators: list[PyTorchLinearOperator], in_shape, out_shape):
+        """Store the operands after checking they share device and dtype.
+
+        Args:
+            operators: The operands.
+            in_shape: Tensor shapes of the composite's domain.
+            out_shape: Tensor shapes of the composite's range.
+
+        Raises:
+            ValueError: If the operands live on different devices or have
+                different dtypes.
+        """
+        self._operators = operators
+        for attr in ("device", "dtype"):
+            values = {getattr(op, attr) for op in operators}
+            if len(values) != 1:
+                raise ValueError(f"Operands must share one {attr}, got {values}.")
+        super().__init__(in_shape, out_shape)
+
+    @property
+    def device(self) -> torch_device:
+        """Return the operands' device.
+
+        Returns:
+            The device.
+        """
+        return self._operators[0].device
+
+    @property
+    def dtype(self) -> torch_dtype:
+        """Return the operands' dtype.
+
+        Returns:
+            The dtype.
+        """
+        return self._operators[0].dtype
+
+
+class _SumPyTorchLinearOperator(_CompositePyTorchLinearOperator):
+    """Lazy sum of operators of the same shape; nested sums are flattened."""
+
+    def __init__(self, *operators: PyTorchLinearOperator):
+        """Store the summands.
+
+        Args:
+            *operators: Operators of identical shape.
+
+        Raises:
+            ValueError: If the shapes differ.
+        """
+        flat = []
+        for op in operators:
+            is_sum = isinstance(op, _SumPyTorchLinearOperator)
+            flat.extend(op._operators if is_sum else [op])
+        if len({op.shape for op in flat}) != 1:
+            raise ValueError(
+                f"Summands must have the same shape, got {[op.shape for op in flat]}."
+            )
+        super().__init__(flat, flat[0]._in_shape, flat[0]._out_shape)
+        self.SELF_ADJOINT = all(op.SELF_ADJOINT for op in flat)
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Add the summands' products.
+
+        Args:
+            M: Matrix in tensor-list format.
+
+        Returns:
+            Sum of the products in tensor-list format.
+        """
+        result = None
+        for op in self._operators:
+            AM = _convert_format(
+                op._matmat(_convert_format(M, op._in_shape)), self._out_shape
+            )
+            result = AM if result is None else [r.add_(a) for r, a in zip(result, AM)]
+        return result
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        """Return the sum of the adjoints.
+
+        Returns:
+            The adjoint operator.
+        """
+        return _SumPyTorchLinearOperator(*(op.adjoint() for op in self._operators))
+
+
+class _ScaledPyTorchLinearOperator(_CompositePyTorchLinearOperator):
+    """Lazy scalar multiple of an operator; nested scalings are folded into one."""
+
+    def __init__(self, operator: PyTorchLinearOperator, scale: float):
+        """Store the operator and the scale.
+
+        Args:
+            operator: The operator to scale.
+            scale: The real scale factor.
+        """
+        if isinstance(operator, _ScaledPyTorchLinearOperator):
+            operator, scale = operator._operators[0], operator._scale * scale
+        self._scale = scale
+        super().__init__([operator], operator._in_shape, operator._out_shape)
+        self.SELF_ADJOINT = operator.SELF_ADJOINT
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Scale the operand's product.
+
+        Args:
+            M: Matrix in tensor-list format.
+
+        Returns:
+            Scaled product in tensor-list format.
+        """
+        return [r.mul_(self._scale) for r in self._operators[0]._matmat(M)]
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        """Return the scaled adjoint.
+
+        Returns:
+            The adjoint operator.
+        """
+        return _ScaledPyTorchLinearOperator(self._operators[0].adjoint(), self._scale)
+
+
+class _ChainPyTorchLinearOperator(_CompositePyTorchLinearOperator):
+    """Lazy product ``A_1 @ A_2 @ ... @ A_n``; nested chains are flattened."""
+
+    def __init__(self, *operators: PyTorchLinearOperator):
+        """Store the factors (leftmost first).
+
+        Args:
+            *operators: Operators whose inner dimensions match.
+
+        Raises:
+            ValueError: If the inner dimensions of neighbours differ.
+        """
+        flat = []
+        for op in operators:
+            is_chain = isinstance(op, _ChainPyTorchLinearOperator)
+            flat.extend(op._operators if is_chain else [op])
+        for left, right in zip(flat[:-1], flat[1:]):
+            if left.shape[1] != right.shape[0]:
+                raise ValueError(
+                    f"Cannot chain operators of shapes {left.shape} and {right.shape}."
+                )
+        super().__init__(flat, flat[-1]._in_shape, flat[0]._out_shape)
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Apply the factors from right to left.
+
+        Args:
+            M: Matrix in tensor-list format.
+
+        Returns:
+            Product in tensor-list format.
+        """
+        for op in reversed(self._operators):
+            M = op._matmat(_convert_format(M, op._in_shape))
+        return M
+
+    def _adjoint(self) -> PyTorchLinearOperator:
+        """Return the reversed chain of adjoints.
+
+        Returns:
+            The adjoint operator.
+        """
+        return _ChainPyTorchLinearOperator(
+            *(op.adjoint() for op in reversed(self._operators))
+        )
+
+
+class CurvatureLinearOperator(PyTorchLinearOperator):
+    r"""Curvature matrix of an empirical risk, multiplied batch by batch.
+
+    Consider the empirical risk over a data set :math:`\{(\mathbf{x}_n,
+    \mathbf{y}_n)\}_{n=1}^N` that is split into mini-batches :math:`\mathcal{B}`,
+
+    .. math::
+        \mathcal{L}(\mathbf{\theta})
+        = c \sum_{n=1}^N \ell(f_{\mathbf{\theta}}(\mathbf{x}_n), \mathbf{y}_n)
+        = \sum_{\mathcal{B}} \frac{|\mathcal{B}|}{N} \mathcal{L}_{\mathcal{B}}
+        (\mathbf{\theta})
+
+    (the second form for ``reduction='mean'``, :math:`c = 1/N`; for
+    ``reduction='sum'``, :math:`c = 1` and all batch weights are one). A curvature
+    matrix :math:`\mathbf{C}` that is linear in the loss, such as the Hessian, is the
+    same weighted sum of the mini-batch matrices :math:`\mathbf{C}_{\mathcal{B}}`.
+    One product with :math:`\mathbf{C}` is one pass over the data that accumulates
+    :math:`\frac{|\mathcal{B}|}{N} \mathbf{C}_{\mathcal{B}} \mathbf{M}`.
+
+    Subclasses implement :meth:`_matmat_batch`, which multiplies the mini-batch
+    matrix :math:`\mathbf{C}_{\mathcal{B}}` (of the batch loss, with its reduction)
+    onto a matrix in tensor-list format, and set ``SELF_ADJOINT`` or implement
+    ``_adjoint``.
+
+    Attributes:
+        SELF_ADJOINT: Whether the operator is symmetric. Default: ``False``.
+        SUPPORTS_BLOCKS: Whether the operator supports a block-diagonal approximation
+            via ``block_sizes``. Default: ``False``.
+    """
+
+    SUPPORTS_BLOCKS: bool = False
+
+    def __init__(
+        self,
+        model_func: Callable[[Tensor | MutableMapping], Tensor],
+        loss_func: Callable[[Tensor, Tensor], Tensor] | None,
+        params: list[Tensor],
+        data: Iterable[tuple[Tensor | MutableMapping, Tensor]],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        block_sizes: list[int] | None = None,
+    ):
+        """Set up the operator and, by default, probe that it is deterministic.
+
+        Args:
+            model_func: Maps a mini-batch input ``X`` to predictions, usually a
+                ``torch.nn.Module``. Its output's leading axis is the batch axis.
+            loss_func: Maps predictions and labels to a scalar loss; needs a
+                ``reduction`` of ``'mean'`` or ``'sum'``. ``None`` for operators that
+                do not involve a loss (Jacobians).
+            params: The parameters (tensors with ``requires_grad=True``) that define
+                the curvature matrix's rows and columns, in this order.
+            data: An iterable of mini-batches ``(X, y)``, e.g. a list or a
+                ``DataLoader``, presented in the same order on every pass. ``X`` may
+                be a tensor or a ``MutableMapping`` (then ``batch_size_fn`` is
+                required and the model must move the dict's content to its device).
+            progressbar: Show a progress bar during the passes over the data.
+            check_deterministic: Probe at construction that two passes over data and
+                model agree. Turn off only if you know both are deterministic.
+            num_data: Number of data points. Inferred with one pass if ``None``.
+            batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
+            block_sizes: Numbers of consecutive parameters that form the diagonal
+                blocks of a block-diagonal approximation. ``None`` means one block.
+                Only for operators with ``SUPPORTS_BLOCKS``.
+
+        Raises:
+            ValueError: If an argument is invalid (see the messages).
+            RuntimeError: If the determinism probe fails.
+        """
+        check_params(params)
+        if loss_func is not None:
+            check_reduction(loss_func)
+        if block_sizes is not None and not self.SUPPORTS_BLOCKS:
+            raise ValueError(f"{type(self).__name__} does not support `block_sizes`.")
+        self._model_func = model_func
+        self._loss_func = loss_func
+        self._params = list(params)
+        self._data = data
+        self._progressbar = progressbar
+        self._batch_size_fn = batch_size_fn
+        self._block_sizes = check_block_sizes(block_sizes, len(self._params))
+        self._num_data = self._count_data() if num_data is None else num_data
+        if self._num_data <= 0:
+            raise ValueError(f"`num_data` must be positive, got {self._num_data}.")
+        super().__init__(self._infer_in_shape(), self._infer_out_shape())
+        if check_deterministic:
+            self._check_deterministic()
+
+    def _infer_in_shape(self) -> list[Size]:
+        """Return the domain's tensor shapes (default: those of the parameters).
+
+        Returns:
+            Tensor shapes.
+        """
+        return [p.shape for p in self._params]
+
+    def _infer_out_shape(self) -> list[Size]:
+        """Return the range's tensor shapes (default: those of the parameters).
+
+        Returns:
+            Tensor shapes.
+        """
+        return [p.shape for p in self._params]
+
+    @property
+    def device(self) -> torch_device:
+        """Return the parameters' device.
+
+        Returns:
+            The device.
+        """
+        return self._params[0].device
+
+    @property
+    def dtype(self) -> torch_dtype:
+        """Return the parameters' dtype.
+
+        Returns:
+            The dtype.
+        """
+        return self._params[0].dtype
+
+    # Data loop
+
+    def _loop_over_data(self, desc: str | None = None) -> Iterable:
+        """Yield the mini-batches, moved to the operator's device.
+
+        Args:
+            desc: Label of the progress bar.
+
+        Yields:
+            Mini-batches ``(X, y)``; tensor inputs and labels on ``self.device``.
+        """
+        data = tqdm(self._data, desc=desc) if self._progressbar else self._data
+        for X, y in data:
+            check_batch_input(X, self._batch_size_fn)
+            if isinstance(X, Tensor):
+                X = X.to(self.device)
+            yield X, y.to(self.device) if isinstance(y, Tensor) else y
+
+    def _batch_size(self, X: Tensor | MutableMapping) -> int:
+        """Return the number of data points in a mini-batch input.
+
+        Args:
+            X: Mini-batch input.
+
+        Returns:
+            Batch size.
+        """
+        return X.shape[0] if isinstance(X, Tensor) else self._batch_size_fn(X)
+
+    def _count_data(self) -> int:
+        """Count the data points with one pass over the data.
+
+        Returns:
+            Number of data points.
+
+        Raises:
+            ValueError: If ``data`` contains no batch.
+        """
+        num_batches, num_data = 0, 0
+        for X, _ in self._loop_over_data(desc="num_data"):
+            num_batches += 1
+            num_data += self._batch_size(X)
+        if num_batches == 0:
+            raise ValueError("`data` is empty: expected at least one batch (X, y).")
+        return num_data
+
+    def _batch_weight(self, X: Tensor | MutableMapping) -> float:
+        """Return the weight of a mini-batch's loss in the empirical risk.
+
+        Args:
+            X: Mini-batch input.
+
+        Returns:
+            ``|B| / N`` for ``reduction='mean'``, else ``1``.
+        """
+        if self._loss_func is not None and self._loss_func.reduction == "mean":
+            return self._batch_size(X) / self._num_data
+        return 1.0
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Accumulate the weighted mini-batch products over the data.
+
+        Args:
+            M: Matrix in tensor-list format with trailing column axis.
+
+        Returns:
+            The product in tensor-list format.
+        """
+        num_cols = M[0].shape[-1]
+        result = [
+            zeros(*s, num_cols, device=self.device, dtype=self.dtype)
+            for s in self._out_shape
+        ]
+        for X, y in self._loop_over_data(desc="matmat"):
+            weight = self._batch_weight(X)
+            for r, p in zip(result, self._matmat_batch(X, y, M)):
+                r.add_(p, alpha=weight)
+        return result
+
+    def _matmat_batch(
+        self, X: Tensor | MutableMapping, y: Tensor, M: list[Tensor]
+    ) -> list[Tensor]:
+        """Multiply the mini-batch curvature matrix onto a matrix.
+
+        Args:
+            X: Mini-batch input.
+            y: Mini-batch labels.
+            M: Matrix in tensor-list format, tensors of shape ``[*in_shape[i], K]``.
+
+        Raises:
+            NotImplementedError: Must be implemented by the subclass.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `_matmat_batch`."
+        )
+
+    def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
+        """Evaluate the empirical risk and its gradient over all data.
+
+        Returns:
+            The gradient in tensor-list format (shapes of the parameters) and the
+            loss, both detached.
+
+        Raises:
+            ValueError: If the operator has no loss function.
+        """
+        if self._loss_func is None:
+            raise ValueError(f"{type(self).__name__} has no loss function.")
+        loss = zeros((), device=self.device, dtype=self.dtype)
+        gradient = [zeros_like(p) for p in self._params]
+        for X, y in self._loop_over_data(desc="gradient_and_loss"):
+            weight = self._batch_weight(X)
+            batch_loss = self._loss_func(self._model_func(X), y)
+            for g, g_batch in zip(gradient, grad(batch_loss, self._params)):
+                g.add_(g_batch, alpha=weight)
+            loss.add_(batch_loss.detach(), alpha=weight)
+        return gradient, loss
+
+    # Determinism probe
+
+    def _check_deterministic(self):
+        """Probe that two passes over data and model, and two products, agree.
+
+        Raises:
+            RuntimeError: If data, model predictions, or products differ between two
+                passes.
+        """
+        first, second = self._fingerprint_pass(), self._fingerprint_pass()
+        if len(first) != len(second):
+            raise RuntimeError(
+                f"The data yielded {len(first)} and then {len(second)} batches. "
+                "Data must be identical on every pass."
+            )
+        for idx, (fp1, fp2) in enumerate(zip(first, second)):
+            for what in ("inputs", "labels", "predictions"):
+                if not allclose_report(
+                    fp1[what], fp2[what], _DETERMINISM_RTOL, _DETERMINISM_ATOL
+                ):
+                    raise RuntimeError(
+                        f"The {what} of batch {idx} changed between two passes. Data "
+                        "and model must be deterministic: no shuffling, data "
+                        "augmentation, or random layers like Dropout in train mode. "
+                        "Use `check_deterministic=False` only if you know what you "
+                        "are doing."
+                    )
+        generator = Generator(device=self.device).manual_seed(0)
+        M = randn(self.shape[1], 2, generator=generator, device=self.device)
+        M = M.to(self.dtype)
+        if not allclose_report(
+            self @ M, self @ M, _DETERMINISM_RTOL, _DETERMINISM_ATOL
+        ):
+            raise RuntimeError(
+                f"Two products with the same matrix differ: {type(self).__name__} is "
+                "not deterministic."
+            )
+
+    @no_grad()
+    def _fingerprint_pass(self) -> list[dict[str, Tensor]]:
+        """Summarize every batch's inputs, labels, and predictions in a few numbers.
+
+        Returns:
+            One dictionary of fingerprints per batch.
+        """
+        return [
+            {
+                "inputs": batch_fingerprint(X),
+                "labels": batch_fingerprint(y),
+                "predictions": batch_fingerprint(self._model_func(X)),
+            }
+            for X, y in self._loop_over_data(desc="check_deterministic")
+        ]

@@ -1,0 +1,142 @@
+"""Simple operators for examples and tests: a dense matrix and the identity."""
+
+from __future__ import annotations
+
+from torch import Size, Tensor
+from torch import device as torch_device
+from torch import dtype as torch_dtype
+
+from curvlinops._torch_base import PyTorchLinearOperator
+
+
+class TensorLinearOperator(PyTorchLinearOperator):
+    r"""A dense matrix :math:`\mathbf{A} \in \mathbb{R}^{M \times N}` as operator.
+
+    Useful to test algorithms on small problems and to mix dense matrices with
+    matrix-free operators in sums and chains. The adjoint is the transpose.
+
+    Example:
+        >>> from torch import tensor
+        >>> A = TensorLinearOperator(tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+        >>> A.shape
+        (3, 2)
+        >>> A @ tensor([1.0, 1.0])
+        tensor([ 3.,  7., 11.])
+        >>> A.adjoint() @ tensor([1.0, 0.0, 0.0])
+        tensor([1., 2.])
+    """
+
+    def __init__(self, A: Tensor):
+        """Store the matrix.
+
+        Args:
+            A: Matrix of shape ``[M, N]``.
+
+        Raises:
+            ValueError: If ``A`` is not a matrix.
+        """
+        if A.ndim != 2:
+            raise ValueError(
+                f"Expected a matrix, got a tensor of shape {list(A.shape)}."
+            )
+        self.tensor = A
+        super().__init__([(A.shape[1],)], [(A.shape[0],)])
+
+    @property
+    def device(self) -> torch_device:
+        """Return the matrix's device.
+
+        Returns:
+            The device.
+        """
+        return self.tensor.device
+
+    @property
+    def dtype(self) -> torch_dtype:
+        """Return the matrix's dtype.
+
+        Returns:
+            The dtype.
+        """
+        return self.tensor.dtype
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Multiply the matrix onto columns.
+
+        Args:
+            M: One tensor ``[N, K]``.
+
+        Returns:
+            One tensor ``[M, K]``.
+        """
+        return [self.tensor @ M[0]]
+
+    def _adjoint(self) -> TensorLinearOperator:
+        """Return the transpose.
+
+        Returns:
+            The transposed matrix as operator.
+        """
+        return TensorLinearOperator(self.tensor.T)
+
+
+class IdentityLinearOperator(PyTorchLinearOperator):
+    r"""The identity :math:`\mathbf{I}` on a tensor-list space, as linear operator.
+
+    Example:
+        >>> from torch import float64, ones
+        >>> identity = IdentityLinearOperator([(2, 3), (3,)], "cpu", float64)
+        >>> identity.shape
+        (9, 9)
+        >>> x = [ones(2, 3, dtype=float64), ones(3, dtype=float64)]
+        >>> [t.shape for t in identity @ x]
+        [torch.Size([2, 3]), torch.Size([3])]
+    """
+
+    SELF_ADJOINT: bool = True
+
+    def __init__(
+        self, shape: list[tuple[int, ...]], device: torch_device, dtype: torch_dtype
+    ):
+        """Store the space.
+
+        Args:
+            shape: Tensor shapes of the space, e.g. the parameters' shapes.
+            device: Device of the tensors.
+            dtype: Dtype of the tensors.
+        """
+        self._device, self._dtype = torch_device(device), dtype
+        shape = [Size(s) for s in shape]
+        super().__init__(shape, shape)
+
+    @property
+    def device(self) -> torch_device:
+        """Return the device.
+
+        Returns:
+            The device.
+        """
+        return self._device
+
+    @property
+    def dtype(self) -> torch_dtype:
+        """Return the dtype.
+
+        Returns:
+            The dtype.
+        """
+        return self._dtype
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        """Return a copy of the columns.
+
+        Args:
+            M: Tensors with trailing column axis.
+
+        Returns:
+            Copies of ``M``.
+        """
+        return [m.clone() for m in M]
+
+
+__all__ = ["TensorLinearOperator", "IdentityLinearOperator"]

@@ -1,0 +1,249 @@
+r"""Dense reference matrices computed with :mod:`torch.func`, to verify operators.
+
+Each function materializes a curvature matrix of the empirical risk
+
+.. math::
+    \mathcal{L}(\mathbf{\theta})
+    = \sum_{\mathcal{B}} w_{\mathcal{B}}\, \ell_{\mathcal{B}}(\mathbf{\theta}),
+    \qquad w_{\mathcal{B}} = \begin{cases} |\mathcal{B}| / N & \text{mean}\\
+    1 & \text{sum}\end{cases}
+
+over the mini-batches :math:`\mathcal{B}` of ``data`` as a dense ``[D, D]`` tensor,
+with :math:`D` the total number of parameters. They cost :math:`\mathcal{O}(D^2)`
+memory, so they are meant for small models (tests, tutorials), not for production.
+Inputs ``X`` may be dict-like; then ``input_key`` names the entry whose leading axis
+is the batch axis. Attention layers run on the composite (``MATH``) kernel of
+``scaled_dot_product_attention``, which supports all derivatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping
+from functools import wraps
+
+from torch import Tensor, cat, zeros
+from torch.func import hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvlinops.utils import make_functional_model_and_loss
+
+Data = Iterable[tuple[Tensor | MutableMapping, Tensor]]
+
+
+def composite_attention(func: Callable) -> Callable:
+    """Run a function with the composite attention kernel, which has all derivatives.
+
+    Args:
+        func: Function to wrap.
+
+    Returns:
+        The wrapped function.
+    """
+
+    @wraps(func)
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return func(*args, **kwargs)
+
+    return wrapped
+
+
+def _batch_size(X: Tensor | MutableMapping, input_key: str | None) -> int:
+    """Return the batch size of an input.
+
+    Args:
+        X: Mini-batch input.
+        input_key: Entry of a dict-like input that holds the batch axis.
+
+    Returns:
+        The batch size.
+
+    Raises:
+        ValueError: If ``X`` is dict-like and ``input_key`` is missing.
+    """
+    if isinstance(X, Tensor):
+        return X.shape[0]
+    if input_key is None:
+        raise ValueError(
+            "Dict-like inputs need `input_key` to determine the batch size."
+        )
+    return X[input_key].shape[0]
+
+
+def _weighted_batches(loss_func, data: Data, input_key: str | None):
+    """Yield each mini-batch with its weight in the empirical risk.
+
+    Args:
+        loss_func: Loss function; its reduction determines the weights.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Yields:
+        Tuples ``(X, y, weight)``.
+    """
+    data = list(data)
+    num_data = sum(_batch_size(X, input_key) for X, _ in data)
+    mean = getattr(loss_func, "reduction", "sum") == "mean"
+    for X, y in data:
+        yield X, y, _batch_size(X, input_key) / num_data if mean else 1.0
+
+
+def _flat_model(model_func, loss_func, params: list[Tensor]):
+    """Make the model a function of one flat parameter vector.
+
+    Args:
+        model_func: The neural network.
+        loss_func: The loss function.
+        params: The parameters.
+
+    Returns:
+        ``f(theta, X)``, ``c(prediction, y)`` and the flat parameter vector ``theta``.
+    """
+    f, c = make_functional_model_and_loss(model_func, loss_func, tuple(params))
+
+    def f_flat(theta: Tensor, X):
+        chunks = theta.split([p.numel() for p in params])
+        return f(*(ch.reshape(p.shape) for ch, p in zip(chunks, params)), X)
+
+    return f_flat, c, cat([p.detach().flatten() for p in params])
+
+
+def _risk(model_func, loss_func, params, data, input_key) -> tuple[Callable, Tensor]:
+    """Return the empirical risk as function of the flat parameters.
+
+    Args:
+        model_func: The neural network.
+        loss_func: The loss function.
+        params: The parameters.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Returns:
+        The function ``theta -> risk`` and the flat parameters ``theta``.
+    """
+    f, c, theta = _flat_model(model_func, loss_func, params)
+    batches = list(_weighted_batches(loss_func, data, input_key))
+
+    def risk(theta: Tensor) -> Tensor:
+        return sum(w * c(f(theta, X), y) for X, y, w in batches)
+
+    return risk, theta
+
+
+@composite_attention
+def functorch_hessian(
+    model_func,
+    loss_func,
+    params: list[Tensor],
+    data: Data,
+    input_key: str | None = None,
+) -> Tensor:
+    r"""Compute the Hessian :math:`\nabla^2_{\mathbf{\theta}} \mathcal{L}` densely.
+
+    Args:
+        model_func: The neural network (a ``torch.nn.Module``).
+        loss_func: The loss function.
+        params: The parameters.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Returns:
+        The Hessian, of shape ``[D, D]``.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.nn import Linear, MSELoss
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 1)
+        >>> data = [(rand(4, 3), rand(4, 1))]
+        >>> functorch_hessian(model, MSELoss(), list(model.parameters()), data).shape
+        torch.Size([4, 4])
+    """
+    risk, theta = _risk(model_func, loss_func, params, data, input_key)
+    return hessian(risk)(theta)
+
+
+@composite_attention
+def functorch_gradient_and_loss(
+    model_func,
+    loss_func,
+    params: list[Tensor],
+    data: Data,
+    input_key: str | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    r"""Compute the empirical risk :math:`\mathcal{L}` and its gradient.
+
+    Args:
+        model_func: The neural network (a ``torch.nn.Module``).
+        loss_func: The loss function.
+        params: The parameters.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Returns:
+        The gradient in tensor-list format (shapes of ``params``) and the loss.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.nn import Linear, MSELoss
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 1)
+        >>> X, y = rand(4, 3), rand(4, 1)
+        >>> gradient, loss = functorch_gradient_and_loss(
+        ...     model, MSELoss(), list(model.parameters()), [(X, y)]
+        ... )
+        >>> loss.allclose(MSELoss()(model(X), y))
+        True
+    """
+    risk, theta = _risk(model_func, loss_func, params, data, input_key)
+    gradient, loss = jacrev(risk)(theta), risk(theta)
+    chunks = gradient.split([p.numel() for p in params])
+    return [ch.reshape(p.shape) for ch, p in zip(chunks, params)], loss.detach()
+
+
+@composite_attention
+def functorch_ggn(
+    model_func,
+    loss_func,
+    params: list[Tensor],
+    data: Data,
+    input_key: str | None = None,
+) -> Tensor:
+    r"""Compute the generalized Gauss-Newton matrix densely.
+
+    .. math::
+        \mathbf{G} = \sum_{\mathcal{B}} w_{\mathcal{B}}\,
+        \mathbf{J}_{\mathcal{B}}^\top \mathbf{H}_{\mathcal{B}} \mathbf{J}_{\mathcal{B}}
+
+    with :math:`\mathbf{J}_{\mathcal{B}}` the Jacobian of the batch's (flattened)
+    model output w.r.t. the parameters and :math:`\mathbf{H}_{\mathcal{B}}` the batch
+    loss's Hessian w.r.t. that output.
+
+    Args:
+        model_func: The neural network (a ``torch.nn.Module``).
+        loss_func: The loss function.
+        params: The parameters.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Returns:
+        The GGN, of shape ``[D, D]``.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.nn import Linear, MSELoss
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 1)  # linear model: the GGN is the Hessian
+        >>> params, data = list(model.parameters()), [(rand(4, 3), rand(4, 1))]
+        >>> G = functorch_ggn(model, MSELoss(), params, data)
+        >>> G.allclose(functorch_hessian(model, MSELoss(), params, data))
+        True
+    """
+    f, c, theta = _flat_model(model_func, loss_func, params)
+    ggn = zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
+    for X, y, weight in _weighted_batches(loss_func, data, input_key):
+        output = f(theta, X).detach()
+        J = jacrev(f)(theta, X).reshape(output.numel(), theta.numel())
+        H = hessian(c)(output, y).reshape(output.numel(), -1)
+        ggn.add_(J.T @ H @ J, alpha=weight)
+    return ggn

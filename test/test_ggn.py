@@ -1,0 +1,29 @@
+"""Tests for curvlinops.ggn."""
+
+import pytest
+from torch.nn import Module
+
+from curvlinops import GGNLinearOperator
+from curvlinops.examples.functorch import functorch_ggn
+from test.cases import CASE_IDS, CASES, Case
+from test.utils import compare_matmat
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_ggn_matches_functorch(case: Case):
+    model, loss_func, params, data = case.make()
+    G = GGNLinearOperator(model, loss_func, params, data, **case.kwargs())
+    G_dense = functorch_ggn(model, loss_func, params, data, case.input_key)
+    compare_matmat(G, G_dense)
+
+
+def test_ggn_of_plain_callable_model():
+    """A model that is a plain function (no Module) uses reverse mode only."""
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    G_dense = functorch_ggn(model, loss_func, params, data)
+
+    def model_func(X):
+        return model(X)
+
+    assert not isinstance(model_func, Module)
+    compare_matmat(GGNLinearOperator(model_func, loss_func, params, data), G_dense)
