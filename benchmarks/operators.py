@@ -1,0 +1,37 @@
+"""Operators under benchmark: how to build each one for a problem.
+
+Each entry maps a name to a function ``Problem -> PyTorchLinearOperator``.
+Construction is not timed; operators that precompute something (KFAC) can list a
+``precompute`` step in ``PRECOMPUTE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from problems import Problem
+
+from curvlinops import GGNLinearOperator, HessianLinearOperator
+
+
+def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
+    def build(problem: Problem):
+        return cls(
+            problem.model,
+            problem.loss_func,
+            problem.params,
+            problem.data,
+            check_deterministic=False,
+            **kwargs,
+        )
+
+    return build
+
+
+OPERATORS: dict[str, Callable[[Problem], object]] = {
+    "hessian": _curvature(HessianLinearOperator),
+    "ggn": _curvature(GGNLinearOperator),
+}
+
+# name -> (operator -> None): one-off work before products (timed separately)
+PRECOMPUTE: dict[str, Callable[[object], None]] = {}
