@@ -1,0 +1,148 @@
+r"""Closed forms for the supported losses (square, softmax cross-entropy, sigmoid BCE).
+
+A mini-batch loss of these types is a reduced sum of *terms*: one term per datum and
+per position of any extra output axes (sequence, spatial). With the model output
+rearranged into rows :math:`\mathbf{f}_t \in \mathbb{R}^C` (:func:`loss_terms`), the
+mini-batch loss is
+
+.. math::
+    \ell = \frac{1}{R} \sum_{t=1}^T \ell_t(\mathbf{f}_t, \mathbf{y}_t),
+
+with :math:`\ell_t` the un-reduced term summed over the :math:`C` outputs, and the
+reduction factor :math:`R` of :func:`reduction_factor` (:math:`1` for
+``reduction='sum'``; :math:`T` for cross-entropy and :math:`TC` for the other two with
+``reduction='mean'``). Each :math:`\ell_t` is a negative log-likelihood
+:math:`-\log q(\mathbf{y}_t \mid \mathbf{f}_t)` (up to a constant), so the helpers can
+sample labels from the model's predictive distribution (:func:`sample_labels`),
+differentiate terms (:func:`term_gradients`) and factorize their Hessians
+(:func:`hessian_sqrt`), as the Fisher, empirical Fisher and KFAC need.
+"""
+
+from __future__ import annotations
+
+from math import sqrt
+
+from torch import Generator, Tensor, eye, multinomial, randn, sigmoid
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.nn.functional import one_hot
+
+SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+
+
+def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Rearrange a mini-batch's outputs and labels into one row per loss term.
+
+    Args:
+        loss_func: The loss function.
+        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``.
+        y: Labels; ``[B, *]`` for cross-entropy, else of the output's shape.
+
+    Returns:
+        Outputs ``[T, C]`` and labels (``[T]`` for cross-entropy, else ``[T, C]``).
+    """
+    if isinstance(loss_func, CrossEntropyLoss):
+        output = output.movedim(1, -1)
+        return output.reshape(-1, output.shape[-1]), y.reshape(-1)
+    return output.reshape(-1, output.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+def reduction_factor(loss_func, output_terms: Tensor) -> float:
+    """Return the factor :math:`R` by which the loss divides the sum of its terms.
+
+    Args:
+        loss_func: The loss function.
+        output_terms: Outputs in rows, ``[T, C]``.
+
+    Returns:
+        ``1`` for ``reduction='sum'``; the number of averaged entries otherwise.
+    """
+    if loss_func.reduction == "sum":
+        return 1.0
+    num_terms, num_outputs = output_terms.shape
+    is_ce = isinstance(loss_func, CrossEntropyLoss)
+    return float(num_terms if is_ce else num_terms * num_outputs)
+
+
+def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
+    r"""Compute the gradients :math:`\nabla_{\mathbf{f}_t} \ell_t` of un-reduced terms.
+
+    Args:
+        loss_func: The loss function.
+        output_terms: Outputs in rows, ``[T, C]``.
+        y_terms: Labels in rows (see :func:`loss_terms`), optionally with leading
+            sample axes, e.g. ``[M, T, C]`` or ``[M, T]`` for sampled labels.
+
+    Returns:
+        Gradients of shape ``[*, T, C]`` (leading axes of ``y_terms``).
+    """
+    if isinstance(loss_func, MSELoss):
+        return 2 * (output_terms - y_terms)
+    if isinstance(loss_func, CrossEntropyLoss):
+        targets = one_hot(y_terms, output_terms.shape[-1]).to(output_terms.dtype)
+        return output_terms.softmax(-1) - targets
+    return sigmoid(output_terms) - y_terms
+
+
+def sample_labels(
+    loss_func, output_terms: Tensor, num_samples: int, generator: Generator | None
+) -> Tensor:
+    r"""Draw labels from the predictive distribution :math:`q(\cdot \mid \mathbf{f}_t)`.
+
+    The distributions are :math:`\mathcal{N}(\mathbf{f}_t, \frac{1}{2}\mathbf{I})` for
+    the square loss, :math:`\mathrm{Cat}(\mathrm{softmax}(\mathbf{f}_t))` for
+    cross-entropy and :math:`\mathrm{Bernoulli}(\sigma(\mathbf{f}_t))` for BCE.
+
+    Args:
+        loss_func: The loss function.
+        output_terms: Outputs in rows, ``[T, C]``.
+        num_samples: Number of samples :math:`M` per term.
+        generator: Random number generator on the outputs' device.
+
+    Returns:
+        Labels ``[M, T]`` (cross-entropy) or ``[M, T, C]``.
+    """
+    output_terms = output_terms.detach()
+    if isinstance(loss_func, MSELoss):
+        noise = randn(
+            num_samples,
+            *output_terms.shape,
+            generator=generator,
+            device=output_terms.device,
+            dtype=output_terms.dtype,
+        )
+        return output_terms + noise / sqrt(2)
+    if isinstance(loss_func, CrossEntropyLoss):
+        probs = output_terms.softmax(-1)
+        return multinomial(probs, num_samples, replacement=True, generator=generator).T
+    probs = sigmoid(output_terms).expand(num_samples, *output_terms.shape)
+    return probs.bernoulli(generator=generator)
+
+
+def hessian_sqrt(loss_func, output_terms: Tensor) -> Tensor:
+    r"""Factorize each term's Hessian into a square root :math:`\mathbf{S}_t`.
+
+    The factorization is :math:`\nabla^2_{\mathbf{f}_t}\ell_t = \mathbf{S}_t
+    \mathbf{S}_t^\top`. The factors are :math:`\sqrt{2}\mathbf{I}` (square loss),
+    :math:`\mathrm{diag}(\sqrt{\mathbf{p}}) - \mathbf{p}\sqrt{\mathbf{p}}^\top` with
+    :math:`\mathbf{p} = \mathrm{softmax}(\mathbf{f}_t)` (cross-entropy; it uses
+    :math:`\sum_c p_c = 1`), and :math:`\mathrm{diag}(\sqrt{\mathbf{p}(1-\mathbf{p})})`
+    with :math:`\mathbf{p} = \sigma(\mathbf{f}_t)` (BCE).
+
+    Args:
+        loss_func: The loss function.
+        output_terms: Outputs in rows, ``[T, C]``.
+
+    Returns:
+        Square roots ``[T, C, C]``; the last axis indexes the factor's columns.
+    """
+    output_terms = output_terms.detach()
+    num_terms, num_outputs = output_terms.shape
+    identity = eye(num_outputs, dtype=output_terms.dtype, device=output_terms.device)
+    if isinstance(loss_func, MSELoss):
+        return sqrt(2) * identity.expand(num_terms, -1, -1)
+    if isinstance(loss_func, CrossEntropyLoss):
+        p = output_terms.softmax(-1)
+        sqrt_p = p.sqrt()
+        return sqrt_p.unsqueeze(-1) * identity - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+    p = sigmoid(output_terms)
+    return (p * (1 - p)).sqrt().unsqueeze(-1) * identity

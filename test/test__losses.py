@@ -1,0 +1,83 @@
+"""Tests for curvlinops._losses: closed forms against autograd and Monte-Carlo."""
+
+import pytest
+from torch import Generator, float64, manual_seed, rand, randint, randn
+from torch.func import hessian, jacrev
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+
+from curvlinops._losses import (
+    hessian_sqrt,
+    loss_terms,
+    reduction_factor,
+    sample_labels,
+    term_gradients,
+)
+from test.utils import assert_close
+
+LOSSES = {"mse": MSELoss, "ce": CrossEntropyLoss, "bce": BCEWithLogitsLoss}
+BATCH, SEQ, CLASSES = 3, 2, 4
+
+
+def _problem(loss: str, reduction: str = "sum"):
+    manual_seed(0)
+    loss_func = LOSSES[loss](reduction=reduction)
+    if loss == "ce":  # [B, C, S] outputs and [B, S] labels
+        return (
+            loss_func,
+            randn(BATCH, CLASSES, SEQ, dtype=float64),
+            randint(0, CLASSES, (BATCH, SEQ)),
+        )
+    output = randn(BATCH, SEQ, CLASSES, dtype=float64)
+    y = randint(0, 2, output.shape).to(float64) if loss == "bce" else rand(output.shape)
+    return loss_func, output, y.to(float64)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_terms_and_reduction_factor_reproduce_the_loss(loss, reduction):
+    loss_func, output, y = _problem(loss, reduction)
+    f, y_t = loss_terms(loss_func, output, y)
+    assert f.shape == (BATCH * SEQ, CLASSES)
+    per_term_sum = LOSSES[loss](reduction="sum")(f, y_t)
+    expected = loss_func(output, y)
+    assert_close(per_term_sum / reduction_factor(loss_func, f), expected)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_term_gradients_match_autograd(loss):
+    loss_func, output, y = _problem(loss)
+    f, y_t = loss_terms(loss_func, output, y)
+    expected = jacrev(lambda f: loss_func(f, y_t))(f)  # sum reduction: grads per row
+    assert_close(term_gradients(loss_func, f, y_t), expected)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_hessian_sqrt_factorizes_term_hessians(loss):
+    loss_func, output, y = _problem(loss)
+    f, y_t = loss_terms(loss_func, output, y)
+    S = hessian_sqrt(loss_func, f)
+    def term_loss(f_t, label):
+        return loss_func(f_t.unsqueeze(0), label.unsqueeze(0))
+
+    for t in range(f.shape[0]):
+        assert_close(S[t] @ S[t].T, hessian(term_loss)(f[t], y_t[t]))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sampled_gradients_have_the_hessian_as_covariance(loss):
+    """For these likelihoods, E[g g^T] over sampled labels equals the Hessian."""
+    loss_func, output, _ = _problem(loss)
+    f, _ = loss_terms(loss_func, output, _problem(loss)[2])
+    generator = Generator().manual_seed(0)
+    samples = sample_labels(loss_func, f, 200_000, generator)
+    g = term_gradients(loss_func, f, samples)  # [M, T, C]
+    fisher = (g.unsqueeze(-1) * g.unsqueeze(-2)).mean(0)
+    S = hessian_sqrt(loss_func, f)
+    assert_close(fisher, S @ S.transpose(-1, -2), rtol=0, atol=3e-2)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    loss_func, output, y = _problem("ce")
+    f, _ = loss_terms(loss_func, output, y)
+    draw = lambda: sample_labels(loss_func, f, 5, Generator().manual_seed(3))  # noqa: E731
+    assert (draw() == draw()).all()
