@@ -69,6 +69,12 @@ def measure(problem: Problem, name: str, repeats: int) -> dict[str, float]:
     return result
 
 
+def _row(problem: str, operator: str, metric: str, seconds: float, ratio: float):
+    """Format one line of the results table."""
+    name = f"{problem:<12} {operator:<12} {metric:<11}"
+    return f"{name} {1e3 * seconds:>10.2f} {ratio:>7.2f}"
+
+
 def main():
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,16 +87,17 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     results = {}
-    header = f"{'problem':<12} {'operator':<12} {'metric':<11} {'time [ms]':>10} {'x grad':>7}"
+    header = (
+        f"{'problem':<12} {'operator':<12} {'metric':<11} {'time [ms]':>10} "
+        f"{'x grad':>7}"
+    )
     print(header)
     print("-" * len(header))
     for problem_name in args.problems:
         problem = PROBLEMS[problem_name]()
         t_grad = gradient_time(problem, args.repeats)
         results[problem_name] = {"gradient_s": t_grad, "operators": {}}
-        print(
-            f"{problem_name:<12} {'gradient':<12} {'':<11} {1e3 * t_grad:>10.2f} {1:>7.2f}"
-        )
+        print(_row(problem_name, "gradient", "", t_grad, 1.0))
         for name in args.operators:
             timings = measure(problem, name, args.repeats)
             results[problem_name]["operators"][name] = {
@@ -98,10 +105,7 @@ def main():
                 for metric, t in timings.items()
             }
             for metric, t in timings.items():
-                print(
-                    f"{problem_name:<12} {name:<12} {metric:<11} "
-                    f"{1e3 * t:>10.2f} {t / t_grad:>7.2f}"
-                )
+                print(_row(problem_name, name, metric, t, t / t_grad))
     RESULTS_DIR.mkdir(exist_ok=True)
     with open(RESULTS_DIR / "results.json", "w") as file:
         json.dump(results, file, indent=2)

@@ -56,6 +56,7 @@ def test_hessian_sqrt_factorizes_term_hessians(loss):
     loss_func, output, y = _problem(loss)
     f, y_t = loss_terms(loss_func, output, y)
     S = hessian_sqrt(loss_func, f)
+
     def term_loss(f_t, label):
         return loss_func(f_t.unsqueeze(0), label.unsqueeze(0))
 
