@@ -37,6 +37,12 @@ from curvlinops._checks import (
     check_params,
     check_reduction,
 )
+from curvlinops._distributed import (
+    all_reduce_sum,
+    check_process_group,
+    first_error_over_ranks,
+    sum_over_ranks,
+)
 from curvlinops.utils import allclose_report, batch_fingerprint
 
 # Tolerances of the determinism probe (two passes must agree up to float noise).
@@ -666,6 +672,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
         block_sizes: list[int] | None = None,
+        process_group=None,
     ):
         """Set up the operator and, by default, probe that it is deterministic.
 
@@ -689,12 +696,19 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             block_sizes: Numbers of consecutive parameters that form the diagonal
                 blocks of a block-diagonal approximation. ``None`` means one block.
                 Only for operators with ``SUPPORTS_BLOCKS``.
+            process_group: A ``torch.distributed`` process group (e.g.
+                ``torch.distributed.group.WORLD``) to compute products data-parallel:
+                every rank passes its own shard of the data, and every product (and
+                ``num_data``, ``gradient_and_loss``) is that of the union of all
+                shards, available on every rank. ``None`` (default): single process.
 
         Raises:
             ValueError: If an argument is invalid (see the messages).
             RuntimeError: If the determinism probe fails.
         """
         check_params(params)
+        check_process_group(process_group)
+        self._process_group = process_group
         if loss_func is not None:
             check_reduction(loss_func)
         if block_sizes is not None and not self.SUPPORTS_BLOCKS:
@@ -777,19 +791,17 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         return X.shape[0] if isinstance(X, Tensor) else self._batch_size_fn(X)
 
     def _count_data(self) -> int:
-        """Count the data points with one pass over the data.
+        """Count the data points (of all ranks) with one pass over the data.
 
         Returns:
             Number of data points.
 
         Raises:
-            ValueError: If ``data`` contains no batch.
+            ValueError: If ``data`` contains no batch (on any rank).
         """
-        num_batches, num_data = 0, 0
-        for X, _ in self._loop_over_data(desc="num_data"):
-            num_batches += 1
-            num_data += self._batch_size(X)
-        if num_batches == 0:
+        num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data("num_data"))
+        num_data = int(sum_over_ranks(num_data, self._process_group, self.device))
+        if num_data == 0:
             raise ValueError("`data` is empty: expected at least one batch (X, y).")
         return num_data
 
@@ -824,7 +836,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             weight = self._batch_weight(X)
             for r, p in zip(result, self._matmat_batch(X, y, M)):
                 r.add_(p, alpha=weight)
-        return result
+        return all_reduce_sum(result, self._process_group)
 
     def _matmat_batch(
         self, X: Tensor | MutableMapping, y: Tensor, M: list[Tensor]
@@ -863,6 +875,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             for g, g_batch in zip(gradient, grad(batch_loss, self._params)):
                 g.add_(g_batch, alpha=weight)
             loss.add_(batch_loss.detach(), alpha=weight)
+        *gradient, loss = all_reduce_sum([*gradient, loss], self._process_group)
         return gradient, loss
 
     # Determinism probe
@@ -872,26 +885,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
         Raises:
             RuntimeError: If data, model predictions, or products differ between two
-                passes.
+                passes (on any rank).
         """
-        first, second = self._fingerprint_pass(), self._fingerprint_pass()
-        if len(first) != len(second):
-            raise RuntimeError(
-                f"The data yielded {len(first)} and then {len(second)} batches. "
-                "Data must be identical on every pass."
-            )
-        for idx, (fp1, fp2) in enumerate(zip(first, second)):
-            for what in ("inputs", "labels", "predictions"):
-                if not allclose_report(
-                    fp1[what], fp2[what], _DETERMINISM_RTOL, _DETERMINISM_ATOL
-                ):
-                    raise RuntimeError(
-                        f"The {what} of batch {idx} changed between two passes. Data "
-                        "and model must be deterministic: no shuffling, data "
-                        "augmentation, or random layers like Dropout in train mode. "
-                        "Use `check_deterministic=False` only if you know what you "
-                        "are doing."
-                    )
+        error = first_error_over_ranks(
+            self._compare_fingerprints(), self._process_group, self.device
+        )
+        if error is not None:
+            raise RuntimeError(error)
         generator = Generator(device=self.device).manual_seed(0)
         M = randn(self.shape[1], 2, generator=generator, device=self.device)
         M = M.to(self.dtype)
@@ -902,6 +902,32 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 f"Two products with the same matrix differ: {type(self).__name__} is "
                 "not deterministic."
             )
+
+    def _compare_fingerprints(self) -> str | None:
+        """Compare two passes over this rank's data and model predictions.
+
+        Returns:
+            A description of the first difference, or ``None`` if there is none.
+        """
+        first, second = self._fingerprint_pass(), self._fingerprint_pass()
+        if len(first) != len(second):
+            return (
+                f"The data yielded {len(first)} and then {len(second)} batches. "
+                "Data must be identical on every pass."
+            )
+        for idx, (fp1, fp2) in enumerate(zip(first, second)):
+            for what in ("inputs", "labels", "predictions"):
+                if not allclose_report(
+                    fp1[what], fp2[what], _DETERMINISM_RTOL, _DETERMINISM_ATOL
+                ):
+                    return (
+                        f"The {what} of batch {idx} changed between two passes. Data "
+                        "and model must be deterministic: no shuffling, data "
+                        "augmentation, or random layers like Dropout in train mode. "
+                        "Use `check_deterministic=False` only if you know what you "
+                        "are doing."
+                    )
+        return None
 
     @no_grad()
     def _fingerprint_pass(self) -> list[dict[str, Tensor]]:

@@ -1,0 +1,122 @@
+"""Reductions over a ``torch.distributed`` process group for data-parallel products.
+
+Every helper is a no-op when ``process_group`` is ``None`` (single process), so
+operators call them unconditionally. With a group, each rank holds a shard of the
+data, and the helpers combine the ranks' partial results with one collective each.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor, cat, tensor
+from torch import device as torch_device
+
+
+def check_process_group(process_group):
+    """Verify that a process group can be used.
+
+    Args:
+        process_group: A ``torch.distributed`` process group, or ``None``.
+
+    Raises:
+        ValueError: If a group is given but ``torch.distributed`` is not initialized.
+    """
+    if process_group is not None and not (
+        dist.is_available() and dist.is_initialized()
+    ):
+        raise ValueError(
+            "`process_group` was given, but torch.distributed is not initialized: "
+            "call torch.distributed.init_process_group first (e.g. under torchrun)."
+        )
+
+
+def rank(process_group) -> int:
+    """Return this process's rank in the group (``0`` without a group).
+
+    Args:
+        process_group: A process group or ``None``.
+
+    Returns:
+        The rank.
+    """
+    return 0 if process_group is None else dist.get_rank(process_group)
+
+
+def all_reduce_sum(tensors: list[Tensor], process_group) -> list[Tensor]:
+    """Sum tensors over all ranks with a single collective.
+
+    Args:
+        tensors: Tensors of this rank (same shapes, dtype and device on all ranks).
+        process_group: A process group or ``None``.
+
+    Returns:
+        The summed tensors (new tensors with a group, the inputs without).
+    """
+    if process_group is None or not tensors:
+        return tensors
+    flat = cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    chunks = flat.split([t.numel() for t in tensors])
+    return [c.reshape(t.shape) for c, t in zip(chunks, tensors)]
+
+
+def sum_over_ranks(value: float, process_group, device: torch_device) -> float:
+    """Sum a number over all ranks.
+
+    Args:
+        value: This rank's number.
+        process_group: A process group or ``None``.
+        device: Device for the communication buffer (CUDA for NCCL).
+
+    Returns:
+        The sum over ranks.
+    """
+    if process_group is None:
+        return value
+    (total,) = all_reduce_sum([tensor([float(value)], device=device)], process_group)
+    return total.item()
+
+
+def first_error_over_ranks(error: str | None, process_group, device) -> str | None:
+    """Share an error message so that all ranks fail together (instead of hanging).
+
+    Args:
+        error: This rank's error message, or ``None``.
+        process_group: A process group or ``None``.
+        device: Device for the communication buffer.
+
+    Returns:
+        This rank's error, else a note about the lowest failing rank, else ``None``.
+    """
+    if process_group is None:
+        return error
+    world = dist.get_world_size(process_group)
+    failed = tensor([world if error is None else rank(process_group)], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=process_group)
+    if error is not None or failed.item() == world:
+        return error
+    return f"Rank {failed.item()} failed the check: see its error message."
+
+
+def gather_rows(x: Tensor, process_group) -> Tensor:
+    """Concatenate every rank's tensor along the leading axis, in rank order.
+
+    The leading axes may differ between ranks (uneven shards).
+
+    Args:
+        x: This rank's tensor ``[n_rank, *]``.
+        process_group: A process group or ``None``.
+
+    Returns:
+        ``[sum_rank n_rank, *]``, the same on all ranks.
+    """
+    if process_group is None:
+        return x
+    world = dist.get_world_size(process_group)
+    sizes = [None] * world
+    dist.all_gather_object(sizes, x.shape[0], group=process_group)
+    padded = x.new_zeros(max(sizes), *x.shape[1:])
+    padded[: x.shape[0]] = x
+    gathered = [padded.clone() for _ in range(world)]
+    dist.all_gather(gathered, padded, group=process_group)
+    return cat([g[:n] for g, n in zip(gathered, sizes)])
