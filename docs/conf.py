@@ -1,0 +1,54 @@
+"""Sphinx configuration of the curvlinops documentation."""
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _inventories import write_inventories  # noqa: E402
+
+import curvlinops  # noqa: E402
+
+project = "curvlinops"
+author = "The curvlinops developers"
+copyright = "2026, The curvlinops developers"
+release = curvlinops.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx_gallery.gen_gallery",
+]
+
+# The build machines are offline: link to torch/numpy/scipy via local inventories.
+intersphinx_mapping = write_inventories(HERE / "_build" / "_intersphinx")
+
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_inherit_docstrings = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+html_theme = "alabaster"
+html_static_path = []
+exclude_patterns = ["_build", "examples"]
+
+# Tutorials: run every docs/examples/example_*.py and render its figures.
+os.environ.setdefault("CURVLINOPS_DOCS_BUILD", "1")
+sphinx_gallery_conf = {
+    "examples_dirs": "examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": "example_",
+    "ignore_pattern": r"__init__\.py|_helpers\.py",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "within_subsection_order": "FileNameSortKey",
+}
