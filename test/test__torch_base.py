@@ -13,7 +13,7 @@ from curvlinops import (
     HessianLinearOperator,
     PyTorchLinearOperator,
 )
-from curvlinops._torch_base import (
+from curvlinops._algebra import (
     _ChainPyTorchLinearOperator,
     _ScaledPyTorchLinearOperator,
     _SumPyTorchLinearOperator,
