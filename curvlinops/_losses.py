@@ -146,3 +146,34 @@ def hessian_sqrt(loss_func, output_terms: Tensor) -> Tensor:
         return sqrt_p.unsqueeze(-1) * identity - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
     p = sigmoid(output_terms)
     return (p * (1 - p)).sqrt().unsqueeze(-1) * identity
+
+
+def hessian_matmat(loss_func, output: Tensor, M: Tensor) -> Tensor:
+    r"""Multiply the mini-batch loss's Hessian w.r.t. the model output onto columns.
+
+    Uses the closed forms :math:`\frac{2}{R}\mathbf{I}` (square loss),
+    :math:`\frac{1}{R}(\mathrm{diag}(\mathbf{p}) - \mathbf{p}\mathbf{p}^\top)` per term
+    (cross-entropy) and :math:`\frac{1}{R}\mathrm{diag}(\mathbf{p} \odot (1 -
+    \mathbf{p}))` (BCE), which are much cheaper than differentiating the loss twice.
+
+    Args:
+        loss_func: The loss function.
+        output: Model output on the mini-batch (``[B, C, *]`` for cross-entropy,
+            else ``[B, *, C]``).
+        M: Columns ``[K, *output.shape]``.
+
+    Returns:
+        The product, ``[K, *output.shape]``.
+    """
+    output = output.detach()
+    is_ce = isinstance(loss_func, CrossEntropyLoss)
+    num_outputs = output.shape[1 if is_ce else -1]
+    scale = 1.0 / reduction_factor(loss_func, output.reshape(-1, num_outputs))
+    if isinstance(loss_func, MSELoss):
+        return (2 * scale) * M
+    if isinstance(loss_func, BCEWithLogitsLoss):
+        p = sigmoid(output)
+        return (scale * p * (1 - p)) * M
+    p = output.softmax(1)
+    pM = p * M
+    return scale * (pM - p * pM.sum(2, keepdim=True))

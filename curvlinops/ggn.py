@@ -10,6 +10,7 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, jvp, vjp
+from curvlinops._losses import SUPPORTED_LOSSES, hessian_matmat
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import make_functional_model_and_loss
 
@@ -139,6 +140,9 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
     def _output_matmat(self, output: Tensor, y: Tensor, M: Tensor) -> Tensor:
         """Multiply the Hessian of the mini-batch loss w.r.t. the output onto columns.
 
+        Closed forms for the square, cross-entropy and BCE losses; any other loss is
+        differentiated twice with autograd.
+
         Args:
             output: Detached model output on the mini-batch.
             y: Mini-batch labels.
@@ -147,6 +151,8 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             Loss Hessian times ``M``, of shape ``[K, *output.shape]``.
         """
+        if isinstance(self._loss_func, SUPPORTED_LOSSES):
+            return hessian_matmat(self._loss_func, output, M)
         output.requires_grad_(True)
         (gradient,) = grad(self._loss_func(output, y), output, create_graph=True)
         (HM,) = vjp([gradient], [output], [M], retain_graph=False)

@@ -6,6 +6,7 @@ from torch.func import hessian, jacrev
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._losses import (
+    hessian_matmat,
     hessian_sqrt,
     loss_terms,
     reduction_factor,
@@ -82,3 +83,13 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
     f, _ = loss_terms(loss_func, output, y)
     draw = lambda: sample_labels(loss_func, f, 5, Generator().manual_seed(3))  # noqa: E731
     assert (draw() == draw()).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hessian_matmat_matches_autograd(loss, reduction):
+    loss_func, output, y = _problem(loss, reduction)
+    M = randn(2, *output.shape, dtype=float64)
+    H = hessian(lambda out: loss_func(out, y))(output)  # [*out, *out]
+    expected = (H.reshape(output.numel(), -1) @ M.reshape(2, -1).T).T
+    assert_close(hessian_matmat(loss_func, output, M), expected.reshape(M.shape))

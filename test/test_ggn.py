@@ -1,7 +1,7 @@
 """Tests for curvlinops.ggn."""
 
 import pytest
-from torch.nn import Module
+from torch.nn import HuberLoss, Module
 
 from curvlinops import GGNLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
@@ -27,3 +27,11 @@ def test_ggn_of_plain_callable_model():
 
     assert not isinstance(model_func, Module)
     compare_matmat(GGNLinearOperator(model_func, loss_func, params, data), G_dense)
+
+
+def test_ggn_of_a_loss_without_closed_form():
+    """Losses other than MSE/CE/BCE are differentiated twice with autograd."""
+    model, _, params, data = Case("cnn", "mse").make()
+    loss_func = HuberLoss(reduction="sum", delta=0.3)
+    G = GGNLinearOperator(model, loss_func, params, data)
+    compare_matmat(G, functorch_ggn(model, loss_func, params, data))
