@@ -221,15 +221,21 @@ def adapt(
     )
 
 
-def adapt_square(A) -> AdaptedOperator:
+def adapt_square(
+    A,
+    device: torch_device | str | None = None,
+    dtype: torch_dtype | None = None,
+) -> AdaptedOperator:
     """Adapt an operator (see :func:`adapt`) and verify that it is square.
 
     Args:
         A: Any supported operator.
+        device: See :func:`adapt`.
+        dtype: See :func:`adapt`.
 
     Returns:
         The adapted operator.
     """
-    A = adapt(A)
+    A = adapt(A, device, dtype)
     check_square(A)
     return A
