@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Generator, Tensor, einsum, eye, isfinite
-from torch.linalg import qr, solve_triangular, vector_norm
+from torch import Generator, Tensor, einsum, finfo
+from torch.linalg import qr, svd, vector_norm
 
 from curvlinops._adapter import AdaptedOperator, adapt_square
 from curvlinops._checks import check_num_matvecs
@@ -103,6 +103,9 @@ def exchangeable_sketch(
     :math:`\mathbf{R}^{-\top}` (orthogonal to every column of :math:`\mathbf{R}` but
     the :math:`i`-th). Hence :math:`\mathbf{Q}_{(i)} \mathbf{Q}_{(i)}^\top =
     \mathbf{Q} (\mathbf{I} - \mathbf{s}_i \mathbf{s}_i^\top) \mathbf{Q}^\top`.
+    :math:`\mathbf{R}^{-\top}` comes from an SVD of :math:`\mathbf{R}`, so that
+    operators of low rank (where :math:`\mathbf{R}` is numerically singular) work;
+    then the leave-one-out bases contain the whole range of the sketch.
 
     Args:
         A: Square operator of shape ``[N, N]``.
@@ -115,8 +118,7 @@ def exchangeable_sketch(
         (``[m, m]`` each, ``S``'s columns are the :math:`\mathbf{s}_i`).
 
     Raises:
-        ValueError: If :math:`m > N`, or if the sketch is rank-deficient so that
-            the leave-one-out bases do not exist.
+        ValueError: If :math:`m > N`.
     """
     dim = A.shape[1]
     if num_vectors > dim:
@@ -127,14 +129,13 @@ def exchangeable_sketch(
     Omega = A.random_columns(num_vectors, distribution, generator)
     Y = A.operator @ Omega
     Q, R = qr(Y)
-    identity = eye(num_vectors, device=R.device, dtype=R.dtype)
-    S = solve_triangular(R.T, identity, upper=False)
+    # columns of R^{-T} = U diag(1 / sigma) V^T, rescaled by the smallest singular
+    # value so that they stay finite if the sketch is (numerically) rank-deficient
+    U, sigma, Vh = svd(R)
+    info = finfo(sigma.dtype)
+    sigma = sigma.clamp_min((info.eps * sigma[0]).clamp_min(info.tiny))
+    S = U @ ((sigma[-1] / sigma)[:, None] * Vh)
     S = S / vector_norm(S, dim=0)
-    if not isfinite(S).all():
-        raise ValueError(
-            "The random sketch is rank-deficient (the operator's rank is probably "
-            "below num_matvecs / 2). Use fewer matrix-vector products."
-        )
     return Omega, Y, Q, R, S
 
 
