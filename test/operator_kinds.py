@@ -93,10 +93,11 @@ def assert_world(result, kind: str, scalar: bool = False):
 
 
 class CountingOperator(PyTorchLinearOperator):
-    """Wrap an operator and count the columns it is multiplied onto."""
+    """Wrap an operator and count the columns it (or its adjoint) multiplies."""
 
-    def __init__(self, operator: PyTorchLinearOperator):
-        self.operator, self.num_columns = operator, 0
+    def __init__(self, operator: PyTorchLinearOperator, counter=None):
+        self.operator, self._counter = operator, counter or self
+        self.num_columns = 0
         self.SELF_ADJOINT = operator.SELF_ADJOINT
         super().__init__(operator._in_shape, operator._out_shape)
 
@@ -104,8 +105,11 @@ class CountingOperator(PyTorchLinearOperator):
     dtype = property(lambda self: self.operator.dtype)
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
-        self.num_columns += M[0].shape[-1]
+        self._counter.num_columns += M[0].shape[-1]
         return self.operator._matmat(M)
+
+    def _adjoint(self) -> CountingOperator:
+        return CountingOperator(self.operator.adjoint(), self._counter)
 
 
 def run_doctest(source: str, globs: dict, legacy_numpy_print: bool = True):
