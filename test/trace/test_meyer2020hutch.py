@@ -5,7 +5,7 @@ from torch import einsum, float64, manual_seed, randn
 from torch.linalg import qr
 
 from curvlinops import HutchPPTraceEstimator, hutchinson_trace, hutchpp_trace
-from curvlinops.examples import TensorLinearOperator
+from curvlinops.examples import IdentityLinearOperator, TensorLinearOperator
 from test.operator_kinds import (
     OPERATOR_KINDS,
     ColumnDrawer,
@@ -71,7 +71,7 @@ def test_hutchpp_trace_matches_reference(kind, num_matvecs):
 def test_hutchpp_trace_unbiased(distribution):
     A = _random_matrix(6)
     assert_unbiased(
-        lambda g: hutchpp_trace(A, 3, distribution, generator=g), A.trace(), 3000
+        lambda g: hutchpp_trace(A, 3, distribution, generator=g), A.trace(), 1000
     )
 
 
@@ -121,13 +121,13 @@ def test_estimator_class_caches_the_basis_and_is_unbiased():
     estimator.sample()
     assert A.num_columns == 2 * 2 + 2
     truth = A.operator.tensor.trace()
-    assert_unbiased(lambda _: estimator.sample(), truth, 2000)
+    assert_unbiased(lambda _: estimator.sample(), truth, 1000)
 
 
-def test_estimator_class_default_basis_dim():
-    assert HutchPPTraceEstimator(randn(10, 10))._basis_dim == 1
-    assert HutchPPTraceEstimator(randn(500, 500))._basis_dim == 5
-    assert HutchPPTraceEstimator(randn(2000, 2000))._basis_dim == 10
+@pytest.mark.parametrize("dim, basis_dim", [(10, 1), (500, 5), (2000, 10)])
+def test_estimator_class_default_basis_dim(dim, basis_dim):
+    identity = IdentityLinearOperator([(dim,)], "cpu", float64)
+    assert HutchPPTraceEstimator(identity)._basis_dim == basis_dim
 
 
 def test_hutchpp_rejects_bad_input():
