@@ -1,11 +1,11 @@
 r"""Inverses of linear operators, applied matrix-free: CG, LSMR and Neumann series.
 
-Each class wraps an operator :math:`\mathbf{A}` (any kind, see
-:func:`~curvlinops._adapter.adapt`) and is itself a
-:class:`~curvlinops.PyTorchLinearOperator` that multiplies with an approximation of
-:math:`\mathbf{A}^{-1}`. Products run in PyTorch on the operator's device, solve
-for all columns of a matrix at once, and can be handed to SciPy via
-:meth:`~curvlinops.PyTorchLinearOperator.to_scipy`.
+Each class wraps an operator :math:`\mathbf{A}` (a
+:class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix, or a SciPy
+``LinearOperator``) and is itself a :class:`~curvlinops.PyTorchLinearOperator` that
+multiplies with an approximation of :math:`\mathbf{A}^{-1}`. Products run in
+PyTorch on the operator's device, solve for all columns of a matrix at once, and
+can be handed to SciPy via :meth:`~curvlinops.PyTorchLinearOperator.to_scipy`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class _InverseLinearOperator(PyTorchLinearOperator):
                 f"{converged.numel()} columns did not converge in {maxiter} "
                 "iterations. Increase `maxiter` or relax the tolerances.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=6,  # the user's ``A_inv @ X``
             )
 
 
