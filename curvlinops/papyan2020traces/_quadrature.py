@@ -31,14 +31,19 @@ from curvlinops._adapter import AdaptedOperator
 _DENSE_BOUNDARIES_MAX_DIM = 20
 
 
-def lanczos_quadrature(A: AdaptedOperator, ncv: int, num_repeats: int):
+def lanczos_quadrature(
+    A: AdaptedOperator, ncv: int, num_repeats: int
+) -> tuple[Tensor, Tensor]:
     r"""Compute Gauss quadratures of a symmetric operator's spectral density.
 
     For a random unit vector :math:`\mathbf{v}`, ``ncv`` Lanczos steps yield a
     tridiagonal matrix :math:`\mathbf{T} = \mathbf{U} \mathrm{diag}(\theta_k)
     \mathbf{U}^\top` such that :math:`\sum_k w_k \delta(\lambda - \theta_k)`, with
-    :math:`w_k = U_{1k}^2`, approximates the spectral density :math:`\frac{1}{N}
-    \sum_i \delta(\lambda - \lambda_i)` in expectation (Papyan, 2020, Section 4).
+    :math:`w_k = U_{1k}^2`, integrates polynomials :math:`p` of degree below
+    :math:`2 \cdot` ``ncv`` exactly against :math:`\mathbf{v}`'s spectral measure,
+    :math:`\sum_k w_k p(\theta_k) = \mathbf{v}^\top p(\mathbf{A}) \mathbf{v}`.
+    Averaged over random :math:`\mathbf{v}`, this measure is the spectral density
+    :math:`\frac{1}{N} \sum_i \delta(\lambda - \lambda_i)` (Papyan, 2020).
 
     Args:
         A: Symmetric operator of shape ``[N, N]``.
