@@ -1,8 +1,29 @@
 """curvlinops: curvature matrices of neural networks as matrix-free linear operators."""
 
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
+from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xdiag
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.hessian import HessianLinearOperator
+from curvlinops.inverse import (
+    CGInverseLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+)
+from curvlinops.norm import hutchinson_squared_fro
+from curvlinops.papyan2020traces import (
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
+)
+from curvlinops.submatrix import SubmatrixLinearOperator
+from curvlinops.trace import (
+    HutchinsonTraceEstimator,
+    HutchPPTraceEstimator,
+    hutchinson_trace,
+    hutchpp_trace,
+    xtrace,
+)
 
 __version__ = "3.0.0"
 
@@ -13,4 +34,24 @@ __all__ = [
     # Curvature operators
     "HessianLinearOperator",
     "GGNLinearOperator",
+    # Algorithms on any operator: inverses, sub-matrices
+    "CGInverseLinearOperator",
+    "LSMRInverseLinearOperator",
+    "NeumannInverseLinearOperator",
+    "SubmatrixLinearOperator",
+    # Algorithms on any operator: trace, diagonal and norm estimation
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "HutchinsonTraceEstimator",
+    "HutchPPTraceEstimator",
+    "hutchinson_diag",
+    "xdiag",
+    "HutchinsonDiagonalEstimator",
+    "hutchinson_squared_fro",
+    # Algorithms on any operator: spectral density (Papyan, 2020)
+    "lanczos_approximate_spectrum",
+    "lanczos_approximate_log_spectrum",
+    "LanczosApproximateSpectrumCached",
+    "LanczosApproximateLogSpectrumCached",
 ]

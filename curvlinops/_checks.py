@@ -154,3 +154,23 @@ def check_square(A):
     """
     if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"Expected a square operator, got shape {tuple(A.shape)}.")
+
+
+def check_num_matvecs(num_matvecs: int, multiple_of: int = 1, minimum: int = 1):
+    """Verify the number of matrix-vector products of a randomized estimator.
+
+    Args:
+        num_matvecs: Number of matrix-vector products.
+        multiple_of: The number must be a multiple of this. Default: ``1``.
+        minimum: The smallest allowed number. Default: ``1``.
+
+    Raises:
+        ValueError: If ``num_matvecs`` is not an integer, too small, or not a
+            multiple of ``multiple_of``.
+    """
+    is_int = isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool)
+    if not is_int or num_matvecs < minimum or num_matvecs % multiple_of != 0:
+        multiple = f" multiple of {multiple_of}" if multiple_of > 1 else "n integer"
+        raise ValueError(
+            f"`num_matvecs` must be a{multiple} >= {minimum}, got {num_matvecs!r}."
+        )

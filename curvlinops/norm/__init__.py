@@ -1,0 +1,5 @@
+"""Stochastic norm estimation."""
+
+from curvlinops.norm.hutchinson import hutchinson_squared_fro
+
+__all__ = ["hutchinson_squared_fro"]
