@@ -20,6 +20,8 @@ under a separate attribute.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from math import sqrt
 
 from backpack.core.derivatives.avgpool1d import AvgPool1DDerivatives
@@ -58,7 +60,7 @@ from backpack.custom_module.scale_module import ScaleModule
 from backpack.extensions import BatchGrad
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
-from torch import Tensor, nn
+from torch import Tensor, dtype, get_default_dtype, nn, set_default_dtype
 
 # Module class -> (derivatives, names of the parameters whose factor is stored)
 _LAYERS: dict[type[nn.Module], tuple[type[BaseDerivatives], tuple[str, ...]]] = {
@@ -101,6 +103,27 @@ _LOSSES: dict[type[nn.Module], type[BaseDerivatives]] = {
 }
 
 
+@contextmanager
+def _default_dtype(new: dtype) -> Iterator[None]:
+    """Temporarily change PyTorch's default floating point type.
+
+    Some of BackPACK's derivatives (average pooling, embedding) create helper tensors
+    in the default type; running them under the factor's type makes float64 work.
+
+    Args:
+        new: The default type inside the context.
+
+    Yields:
+        Nothing.
+    """
+    previous = get_default_dtype()
+    set_default_dtype(new)
+    try:
+        yield
+    finally:
+        set_default_dtype(previous)
+
+
 class _LayerFactor(ModuleExtension):
     """Backpropagate the factor through a layer; store it for the layer's parameters.
 
@@ -124,15 +147,16 @@ class _LayerFactor(ModuleExtension):
 
     def _make_param_factor(self, name: str):
         def param_factor(ext, module, g_inp, g_out, backproped: Tensor) -> Tensor:
-            return self.derivatives.param_mjp(
-                name,
-                module,
-                g_inp,
-                g_out,
-                backproped,
-                sum_batch=False,
-                subsampling=ext.get_subsampling(),
-            )
+            with _default_dtype(backproped.dtype):
+                return self.derivatives.param_mjp(
+                    name,
+                    module,
+                    g_inp,
+                    g_out,
+                    backproped,
+                    sum_batch=False,
+                    subsampling=ext.get_subsampling(),
+                )
 
         return param_factor
 
@@ -149,9 +173,10 @@ class _LayerFactor(ModuleExtension):
         Returns:
             Factor w.r.t. the layer input.
         """
-        return self.derivatives.jac_t_mat_prod(
-            module, g_inp, g_out, backproped, subsampling=ext.get_subsampling()
-        )
+        with _default_dtype(backproped.dtype):
+            return self.derivatives.jac_t_mat_prod(
+                module, g_inp, g_out, backproped, subsampling=ext.get_subsampling()
+            )
 
 
 class _BatchNormFactor(_LayerFactor):
