@@ -230,8 +230,8 @@ class ViViTComputation:
             group: The group.
 
         Raises:
-            ValueError: If the group has no non-empty tensor list under ``'params'``
-                or lacks a required callable.
+            ValueError: If the group has no non-empty list of tensors that require
+                gradients under ``'params'``, or lacks a required callable.
         """
         params = group.get("params") if isinstance(group, dict) else None
         if (
@@ -242,6 +242,10 @@ class ViViTComputation:
             raise ValueError(
                 f"param_groups[{idx}] must be a dict whose 'params' is a non-empty "
                 "list of tensors."
+            )
+        if not all(p.requires_grad for p in params):
+            raise ValueError(
+                f"The parameters of param_groups[{idx}] must require gradients."
             )
         for key in self._GROUP_KEYS:
             if not callable(group.get(key)):

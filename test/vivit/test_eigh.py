@@ -19,15 +19,11 @@ from test.vivit.utils import (
     flatten_vectors,
     make_groups,
     make_problem,
+    non_zero,
     run,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-
-
-def non_zero(evals):
-    """Criterion: indices of the eigenvalues that are not round-off."""
-    return [i for i, ev in enumerate(evals) if ev > 1e-8 * evals.max()]
 
 
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)

@@ -14,6 +14,7 @@ from torch import Tensor, cat, manual_seed, stack
 from torch.nn import Module
 
 from curvlinops.examples.functorch import functorch_ggn, functorch_gradient_and_loss
+from curvlinops.vivit import EighComputation
 from test.cases import Case
 
 CASES = [
@@ -24,7 +25,7 @@ CASES = [
     Case("batchnorm_eval", "ce"),
 ]
 CASE_IDS = [case.id for case in CASES]
-GROUPINGS = ["full", "per_param"]
+GROUPINGS = ["full", "per_param", "interleaved"]
 SUBSAMPLINGS = [None, [0, 3]]
 SUBSAMPLING_IDS = ["all", "sub"]
 
@@ -81,8 +82,16 @@ def extended_problem(model: Module, loss_func: Module, X: Tensor, y: Tensor):
 
 
 def make_groups(params: list[Tensor], grouping: str, **keys) -> list[dict]:
-    """Parameter groups for the full GGN or a per-parameter block diagonal."""
-    blocks = [params] if grouping == "full" else [[p] for p in params]
+    """Parameter groups: full GGN, per-parameter blocks, or blocks across layers.
+
+    ``'interleaved'`` puts every other parameter (e.g. all weights) into one group,
+    so that groups complete only after several layers.
+    """
+    blocks = {
+        "full": [params],
+        "per_param": [[p] for p in params],
+        "interleaved": [params[::2], params[1::2]],
+    }[grouping]
     return [{"params": block, **keys} for block in blocks]
 
 
@@ -128,6 +137,24 @@ def per_sample(func, problem: Problem, group: dict, subsampling=None) -> Tensor:
     return stack([func(problem, group, [n]) for n in idx])
 
 
+def top_three(evals: Tensor) -> list[int]:
+    """Criterion: the three largest eigenvalues that are not round-off."""
+    return non_zero(evals)[-3:]
+
+
+def non_zero(evals: Tensor) -> list[int]:
+    """Criterion: the eigenvalues that are not round-off."""
+    return [i for i, ev in enumerate(evals) if ev > 1e-8 * evals.max()]
+
+
 def flatten_vectors(vectors: list[Tensor]) -> Tensor:
     """Stack parameter-format vectors with leading axis ``K`` to ``[D, K]``."""
     return cat([v.flatten(start_dim=1) for v in vectors], dim=1).T
+
+
+def eigenvectors(problem, groups, subsampling_ggn, mc_samples=0, seed=0):
+    """GGN eigenvalues and eigenvectors ([D, K]) of each group (tested separately)."""
+    eigh = EighComputation(subsampling_ggn, mc_samples, warn_small_eigvals=0.0)
+    run(problem, eigh, groups, seed)
+    results = [eigh.get_result(group) for group in groups]
+    return [(evals, flatten_vectors(evecs)) for evals, evecs in results]
