@@ -95,6 +95,6 @@ class DirectionalComputation(ViViTComputation):
         evals, gram_evecs = gram_eigh(factors, group["criterion"])
         warn_if_small(evals, self._warn_small_eigvals, "directional gradients")
         gammas = directional_gradients(factors, grads, evals, gram_evecs)
-        num_columns = factors[0].shape[0]
+        num_columns = factors[0].num_columns
         lambdas = directional_curvatures(evals, gram_evecs, num_columns)
         return evals, gram_evecs, gammas, lambdas

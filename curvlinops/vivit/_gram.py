@@ -10,8 +10,9 @@ active samples). The Gram matrix :math:`\tilde{\mathbf{G}} = \mathbf{V}^\top
 :math:`\mathbf{V}^\top \mathbf{e}_k = \sqrt{\lambda_k} \tilde{\mathbf{e}}_k`. The
 helpers below only touch :math:`\mathbf{V}` in parameter space where unavoidable.
 
-The factor of a parameter block is a list of tensors ``[V, N, *param.shape]``;
-Gram indices run over ``(v, n)`` in row-major order, i.e. ``v * N + n``.
+The factor of a parameter block is a list of factors (see
+:mod:`curvlinops.vivit._factors`), one per parameter; Gram indices run over
+``(v, n)`` in row-major order, i.e. ``v * N + n``.
 """
 
 from __future__ import annotations
@@ -19,40 +20,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from warnings import warn
 
-from torch import Tensor, einsum, tensor
+from torch import Tensor, tensor
 from torch.linalg import eigh, eigvalsh
 
+from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 
-def gram_matrix(factors: list[Tensor]) -> Tensor:
+Factor = DenseFactor | LinearWeightFactor
+
+
+def gram_matrix(factors: list[Factor]) -> Tensor:
     r"""Compute the Gram matrix :math:`\mathbf{V}^\top \mathbf{V}` of a block.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
 
     Returns:
         The Gram matrix, of shape ``[V * N, V * N]``.
     """
-    flat = [_as_matrix(f) for f in factors]
-    return sum(f @ f.T for f in flat)
+    return sum(f.gram() for f in factors)
 
 
-def _as_matrix(factor: Tensor) -> Tensor:
-    """Flatten a parameter's factor ``[V, N, *param.shape]`` to ``[V * N, D_param]``.
-
-    Args:
-        factor: The parameter's factor.
-
-    Returns:
-        The factor as matrix.
-    """
-    return factor.flatten(end_dim=1).flatten(start_dim=1)
-
-
-def gram_eigvalsh(factors: list[Tensor]) -> Tensor:
+def gram_eigvalsh(factors: list[Factor]) -> Tensor:
     """Compute the Gram matrix eigenvalues of a block.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
 
     Returns:
         Eigenvalues in ascending order, of shape ``[V * N]``.
@@ -61,12 +53,12 @@ def gram_eigvalsh(factors: list[Tensor]) -> Tensor:
 
 
 def gram_eigh(
-    factors: list[Tensor], criterion: Callable[[Tensor], list[int]]
+    factors: list[Factor], criterion: Callable[[Tensor], list[int]]
 ) -> tuple[Tensor, Tensor]:
     """Eigen-decompose the Gram matrix of a block and keep the selected eigenpairs.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
         criterion: Receives all eigenvalues in ascending order and returns the
             indices of those to keep.
 
@@ -98,22 +90,21 @@ def warn_if_small(evals: Tensor, threshold: float, task: str):
         )
 
 
-def to_parameter_space(factors: list[Tensor], coefficients: Tensor) -> list[Tensor]:
+def to_parameter_space(factors: list[Factor], coefficients: Tensor) -> list[Tensor]:
     r"""Multiply the factor onto Gram-space vectors: :math:`\mathbf{V} \mathbf{C}`.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
         coefficients: Gram-space vectors, of shape ``[V * N, K]``.
 
     Returns:
         Parameter-space vectors with a leading axis, ``[K, *param.shape]``.
     """
-    C = coefficients.reshape(*factors[0].shape[:2], -1)
-    return [einsum("vn...,vnk->k...", f, C) for f in factors]
+    return [f.combine(coefficients) for f in factors]
 
 
 def gram_to_ggn_eigenvectors(
-    factors: list[Tensor], evals: Tensor, gram_evecs: Tensor
+    factors: list[Factor], evals: Tensor, gram_evecs: Tensor
 ) -> list[Tensor]:
     r"""Turn Gram eigenvectors into normalized GGN eigenvectors.
 
@@ -121,7 +112,7 @@ def gram_to_ggn_eigenvectors(
     \sqrt{|\lambda_k|}`.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
         evals: Eigenvalues, of shape ``[K]``.
         gram_evecs: Gram eigenvectors, of shape ``[V * N, K]``.
 
@@ -159,7 +150,7 @@ def directional_curvatures(
 
 
 def directional_gradients(
-    factors: list[Tensor],
+    factors: list[Factor],
     sample_gradients: list[Tensor],
     evals: Tensor,
     gram_evecs: Tensor,
@@ -172,7 +163,7 @@ def directional_gradients(
     :math:`\mathbf{e}_k`.
 
     Args:
-        factors: The block's factor, tensors of shape ``[V, N, *param.shape]``.
+        factors: The block's factor, one per parameter.
         sample_gradients: Gradients :math:`\nabla \ell_n` of the per-sample losses,
             tensors of shape ``[N_grad, *param.shape]``.
         evals: Eigenvalues, of shape ``[K]``.
@@ -181,8 +172,5 @@ def directional_gradients(
     Returns:
         The slopes, of shape ``[N_grad, K]``.
     """
-    projected = sum(
-        g.flatten(start_dim=1) @ _as_matrix(f).T
-        for f, g in zip(factors, sample_gradients)
-    )  # [N_grad, V * N]
+    projected = sum(f.project(g) for f, g in zip(factors, sample_gradients))
     return projected @ gram_evecs / evals.abs().sqrt()

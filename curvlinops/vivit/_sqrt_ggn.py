@@ -60,7 +60,10 @@ from backpack.custom_module.scale_module import ScaleModule
 from backpack.extensions import BatchGrad
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
+from backpack.utils.subsampling import subsample
 from torch import Tensor, dtype, get_default_dtype, nn, set_default_dtype
+
+from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 
 # Module class -> (derivatives, names of the parameters whose factor is stored)
 _LAYERS: dict[type[nn.Module], tuple[type[BaseDerivatives], tuple[str, ...]]] = {
@@ -142,23 +145,44 @@ class _LayerFactor(ModuleExtension):
         """
         self.derivatives = derivatives
         for name in params:  # the base class looks these methods up by name
-            setattr(self, name, self._make_param_factor(name))
+            if not hasattr(self, name):
+                setattr(self, name, self._make_param_factor(name))
         super().__init__(params=list(params))
 
     def _make_param_factor(self, name: str):
-        def param_factor(ext, module, g_inp, g_out, backproped: Tensor) -> Tensor:
-            with _default_dtype(backproped.dtype):
-                return self.derivatives.param_mjp(
-                    name,
-                    module,
-                    g_inp,
-                    g_out,
-                    backproped,
-                    sum_batch=False,
-                    subsampling=ext.get_subsampling(),
-                )
+        def param_factor(ext, module, g_inp, g_out, backproped: Tensor) -> DenseFactor:
+            return self._dense_factor(name, ext, module, g_inp, g_out, backproped)
 
         return param_factor
+
+    def _dense_factor(
+        self, name: str, ext, module, g_inp, g_out, backproped: Tensor
+    ) -> DenseFactor:
+        """Multiply the factor with the transposed Jacobian w.r.t. a parameter.
+
+        Args:
+            name: Name of the parameter in the layer.
+            ext: The running extension.
+            module: The layer.
+            g_inp: Gradients w.r.t. the layer inputs.
+            g_out: Gradients w.r.t. the layer output.
+            backproped: Factor w.r.t. the layer output.
+
+        Returns:
+            The parameter's factor, ``[V, N, *param.shape]``, without sum over
+            samples.
+        """
+        with _default_dtype(backproped.dtype):
+            rows = self.derivatives.param_mjp(
+                name,
+                module,
+                g_inp,
+                g_out,
+                backproped,
+                sum_batch=False,
+                subsampling=ext.get_subsampling(),
+            )
+        return DenseFactor(rows)
 
     def backpropagate(self, ext, module, g_inp, g_out, backproped: Tensor) -> Tensor:
         """Multiply the factor with the transposed Jacobian w.r.t. the layer input.
@@ -177,6 +201,28 @@ class _LayerFactor(ModuleExtension):
             return self.derivatives.jac_t_mat_prod(
                 module, g_inp, g_out, backproped, subsampling=ext.get_subsampling()
             )
+
+
+class _LinearFactor(_LayerFactor):
+    """Linear layer: on ``[N, d_in]`` inputs, the weight's rows are outer products."""
+
+    def weight(self, ext, module, g_inp, g_out, backproped: Tensor):
+        """Represent the weight's factor without forming it, if possible.
+
+        Args:
+            ext: The running extension.
+            module: The layer.
+            g_inp: Gradients w.r.t. the layer inputs.
+            g_out: Gradients w.r.t. the layer output.
+            backproped: Factor w.r.t. the layer output.
+
+        Returns:
+            The weight's factor.
+        """
+        if module.input0.dim() != 2:  # extra axes: sums of outer products
+            return self._dense_factor("weight", ext, module, g_inp, g_out, backproped)
+        inputs = subsample(module.input0, subsampling=ext.get_subsampling())
+        return LinearWeightFactor(backproped, inputs)
 
 
 class _BatchNormFactor(_LayerFactor):
@@ -245,6 +291,12 @@ class _LossFactor(ModuleExtension):
         return factor
 
 
+_SPECIAL = {
+    nn.Linear: _LinearFactor,
+    **{batch_norm: _BatchNormFactor for batch_norm in _BATCH_NORMS},
+}
+
+
 def _module_extensions() -> dict[type[nn.Module], ModuleExtension]:
     """Create the module extensions of :class:`SqrtGGN`.
 
@@ -253,7 +305,7 @@ def _module_extensions() -> dict[type[nn.Module], ModuleExtension]:
     """
     exts = {}
     for layer, (derivatives, params) in _LAYERS.items():
-        factor_class = _BatchNormFactor if layer in _BATCH_NORMS else _LayerFactor
+        factor_class = _SPECIAL.get(layer, _LayerFactor)
         exts[layer] = factor_class(derivatives(), params)
     exts.update({loss: _LossFactor(d()) for loss, d in _LOSSES.items()})
     return exts
@@ -262,13 +314,16 @@ def _module_extensions() -> dict[type[nn.Module], ModuleExtension]:
 class SqrtGGN(BackpropExtension):
     r"""BackPACK extension that stores the GGN's symmetric factor on each parameter.
 
-    After the backward pass, ``param.<savefield>`` has shape ``[V, N, *param.shape]``
-    with ``V = C`` (model output dimension, exact loss Hessian factor) or ``V = M``
-    (Monte-Carlo samples) and ``N`` the number of active samples. Flattened to
-    ``[V * N, D]`` and concatenated over parameters, it is :math:`\mathbf{V}^\top` with
-    :math:`\mathbf{G} = \mathbf{V} \mathbf{V}^\top` the GGN of the mean loss over the
-    active samples. The loss function must use ``reduction='mean'``, and the model and
-    loss function must be extended with :func:`backpack.extend`.
+    After the backward pass, ``param.<savefield>`` holds the parameter's rows of
+    :math:`\mathbf{V}^\top`, a factor object from :mod:`curvlinops.vivit._factors`
+    (``Linear`` weights keep the rows as outer products) whose ``to_tensor()`` has
+    shape ``[V, N, *param.shape]``, with ``V = C`` (model output dimension, exact
+    loss Hessian factor) or ``V = M`` (Monte-Carlo samples) and ``N`` the number of
+    active samples. Flattened to ``[V * N, D]`` and concatenated over parameters, the
+    rows form :math:`\mathbf{V}^\top` with :math:`\mathbf{G} = \mathbf{V}
+    \mathbf{V}^\top` the GGN of the mean loss over the active samples. The loss
+    function must use ``reduction='mean'``, and the model and loss function must be
+    extended with :func:`backpack.extend`.
 
     Args:
         savefield: Name of the attribute that stores the factor on each parameter.
@@ -285,7 +340,7 @@ class SqrtGGN(BackpropExtension):
         >>> X, y = rand(5, 4), randint(0, 3, (5,))
         >>> with backpack(SqrtGGN("sqrt_ggn", subsampling=[0, 2])):
         ...     loss_func(model(X), y).backward()
-        >>> model.weight.sqrt_ggn.shape
+        >>> model.weight.sqrt_ggn.to_tensor().shape
         torch.Size([3, 2, 3, 4])
     """
 

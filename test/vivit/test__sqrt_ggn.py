@@ -52,7 +52,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 def factor_matrix(params: list[Tensor], savefield: str) -> Tensor:
     """Concatenate the stored factors to V, of shape [D, V * N]."""
-    factors = [getattr(p, savefield).flatten(end_dim=1) for p in params]
+    factors = [getattr(p, savefield) for p in params]
+    factors = [f if isinstance(f, Tensor) else f.to_tensor() for f in factors]
+    factors = [f.flatten(end_dim=1) for f in factors]
     return cat([f.flatten(start_dim=1) for f in factors], dim=1).T
 
 
