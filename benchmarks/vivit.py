@@ -16,7 +16,8 @@ eigenvalues with Lanczos' (the approximate variants target a different matrix, s
 their error measures the approximation). ``gram`` is the Gram matrix size, ``matvecs``
 the number of GGN-vector products Lanczos needed.
 
-Usage: ``python benchmarks/vivit.py [--problems mlp cnn] [--k 10] [--repeats 3]``
+Usage: ``python benchmarks/vivit.py [--problems mlp cnn] [--k 10] [--repeats 3]
+[--threads T]``
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -52,7 +54,8 @@ def vivit_top_k(problem: Problem, k: int, kwargs: dict) -> tuple[callable, dict]
 
     Returns the function and a dict that records the Gram matrix size.
     """
-    model, loss_func = extend(deepcopy(problem.model)), extend(problem.loss_func)
+    model = extend(deepcopy(problem.model))
+    loss_func = extend(deepcopy(problem.loss_func))
     params = [p for p in model.parameters() if p.requires_grad]
     info = {}
 
@@ -110,7 +113,10 @@ def main():
     parser.add_argument(
         "--repeats", type=int, default=int(os.environ.get("REPEATS", 3))
     )
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", "Full backward hook is firing")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     print(f"top-{args.k} GGN eigenpairs (ms and multiples of one gradient)")
