@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import count
 
 from torch import Tensor
 from torch.nn import Module
 
+from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 from curvlinops.vivit._sqrt_ggn import SqrtGGN
 
-SQRT_GGN_FIELD = "vivit_sqrt_ggn"
-GRAD_BATCH_FIELD = "vivit_grad_batch"
+_INSTANCES = count()
 
 
 def check_subsampling(subsampling: list[int] | None, name: str):
@@ -58,13 +59,15 @@ class ViViTComputation:
     """Base class: builds the extension hook and stores results per parameter group.
 
     Subclasses set ``_GROUP_KEYS`` (callables every group must provide besides
-    ``'params'``), ``_FIELDS`` (parameter attributes the extensions write and the
-    computation reads), ``_RESULTS`` (names of the attributes that hold the results,
-    dicts keyed by ``id(group)``), and implement :meth:`_compute`.
+    ``'params'``), ``_NEEDS_GRADIENTS`` (whether they also use per-sample
+    gradients), ``_RESULTS`` (names of the attributes that hold the results, dicts
+    keyed by ``id(group)``), and implement :meth:`_compute`. Each instance stores
+    its quantities on the parameters under its own attribute names, so that several
+    computations can share one backward pass.
     """
 
     _GROUP_KEYS: tuple[str, ...] = ()
-    _FIELDS: tuple[str, ...] = (SQRT_GGN_FIELD,)
+    _NEEDS_GRADIENTS: bool = False
     _RESULTS: tuple[str, ...] = ()
 
     def __init__(self, subsampling_ggn: list[int] | None, mc_samples: int, verbose):
@@ -80,6 +83,12 @@ class ViViTComputation:
         self._subsampling_ggn = subsampling_ggn
         self._mc_samples = mc_samples
         self._verbose = verbose
+        uid = next(_INSTANCES)
+        self._factor_field = f"_vivit_factor_{uid}"
+        self._gradient_field = f"_vivit_gradients_{uid}"
+        self._fields = [self._factor_field]
+        if self._NEEDS_GRADIENTS:
+            self._fields.append(self._gradient_field)
         for name in self._RESULTS:
             setattr(self, name, {})
 
@@ -89,7 +98,7 @@ class ViViTComputation:
         Returns:
             The extension.
         """
-        return SqrtGGN(SQRT_GGN_FIELD, self._mc_samples, self._subsampling_ggn)
+        return SqrtGGN(self._factor_field, self._mc_samples, self._subsampling_ggn)
 
     def get_extension_hook(self, param_groups: list[dict]) -> Callable[[Module], None]:
         """Create the hook that runs the computation for each parameter group.
@@ -128,7 +137,7 @@ class ViViTComputation:
         """
         done = id(group) in getattr(self, self._RESULTS[0])
         return not done and all(
-            hasattr(p, field) for p in group["params"] for field in self._FIELDS
+            hasattr(p, field) for p in group["params"] for field in self._fields
         )
 
     def _run(self, group: dict, module: Module):
@@ -142,11 +151,14 @@ class ViViTComputation:
         if self._verbose:
             sizes = [tuple(p.shape) for p in group["params"]]
             print(f"ViViT: {module.__class__.__name__} completes group {sizes}.")
-        quantities = {
-            field: [getattr(p, field) for p in group["params"]]
-            for field in self._FIELDS
-        }
-        results = self._compute(group, quantities, module.input0.shape[0])
+        params = group["params"]
+        factors = [getattr(p, self._factor_field) for p in params]
+        gradients = (
+            [getattr(p, self._gradient_field) for p in params]
+            if self._NEEDS_GRADIENTS
+            else None
+        )
+        results = self._compute(group, factors, gradients, module.input0.shape[0])
         for name, result in zip(self._RESULTS, results):
             getattr(self, name)[id(group)] = result
         self._free(group["params"])
@@ -158,18 +170,24 @@ class ViViTComputation:
             params: The parameters.
         """
         for p in params:
-            for field in self._FIELDS:
+            for field in self._fields:
                 if hasattr(p, field):
                     delattr(p, field)
 
     def _compute(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
+        self,
+        group: dict,
+        factors: list[DenseFactor | LinearWeightFactor],
+        gradients: list[Tensor] | None,
+        batch_size: int,
     ) -> tuple:
         """Compute the results of a group.
 
         Args:
             group: The parameter group.
-            quantities: For each of ``_FIELDS``, the group's tensors.
+            factors: The GGN factor of each parameter in the group.
+            gradients: BackPACK's per-sample gradients of each parameter (those of
+                ``loss_n / N``), ``None`` unless ``_NEEDS_GRADIENTS``.
             batch_size: Size of the mini-batch.
 
         Raises:

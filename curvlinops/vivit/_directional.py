@@ -18,11 +18,10 @@ With sub-sampling, the means run over the active samples.
 
 from __future__ import annotations
 
+from backpack.extensions import BatchGrad
 from torch import Tensor
 
 from curvlinops.vivit._base import (
-    GRAD_BATCH_FIELD,
-    SQRT_GGN_FIELD,
     ViViTComputation,
     check_non_negative,
     check_subsampling,
@@ -33,7 +32,24 @@ from curvlinops.vivit._gram import (
     gram_eigh,
     warn_if_small,
 )
-from curvlinops.vivit._sqrt_ggn import PerSampleGradients, SqrtGGN
+from curvlinops.vivit._sqrt_ggn import SqrtGGN
+
+
+class PerSampleGradients(BatchGrad):
+    r"""BackPACK's per-sample gradients, stored under a separate attribute.
+
+    With ``reduction='mean'``, ``param.<savefield>[n]`` is
+    :math:`\frac{1}{N} \nabla \ell_n` for the active sample :math:`n`.
+
+    Args:
+        savefield: Name of the attribute that stores the gradients.
+        subsampling: Indices of the active samples; ``None`` activates all.
+    """
+
+    def __init__(self, savefield: str, subsampling: list[int] | None = None):
+        """Set up BackPACK's per-sample gradient extension and the attribute."""
+        super().__init__(subsampling=subsampling)
+        self.savefield = savefield
 
 
 class DirectionalComputation(ViViTComputation):
@@ -48,7 +64,7 @@ class DirectionalComputation(ViViTComputation):
     """
 
     _GROUP_KEYS = ("criterion",)
-    _FIELDS = (SQRT_GGN_FIELD, GRAD_BATCH_FIELD)
+    _NEEDS_GRADIENTS = True
 
     def __init__(
         self,
@@ -72,26 +88,25 @@ class DirectionalComputation(ViViTComputation):
             Extensions to pass to :class:`backpack.backpack`, e.g. as
             ``backpack(*computation.get_extensions(), extension_hook=hook)``.
         """
-        grads = PerSampleGradients(GRAD_BATCH_FIELD, self._subsampling_grad)
+        grads = PerSampleGradients(self._gradient_field, self._subsampling_grad)
         return [grads, self._sqrt_ggn_extension()]
 
     def _directional_derivatives(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
+        self, group: dict, factors: list, gradients: list[Tensor], batch_size: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Compute eigenvalues, Gram eigenvectors, slopes and curvatures of a group.
 
         Args:
             group: The parameter group.
-            quantities: The group's factors and per-sample gradients.
+            factors: The GGN factor of each parameter in the group.
+            gradients: BackPACK's per-sample gradients (those of ``loss_n / N``).
             batch_size: Size of the mini-batch.
 
         Returns:
             Selected eigenvalues ``[K]``, Gram eigenvectors ``[V * N_ggn, K]``,
             slopes ``[N_grad, K]`` and curvatures ``[N_ggn, K]``.
         """
-        factors = quantities[SQRT_GGN_FIELD]
-        # BackPACK's per-sample gradients are those of ℓₙ / N
-        grads = [batch_size * g for g in quantities[GRAD_BATCH_FIELD]]
+        grads = [batch_size * g for g in gradients]  # of the per-sample losses
         evals, gram_evecs = gram_eigh(factors, group["criterion"])
         warn_if_small(evals, self._warn_small_eigvals, "directional gradients")
         gammas = directional_gradients(factors, grads, evals, gram_evecs)

@@ -1,4 +1,4 @@
-r"""BackPACK extensions that backpropagate the GGN's symmetric factor and gradients.
+r"""BackPACK extension that backpropagates the GGN's symmetric factor.
 
 For a loss averaged over a mini-batch of :math:`N` samples,
 
@@ -57,7 +57,6 @@ from backpack.core.derivatives.tanh import TanhDerivatives
 from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
 from backpack.custom_module.branching import SumModule
 from backpack.custom_module.scale_module import ScaleModule
-from backpack.extensions import BatchGrad
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from backpack.utils.subsampling import subsample
@@ -400,20 +399,3 @@ class SqrtGGN(BackpropExtension):
                 f"got {self._subsampling}."
             )
         return batch_size
-
-
-class PerSampleGradients(BatchGrad):
-    r"""BackPACK's per-sample gradients, stored under a separate attribute.
-
-    With ``reduction='mean'``, ``param.<savefield>[n]`` is
-    :math:`\frac{1}{N} \nabla \ell_n` for the active sample :math:`n`.
-
-    Args:
-        savefield: Name of the attribute that stores the gradients.
-        subsampling: Indices of the active samples; ``None`` activates all.
-    """
-
-    def __init__(self, savefield: str, subsampling: list[int] | None = None):
-        """Set up BackPACK's per-sample gradient extension and the attribute."""
-        super().__init__(subsampling=subsampling)
-        self.savefield = savefield

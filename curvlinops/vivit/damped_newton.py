@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvlinops.vivit._base import SQRT_GGN_FIELD
 from curvlinops.vivit._directional import DirectionalComputation
 from curvlinops.vivit._gram import to_parameter_space
 
@@ -128,14 +127,13 @@ class DirectionalDampedNewtonComputation(DirectionalComputation):
         """
         return self._lookup(group)[0]
 
-    def _compute(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
-    ) -> tuple[list[Tensor]]:
+    def _compute(self, group, factors, gradients, batch_size) -> tuple[list[Tensor]]:
         """Compute the damped Newton step of a group.
 
         Args:
             group: The parameter group.
-            quantities: The group's factors and per-sample gradients.
+            factors: The GGN factor of each parameter in the group.
+            gradients: BackPACK's per-sample gradients of each parameter.
             batch_size: Size of the mini-batch.
 
         Returns:
@@ -145,7 +143,7 @@ class DirectionalDampedNewtonComputation(DirectionalComputation):
             ValueError: If the damping has not one entry per direction.
         """
         evals, gram_evecs, gammas, lambdas = self._directional_derivatives(
-            group, quantities, batch_size
+            group, factors, gradients, batch_size
         )
         damping = group["damping"](evals, gram_evecs, gammas, lambdas)
         if damping.shape != evals.shape:
@@ -155,5 +153,5 @@ class DirectionalDampedNewtonComputation(DirectionalComputation):
             )
         coefficients = -gammas.mean(0) / (lambdas.mean(0) + damping)
         gram_step = gram_evecs @ (coefficients / evals.abs().sqrt())
-        step = to_parameter_space(quantities[SQRT_GGN_FIELD], gram_step.unsqueeze(1))
+        step = to_parameter_space(factors, gram_step.unsqueeze(1))
         return ([s.squeeze(0) for s in step],)

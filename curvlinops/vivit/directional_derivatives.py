@@ -124,20 +124,19 @@ class DirectionalDerivativesComputation(DirectionalComputation):
         """
         return self._lookup(group)
 
-    def _compute(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
-    ) -> tuple[Tensor, Tensor]:
+    def _compute(self, group, factors, gradients, batch_size) -> tuple[Tensor, Tensor]:
         """Compute the slopes and curvatures of a group.
 
         Args:
             group: The parameter group.
-            quantities: The group's factors and per-sample gradients.
+            factors: The GGN factor of each parameter in the group.
+            gradients: BackPACK's per-sample gradients of each parameter.
             batch_size: Size of the mini-batch.
 
         Returns:
             Slopes and curvatures.
         """
         _, _, gammas, lambdas = self._directional_derivatives(
-            group, quantities, batch_size
+            group, factors, gradients, batch_size
         )
         return gammas, lambdas

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvlinops.vivit._base import SQRT_GGN_FIELD, ViViTComputation, check_non_negative
+from curvlinops.vivit._base import ViViTComputation, check_non_negative
 from curvlinops.vivit._gram import gram_eigh, gram_to_ggn_eigenvectors, warn_if_small
 from curvlinops.vivit._sqrt_ggn import SqrtGGN
 
@@ -127,19 +127,19 @@ class EighComputation(ViViTComputation):
         return self._lookup(group)
 
     def _compute(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
+        self, group, factors, gradients, batch_size
     ) -> tuple[Tensor, list[Tensor]]:
         """Compute the selected eigenpairs of a group.
 
         Args:
             group: The parameter group.
-            quantities: The group's factors.
+            factors: The GGN factor of each parameter in the group.
+            gradients: ``None``.
             batch_size: Size of the mini-batch.
 
         Returns:
             Eigenvalues and eigenvectors in parameter format.
         """
-        factors = quantities[SQRT_GGN_FIELD]
         evals, gram_evecs = gram_eigh(factors, group["criterion"])
         warn_if_small(evals, self._warn_small_eigvals, "GGN eigenvectors")
         return evals, gram_to_ggn_eigenvectors(factors, evals, gram_evecs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvlinops.vivit._base import SQRT_GGN_FIELD, ViViTComputation
+from curvlinops.vivit._base import ViViTComputation
 from curvlinops.vivit._gram import gram_eigvalsh
 from curvlinops.vivit._sqrt_ggn import SqrtGGN
 
@@ -120,17 +120,16 @@ class EigvalshComputation(ViViTComputation):
         """
         return self._lookup(group)[0]
 
-    def _compute(
-        self, group: dict, quantities: dict[str, list[Tensor]], batch_size: int
-    ) -> tuple[Tensor]:
+    def _compute(self, group, factors, gradients, batch_size) -> tuple[Tensor]:
         """Compute the Gram matrix eigenvalues of a group.
 
         Args:
             group: The parameter group.
-            quantities: The group's factors.
+            factors: The GGN factor of each parameter in the group.
+            gradients: ``None``.
             batch_size: Size of the mini-batch.
 
         Returns:
             The eigenvalues.
         """
-        return (gram_eigvalsh(quantities[SQRT_GGN_FIELD]),)
+        return (gram_eigvalsh(factors),)

@@ -1,6 +1,7 @@
 """Tests for curvlinops.vivit._base: arguments, parameter groups, results, cleanup."""
 
 import pytest
+from backpack import backpack
 
 from curvlinops.vivit import (
     DirectionalDampedNewtonComputation,
@@ -8,8 +9,8 @@ from curvlinops.vivit import (
     EighComputation,
     EigvalshComputation,
 )
-from curvlinops.vivit._base import GRAD_BATCH_FIELD, SQRT_GGN_FIELD
 from test.cases import Case
+from test.utils import assert_close
 from test.vivit.utils import make_problem, run, top_three
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -88,7 +89,7 @@ def test_results_and_cleanup(cls, capsys):
     with pytest.raises(KeyError, match="No results"):
         computation.get_result(dict(group))  # a copy is another group
     for p in params:
-        assert not hasattr(p, SQRT_GGN_FIELD) and not hasattr(p, GRAD_BATCH_FIELD)
+        assert not [name for name in vars(p) if name.startswith("_vivit")]
 
     computation.get_extension_hook([group])  # a new backward pass resets results
     with pytest.raises(KeyError):
@@ -101,3 +102,19 @@ def test_frozen_parameters_raise():
     problem.params[0].requires_grad_(False)
     with pytest.raises(ValueError, match="require gradients"):
         EigvalshComputation().get_extension_hook([{"params": problem.params}])
+
+
+def test_computations_share_a_backward_pass():
+    """Two computations with one combined hook give their separate results."""
+    problem = make_problem(Case("mlp", "mse"))
+    group = {"params": problem.params, **KEYS}
+    eigh, derivatives = EighComputation(), DirectionalDerivativesComputation()
+    hooks = [c.get_extension_hook([group]) for c in (eigh, derivatives)]
+    extensions = [eigh.get_extension(), *derivatives.get_extensions()]
+    with backpack(*extensions, extension_hook=lambda m: [h(m) for h in hooks]):
+        problem.loss_func(problem.model(problem.X), problem.y).backward()
+
+    for computation in (eigh, derivatives):
+        alone = type(computation)()
+        run(problem, alone, [group])
+        assert_close(computation.get_result(group), alone.get_result(group))

@@ -31,7 +31,7 @@ from torch.nn import (
     ZeroPad2d,
 )
 
-from curvlinops.vivit._sqrt_ggn import PerSampleGradients, SqrtGGN
+from curvlinops.vivit._sqrt_ggn import SqrtGGN
 from test.cases import Case
 from test.utils import assert_close
 from test.vivit.utils import (
@@ -41,10 +41,8 @@ from test.vivit.utils import (
     SUBSAMPLINGS,
     Problem,
     dense_ggn,
-    dense_gradient,
     extended_problem,
     make_problem,
-    per_sample,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -200,15 +198,3 @@ def test_subsampling_out_of_range_raises():
     problem = make_problem(Case("mlp", "ce"))
     with pytest.raises(ValueError, match="Sub-sampling indices"):
         backward(problem, SqrtGGN("factor", subsampling=[0, 5]))
-
-
-@pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-def test_per_sample_gradients(subsampling):
-    """N times BackPACK's per-sample gradients are those of the per-sample losses."""
-    problem = make_problem(Case("cnn", "ce"))
-    backward(problem, PerSampleGradients("grads", subsampling))
-    group = {"params": problem.params}
-    grads = cat([p.grads.flatten(1) for p in problem.params], 1)
-    expected = per_sample(dense_gradient, problem, group, subsampling)
-    assert_close(problem.X.shape[0] * grads, expected)
-    assert not hasattr(problem.params[0], "grad_batch")
