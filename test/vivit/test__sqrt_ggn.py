@@ -12,6 +12,7 @@ from torch.nn import (
     AvgPool2d,
     AvgPool3d,
     BatchNorm1d,
+    BCEWithLogitsLoss,
     Conv1d,
     Conv3d,
     ConvTranspose2d,
@@ -24,10 +25,13 @@ from torch.nn import (
     Linear,
     LogSigmoid,
     MaxPool1d,
+    Module,
     MSELoss,
     ReLU,
     ReLU6,
     Sequential,
+    Sigmoid,
+    Tanh,
     ZeroPad2d,
 )
 
@@ -143,6 +147,16 @@ def _zoo() -> dict:
             (4,),
             MSELoss,
         ),
+        "sequence": (  # Linear on [N, L, d_in]: no outer-product structure
+            Sequential(Linear(4, 3), Sigmoid(), Flatten(), Linear(6, 3)),
+            (2, 4),
+            CrossEntropyLoss,
+        ),
+        "bce": (
+            Sequential(Linear(4, 3), Tanh(), Linear(3, 1)),
+            (4,),
+            BCEWithLogitsLoss,
+        ),
     }
 
 
@@ -155,6 +169,8 @@ def test_factor_layer_zoo(name: str):
     out = model(X).detach()
     if loss_cls is CrossEntropyLoss:
         y = randint(0, out.shape[1], (4,))
+    elif loss_cls is BCEWithLogitsLoss:
+        y = randint(0, 2, out.shape).to(float64)
     else:
         y = rand(out.shape, dtype=float64)
     _check_factor(extended_problem(model, loss_cls(), X, y))
@@ -165,6 +181,27 @@ def test_factor_embedding():
     model = Sequential(Embedding(6, 2), Flatten(), Linear(6, 3)).to(float64)
     X, y = randint(0, 6, (4, 3)), randint(0, 3, (4,))
     _check_factor(extended_problem(model, CrossEntropyLoss(), X, y))
+
+
+class Residual(Module):
+    """A residual block, converted to BackPACK's branching modules by ``extend``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.act, self.outer = Linear(4, 4), Tanh(), Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.outer(self.act(self.inner(x)) + x)
+
+
+def test_factor_residual_network():
+    manual_seed(0)
+    model = Residual().to(float64)
+    X, y = rand(5, 4, dtype=float64), randint(0, 3, (5,))
+    problem = extended_problem(model, CrossEntropyLoss(), X, y)
+    problem.model = extend(model, use_converter=True)  # adds SumModule & co.
+    problem.params = list(problem.model.parameters())
+    _check_factor(problem)
 
 
 def _check_factor(problem: Problem):
