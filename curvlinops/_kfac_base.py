@@ -41,7 +41,7 @@ from curvlinops.kfac_utils import (
     KFACType,
     ToCanonicalLinearOperator,
 )
-from curvlinops.utils import allclose_report, parameter_names
+from curvlinops.utils import allclose_report
 
 _HYPERPARAMETERS = (
     "seed",
@@ -173,8 +173,13 @@ class _KFACBase(CurvatureLinearOperator):
             for group in [{r: roles[r]} for r in roles] if split else [roles]:
                 self._block_keys.append((layer, "".join(group)))
                 groups.append(group)
-        names = parameter_names(self._model_func, self._params)
-        shapes = {name: p.shape for name, p in zip(names, self._params)}
+        modules = dict(self._model_func.named_modules())
+        name_of = {
+            id(getattr(modules[layer], "weight" if role == "W" else "bias")): name
+            for layer, roles in self._mapping.items()
+            for role, name in roles.items()
+        }
+        shapes = {name_of[id(p)]: p.shape for p in self._params}
         args = (shapes, groups, self.device, self.dtype)
         self._to_canonical = ToCanonicalLinearOperator(*args)
         self._from_canonical = FromCanonicalLinearOperator(*args)

@@ -232,16 +232,14 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             RuntimeError: If the Cholesky decomposition fails (also in float64,
                 if retried).
         """
-        damped = factor + damping * eye(
-            len(factor), dtype=factor.dtype, device=factor.device
-        )
-        dtypes = [damped.dtype]
-        if self._retry and damped.dtype != float64:
+        dtypes = [factor.dtype]
+        if self._retry and factor.dtype != float64:
             dtypes.append(float64)
-        for dtype in dtypes:
-            L, info = cholesky_ex(damped.to(dtype))
+        for dtype in dtypes:  # damp in the working precision, where it is resolved
+            identity = eye(len(factor), dtype=dtype, device=factor.device)
+            L, info = cholesky_ex(factor.to(dtype) + damping * identity)
             if info.item() == 0:
-                return L.cholesky_inverse().to(damped.dtype)
+                return L.cholesky_inverse().to(factor.dtype)
         raise RuntimeError(
             f"Cholesky decomposition of a damped Kronecker factor ({len(factor)}x"
             f"{len(factor)}, damping {damping}) failed in {dtypes}. Increase the "
