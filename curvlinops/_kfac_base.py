@@ -23,9 +23,11 @@ from curvlinops._checks import check_params
 from curvlinops._kfac_pass import (
     SUPPORTED_MODULES,
     backpropagated_vectors,
+    canonical_groups,
     check_kfac_arguments,
     layer_input_rows,
     layer_output_grad_rows,
+    loss_average_correction,
     record_layers,
     supported_layer_mapping,
 )
@@ -167,19 +169,10 @@ class _KFACBase(CurvatureLinearOperator):
 
     def _setup_canonical_form(self):
         """Group the parameters into blocks and build the canonical converters."""
-        self._block_keys, groups = [], []
-        for layer, roles in self._mapping.items():
-            split = not self._has_joint_bias(layer)
-            for group in [{r: roles[r]} for r in roles] if split else [roles]:
-                self._block_keys.append((layer, "".join(group)))
-                groups.append(group)
-        modules = dict(self._model_func.named_modules())
-        name_of = {
-            id(getattr(modules[layer], "weight" if role == "W" else "bias")): name
-            for layer, roles in self._mapping.items()
-            for role, name in roles.items()
-        }
-        shapes = {name_of[id(p)]: p.shape for p in self._params}
+        joint = [layer for layer in self._mapping if self._has_joint_bias(layer)]
+        self._block_keys, shapes, groups = canonical_groups(
+            self._model_func, self._mapping, self._params, joint
+        )
         args = (shapes, groups, self.device, self.dtype)
         self._to_canonical = ToCanonicalLinearOperator(*args)
         self._from_canonical = FromCanonicalLinearOperator(*args)
@@ -212,7 +205,16 @@ class _KFACBase(CurvatureLinearOperator):
                 dim = weight[0].numel() + int(self._has_joint_bias(layer))
                 self._input_covariances[layer] = self._zeros(dim, dim)
             self._gradient_covariances[layer] = self._zeros(len(weight), len(weight))
-        self._data_pass(self._add_input_covariance, self._add_gradient_covariance)
+
+        def add_input_covariance(layer: str, rows: Tensor):  # rows [B, P, D_in]
+            flat, alpha = rows.flatten(end_dim=1), 1 / (self._num_data * rows.shape[1])
+            self._input_covariances[layer].addmm_(flat.T, flat, alpha=alpha)
+
+        def add_gradient_covariance(layer: str, rows: Tensor):  # [K, B, P, D_out]
+            flat = rows.flatten(end_dim=2)
+            self._gradient_covariances[layer].addmm_(flat.T, flat)
+
+        self._data_pass(add_input_covariance, add_gradient_covariance)
         if self._fisher_type == FisherType.FORWARD_ONLY:
             for layer, G in self._gradient_covariances.items():
                 self._gradient_covariances[layer] = eye(*G.shape, out=G)
@@ -228,27 +230,6 @@ class _KFACBase(CurvatureLinearOperator):
             The zero tensor.
         """
         return zeros(*shape, device=self.device, dtype=self.dtype)
-
-    def _add_input_covariance(self, layer: str, rows: Tensor):
-        """Add a mini-batch's input rows ``[B, P, D_in]`` to a layer's factor.
-
-        Args:
-            layer: Name of the layer.
-            rows: Input rows.
-        """
-        flat = rows.flatten(end_dim=1)
-        alpha = 1.0 / (self._num_data * rows.shape[1])
-        self._input_covariances[layer].addmm_(flat.T, flat, alpha=alpha)
-
-    def _add_gradient_covariance(self, layer: str, rows: Tensor):
-        """Add a mini-batch's output-gradient rows ``[K, B, P, D_out]`` to a factor.
-
-        Args:
-            layer: Name of the layer.
-            rows: Output-gradient rows.
-        """
-        flat = rows.flatten(end_dim=2)
-        self._gradient_covariances[layer].addmm_(flat.T, flat)
 
     def _ensure_factors(self):
         """Compute the factors unless they are cached."""
@@ -327,33 +308,13 @@ class _KFACBase(CurvatureLinearOperator):
             self._loss_func, self._fisher_type, output, y, self._mc_samples, generator
         )
         scale = self._batch_weight(X) / reduction_factor(self._loss_func, output_terms)
-        scale *= self._loss_average_correction(output_terms.shape[0], X)
+        scale *= loss_average_correction(
+            output_terms.shape[0],
+            self._batch_size(X),
+            self._loss_average,
+            self._num_per_example_loss_terms,
+        )
         return output_terms, V * sqrt(scale / self._mc_samples)
-
-    def _loss_average_correction(self, num_terms: int, X) -> float:
-        """Return the factor by which ``loss_average`` rescales a batch's curvature.
-
-        Args:
-            num_terms: Number of loss terms in the mini-batch.
-            X: Mini-batch input.
-
-        Returns:
-            One over the number of loss terms per data point for ``'batch'``, else 1.
-
-        Raises:
-            ValueError: If the loss terms do not split evenly over the data points,
-                or their number differs from ``num_per_example_loss_terms``.
-        """
-        batch_size = self._batch_size(X)
-        per_example, remainder = divmod(num_terms, batch_size)
-        expected = self._num_per_example_loss_terms
-        if remainder != 0 or (expected is not None and per_example != expected):
-            raise ValueError(
-                f"A mini-batch of {batch_size} data points has {num_terms} loss "
-                f"terms; expected {expected or 'the same number'} per data point "
-                "(`num_per_example_loss_terms`)."
-            )
-        return 1.0 / per_example if self._loss_average == "batch" else 1.0
 
     def _check_deterministic(self):
         """Check that two factor computations, and model and data, agree.

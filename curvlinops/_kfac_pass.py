@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from torch import Generator, Tensor, cat, ones, zeros_like
+from torch import Generator, Size, Tensor, cat, ones, zeros_like
 from torch.nn import Conv2d, Linear, Module
 
 from curvlinops._losses import (
@@ -60,13 +60,15 @@ def supported_layer_mapping(
         TypeError: If ``model`` is not a ``torch.nn.Module``.
         NotImplementedError: If a parameter lives in an unsupported layer or is
             shared by several layers.
-        ValueError: If a parameter is not part of the model.
+        ValueError: If a parameter is not part of the model or listed twice.
     """
     if not isinstance(model, Module):
         raise TypeError(
             f"KFAC needs the model as torch.nn.Module, got {type(model).__name__}."
         )
     wanted = {id(p) for p in params}
+    if len(wanted) != len(params):
+        raise ValueError("`params` contains a parameter more than once.")
     mapping, owner = {}, {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -260,6 +262,68 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def canonical_groups(
+    model: Module,
+    mapping: dict[str, dict[str, str]],
+    params: list[Tensor],
+    joint_layers: list[str],
+) -> tuple[list[tuple[str, str]], dict[str, Size], list[dict[str, str]]]:
+    """Group the parameters into KFAC's blocks (see ``kfac_utils``' canonical form).
+
+    Args:
+        model: The neural network.
+        mapping: Layer names mapped to their parameters' roles and names.
+        params: The parameters, in the order of the parameter-list format.
+        joint_layers: Layers whose weight and bias share one block.
+
+    Returns:
+        One key ``(layer, 'W' | 'b' | 'Wb')`` per block, the parameters' shapes
+        keyed by name (in the order of ``params``), and the blocks' role-to-name
+        groups.
+    """
+    keys, groups = [], []
+    for layer, roles in mapping.items():
+        joint = layer in joint_layers
+        for group in [roles] if joint else [{r: roles[r]} for r in roles]:
+            keys.append((layer, "".join(group)))
+            groups.append(group)
+    modules = dict(model.named_modules())
+    name_of = {
+        id(getattr(modules[layer], _ROLES[role])): name
+        for layer, roles in mapping.items()
+        for role, name in roles.items()
+    }
+    return keys, {name_of[id(p)]: p.shape for p in params}, groups
+
+
+def loss_average_correction(
+    num_terms: int, batch_size: int, loss_average: str | None, expected: int | None
+) -> float:
+    """Return the factor by which ``loss_average`` rescales a batch's curvature.
+
+    Args:
+        num_terms: Number of loss terms in the mini-batch.
+        batch_size: Number of data points in the mini-batch.
+        loss_average: ``None``, ``'batch'`` or ``'batch+sequence'``.
+        expected: Expected number of loss terms per data point, or ``None``.
+
+    Returns:
+        One over the number of loss terms per data point for ``'batch'``, else 1.
+
+    Raises:
+        ValueError: If the loss terms do not split evenly over the data points,
+            or their number per data point differs from ``expected``.
+    """
+    per_example, remainder = divmod(num_terms, batch_size)
+    if remainder != 0 or (expected is not None and per_example != expected):
+        raise ValueError(
+            f"A mini-batch of {batch_size} data points has {num_terms} loss terms; "
+            f"expected {expected or 'the same number'} per data point "
+            "(`num_per_example_loss_terms`)."
+        )
+    return 1.0 / per_example if loss_average == "batch" else 1.0
 
 
 def backpropagated_vectors(

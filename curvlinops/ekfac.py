@@ -8,7 +8,8 @@ from torch import Tensor, einsum
 from torch.linalg import eigh
 
 from curvlinops._kfac_base import _KFACBase
-from curvlinops.kfac_utils import FisherType, _eigenbasis_matmat
+from curvlinops.kfac import _eigenbasis_matmat
+from curvlinops.kfac_utils import FisherType
 
 
 class EKFACLinearOperator(_KFACBase):

@@ -14,8 +14,7 @@ from torch.linalg import cholesky_ex, eigh
 
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
-from curvlinops.kfac import KFACLinearOperator
-from curvlinops.kfac_utils import _eigenbasis_matmat, _kronecker_matmat
+from curvlinops.kfac import KFACLinearOperator, _eigenbasis_matmat, _kronecker_matmat
 
 
 class KFACInverseLinearOperator(PyTorchLinearOperator):

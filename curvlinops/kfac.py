@@ -6,7 +6,6 @@ from torch import Tensor, inf
 from torch.linalg import matrix_norm, slogdet
 
 from curvlinops._kfac_base import _KFACBase
-from curvlinops.kfac_utils import _kronecker_matmat
 
 
 class KFACLinearOperator(_KFACBase):
@@ -182,3 +181,47 @@ def _logdet_psd(matrix: Tensor) -> Tensor:
     """
     sign, logabsdet = slogdet(matrix)
     return logabsdet if sign > 0 else logabsdet.new_tensor(-inf)
+
+
+def _kronecker_matmat(M: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
+    r"""Multiply :math:`\mathbf{L} \otimes \mathbf{R}` onto flattened matrices.
+
+    Args:
+        M: Columns ``[D_L * D_R, K]``, each a row-major flattened ``[D_L, D_R]``
+            matrix :math:`\mathbf{V}`.
+        left: :math:`\mathbf{L}`, ``[D_L, D_L]``.
+        right: :math:`\mathbf{R}`, ``[D_R, D_R]``, or ``None`` for ``D_R = 1``.
+
+    Returns:
+        The columns :math:`\mathbf{L} \mathbf{V} \mathbf{R}^\top`, ``[D_L * D_R, K]``.
+    """
+    if right is None:
+        return left @ M
+    num_cols = M.shape[-1]
+    V = M.reshape(left.shape[1], right.shape[1], num_cols).permute(2, 0, 1)
+    return (left @ V @ right.T).permute(1, 2, 0).reshape(-1, num_cols)
+
+
+def _eigenbasis_matmat(
+    M: Tensor, left: Tensor, right: Tensor | None, eigenvalues: Tensor
+) -> Tensor:
+    r"""Multiply a matrix with Kronecker-structured eigenvectors onto flattened ones.
+
+    Computes :math:`(\mathbf{Q}_L \otimes \mathbf{Q}_R) \mathrm{diag}(\mathrm{vec}
+    \mathbf{\Lambda}) (\mathbf{Q}_L \otimes \mathbf{Q}_R)^\top \mathbf{m}` for each
+    column :math:`\mathbf{m}`.
+
+    Args:
+        M: Columns ``[D_L * D_R, K]``.
+        left: Orthogonal :math:`\mathbf{Q}_L`, ``[D_L, D_L]``.
+        right: Orthogonal :math:`\mathbf{Q}_R`, ``[D_R, D_R]``, or ``None`` for
+            ``D_R = 1``.
+        eigenvalues: :math:`\mathbf{\Lambda}`, ``[D_L, D_R]`` (``[D_L]`` if
+            ``right`` is ``None``).
+
+    Returns:
+        The product, ``[D_L * D_R, K]``.
+    """
+    rotated = _kronecker_matmat(M, left.T, None if right is None else right.T)
+    rotated = rotated * eigenvalues.reshape(-1, 1)
+    return _kronecker_matmat(rotated, left, right)

@@ -107,6 +107,8 @@ def _average_channel_groups(x: Tensor, groups: int) -> Tensor:
     Returns:
         Tensor of shape ``[B, C_in // groups, I1, I2]``.
     """
+    if groups == 1:
+        return x
     batch_size, channels, *spatial = x.shape
     return x.reshape(batch_size, groups, channels // groups, *spatial).mean(1)
 
@@ -457,47 +459,3 @@ class FromCanonicalLinearOperator(_CanonicalFormLinearOperator):
             The inverse permutation.
         """
         return ToCanonicalLinearOperator(*self._converter_arguments())
-
-
-def _kronecker_matmat(M: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
-    r"""Multiply :math:`\mathbf{L} \otimes \mathbf{R}` onto flattened matrices.
-
-    Args:
-        M: Columns ``[D_L * D_R, K]``, each a row-major flattened ``[D_L, D_R]``
-            matrix :math:`\mathbf{V}`.
-        left: :math:`\mathbf{L}`, ``[D_L, D_L]``.
-        right: :math:`\mathbf{R}`, ``[D_R, D_R]``, or ``None`` for ``D_R = 1``.
-
-    Returns:
-        The columns :math:`\mathbf{L} \mathbf{V} \mathbf{R}^\top`, ``[D_L * D_R, K]``.
-    """
-    if right is None:
-        return left @ M
-    num_cols = M.shape[-1]
-    V = M.reshape(left.shape[1], right.shape[1], num_cols).permute(2, 0, 1)
-    return (left @ V @ right.T).permute(1, 2, 0).reshape(-1, num_cols)
-
-
-def _eigenbasis_matmat(
-    M: Tensor, left: Tensor, right: Tensor | None, eigenvalues: Tensor
-) -> Tensor:
-    r"""Multiply a matrix with Kronecker-structured eigenvectors onto flattened ones.
-
-    Computes :math:`(\mathbf{Q}_L \otimes \mathbf{Q}_R) \mathrm{diag}(\mathrm{vec}
-    \mathbf{\Lambda}) (\mathbf{Q}_L \otimes \mathbf{Q}_R)^\top \mathbf{m}` for each
-    column :math:`\mathbf{m}`.
-
-    Args:
-        M: Columns ``[D_L * D_R, K]``.
-        left: Orthogonal :math:`\mathbf{Q}_L`, ``[D_L, D_L]``.
-        right: Orthogonal :math:`\mathbf{Q}_R`, ``[D_R, D_R]``, or ``None`` for
-            ``D_R = 1``.
-        eigenvalues: :math:`\mathbf{\Lambda}`, ``[D_L, D_R]`` (``[D_L]`` if
-            ``right`` is ``None``).
-
-    Returns:
-        The product, ``[D_L * D_R, K]``.
-    """
-    rotated = _kronecker_matmat(M, left.T, None if right is None else right.T)
-    rotated = rotated * eigenvalues.reshape(-1, 1)
-    return _kronecker_matmat(rotated, left, right)

@@ -88,6 +88,8 @@ def test_foreign_and_shared_parameters_raise():
     model = Sequential(Linear(2, 2), Linear(2, 2))
     with pytest.raises(ValueError, match="not parameters"):
         supported_layer_mapping(model, [Linear(2, 2).weight])
+    with pytest.raises(ValueError, match="more than once"):
+        supported_layer_mapping(model, [model[0].weight, model[0].weight])
     model[1].weight = model[0].weight
     with pytest.raises(NotImplementedError, match="shared"):
         supported_layer_mapping(model, [model[0].weight])

@@ -1,12 +1,13 @@
 """Tests for curvlinops.kfac: exactness, conformance, MC, matrix functions."""
 
 import pytest
-from torch import cat, eye, float64, rand, randn
-from torch.linalg import matrix_norm, slogdet
+from torch import cat, eye, float64, kron, manual_seed, rand, randn
+from torch.linalg import matrix_norm, qr, slogdet
 from torch.nn import Linear, ReLU, Sequential
 
 from curvlinops import GGNLinearOperator, KFACLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
+from curvlinops.kfac import _eigenbasis_matmat, _kronecker_matmat
 from test.cases import Case
 from test.kfac_references import (
     CONFORMANCE,
@@ -181,3 +182,16 @@ def test_kfac_of_ggn_operator_shapes_agree():
     K = _kfac(model, loss_func, params, data)
     G = GGNLinearOperator(model, loss_func, params, data)
     assert K.shape == G.shape and K._in_shape == G._in_shape
+
+
+def test_kronecker_and_eigenbasis_matmat_match_dense():
+    manual_seed(0)
+    left, right = rand(3, 3, dtype=float64), rand(4, 4, dtype=float64)
+    M = rand(12, 5, dtype=float64)
+    assert_close(_kronecker_matmat(M, left, right), kron(left, right) @ M)
+    assert_close(_kronecker_matmat(M[:3], left, None), left @ M[:3])
+    QL, QR = qr(left).Q, qr(right).Q
+    eigenvalues = rand(3, 4, dtype=float64)
+    Q = kron(QL, QR)
+    expected = Q @ eigenvalues.flatten().diag() @ Q.T @ M
+    assert_close(_eigenbasis_matmat(M, QL, QR, eigenvalues), expected)

@@ -1,8 +1,7 @@
 """Tests for curvlinops.kfac_utils: enums, Conv2d patches, canonical converters."""
 
 import pytest
-from torch import Size, arange, cat, eye, float64, kron, manual_seed, rand
-from torch.linalg import qr
+from torch import Size, arange, cat, eye, float64, manual_seed, rand
 from torch.nn.functional import conv2d, unfold
 
 from curvlinops.kfac_utils import (
@@ -10,8 +9,6 @@ from curvlinops.kfac_utils import (
     FromCanonicalLinearOperator,
     KFACType,
     ToCanonicalLinearOperator,
-    _eigenbasis_matmat,
-    _kronecker_matmat,
     extract_averaged_patches,
     extract_patches,
 )
@@ -115,16 +112,3 @@ def test_joint_canonical_block_appends_bias_column():
 def test_invalid_groups_raise(groups, match):
     with pytest.raises(ValueError, match=match):
         _converters(groups)
-
-
-def test_kronecker_and_eigenbasis_matmat_match_dense():
-    manual_seed(0)
-    left, right = rand(3, 3, dtype=float64), rand(4, 4, dtype=float64)
-    M = rand(12, 5, dtype=float64)
-    assert_close(_kronecker_matmat(M, left, right), kron(left, right) @ M)
-    assert_close(_kronecker_matmat(M[:3], left, None), left @ M[:3])
-    QL, QR = qr(left).Q, qr(right).Q
-    eigenvalues = rand(3, 4, dtype=float64)
-    Q = kron(QL, QR)
-    expected = Q @ eigenvalues.flatten().diag() @ Q.T @ M
-    assert_close(_eigenbasis_matmat(M, QL, QR, eigenvalues), expected)
