@@ -110,7 +110,14 @@ class EKFACLinearOperator(_KFACBase):
         self.compute_eigenvalue_correction()
 
     def compute_eigenvalue_correction(self):
-        """Compute the corrected eigenvalues with one pass over the data."""
+        """Compute the corrected eigenvalues in the cached eigenbasis (one pass).
+
+        Computes the eigenbasis first (:meth:`compute_kronecker_factors`) if it is
+        not cached.
+        """
+        if not self._gradient_eigenvectors:
+            self.compute_kronecker_factors()
+            return
         self._corrected_eigenvalues = {}
         for layer, kind in self._block_keys:
             out_dim = len(self._gradient_eigenvectors[layer])

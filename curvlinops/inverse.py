@@ -41,8 +41,8 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
     \mathbf{Q}_\mathbf{A}) \mathrm{diag}(\mathrm{vec}\,\mathbf{\Lambda} +
     \delta)^{-1} (\mathbf{Q}_\mathbf{G} \otimes \mathbf{Q}_\mathbf{A})^\top`,
     which is exact damping. Factors are inverted with Cholesky decompositions; the
-    inverted factors are cached unless ``cache=False``. The operator is
-    self-adjoint.
+    inverted factors are cached unless ``cache=False`` (create a new inverse after
+    recomputing the factors of ``A``). The operator is self-adjoint.
 
     Example:
         >>> from torch import manual_seed, rand, randint

@@ -41,10 +41,13 @@ class KFACLinearOperator(_KFACBase):
       \mathbf{y}_t)` (the empirical Fisher),
     - ``'forward-only'``: none; :math:`\mathbf{G} = \mathbf{I}`.
 
-    For a deep linear network with square loss and ``'type-2'``, KFAC equals the
-    GGN's diagonal blocks. A bias either joins its weight's block (inputs
-    :math:`(\mathbf{a}_m^\top, 1)^\top`) or forms a block :math:`\mathbf{G}` of its
-    own (``separate_weight_and_bias=True``). For weights shared over positions
+    The vectors carry the loss's normalization (the batch weights of
+    ``reduction='mean'`` and the averaging over outputs of ``MSELoss`` and
+    ``BCEWithLogitsLoss``), so that ``'type-2'`` KFAC of a deep linear network with
+    square loss equals the GGN's diagonal blocks, at the GGN's scale. A bias
+    either joins its weight's block (inputs :math:`(\mathbf{a}_m^\top, 1)^\top`)
+    or forms a block :math:`\mathbf{G}` of its own
+    (``separate_weight_and_bias=True``). For weights shared over positions
     (sequences, pixels), ``kfac_approx='expand'`` treats every position as an
     example while ``'reduce'`` averages the inputs and sums the gradients over the
     positions of each data point first.

@@ -74,6 +74,7 @@ def test_ekfac_equals_kfac_where_kfac_is_exact(structure, approx):
 
 def _projected_diagonal(op, dense):
     """Diagonal of each block of ``dense`` in the operator's Kronecker eigenbasis."""
+    op._ensure_factors()
     diagonals = {}
     for layer, kind, idx in block_indices(op):
         QG = op._gradient_eigenvectors[layer]

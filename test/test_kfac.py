@@ -5,7 +5,7 @@ from torch import cat, eye, float64, kron, manual_seed, rand, randn
 from torch.linalg import matrix_norm, qr, slogdet
 from torch.nn import Linear, ReLU, Sequential
 
-from curvlinops import GGNLinearOperator, KFACLinearOperator
+from curvlinops import KFACLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
 from curvlinops.kfac import _eigenbasis_matmat, _kronecker_matmat
 from test.cases import Case
@@ -174,14 +174,6 @@ def test_singular_factors_give_minus_infinite_logdet():
     K = _kfac(model, loss_func, params, [(data[0][0][:1], data[0][1][:1])])
     assert K.logdet().item() == float("-inf")
     assert K.det().item() == 0.0
-
-
-def test_kfac_of_ggn_operator_shapes_agree():
-    """KFAC and the GGN operator share the parameter-list format."""
-    model, loss_func, params, data = Case("cnn", "ce").make()
-    K = _kfac(model, loss_func, params, data)
-    G = GGNLinearOperator(model, loss_func, params, data)
-    assert K.shape == G.shape and K._in_shape == G._in_shape
 
 
 def test_kronecker_and_eigenbasis_matmat_match_dense():
