@@ -21,6 +21,7 @@ from torch.nn import Module
 from curvlinops._autodiff import vjp
 from curvlinops._checks import check_params
 from curvlinops._kfac_pass import (
+    LOSS_AVERAGES,
     SUPPORTED_MODULES,
     backpropagated_vectors,
     canonical_groups,
@@ -68,11 +69,13 @@ class _KFACBase(CurvatureLinearOperator):
         SELF_ADJOINT: ``True``.
         _SUPPORTED_LOSSES: The supported loss functions.
         _SUPPORTED_MODULES: The supported layers.
+        _SUPPORTED_LOSS_AVERAGE: The supported values of ``loss_average``.
     """
 
     SELF_ADJOINT: bool = True
     _SUPPORTED_LOSSES = SUPPORTED_LOSSES
     _SUPPORTED_MODULES = SUPPORTED_MODULES
+    _SUPPORTED_LOSS_AVERAGE = LOSS_AVERAGES
     _FACTOR_STATE: dict[str, tuple[str, str]] = {}
 
     def __init__(

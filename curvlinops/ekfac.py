@@ -71,8 +71,14 @@ class EKFACLinearOperator(_KFACBase):
     """
 
     _FACTOR_STATE = {
-        "input_eigenvectors": ("_input_eigenvectors", "weights"),
-        "gradient_eigenvectors": ("_gradient_eigenvectors", "layers"),
+        "input_covariances_eigenvectors": (
+            "_input_covariances_eigenvectors",
+            "weights",
+        ),
+        "gradient_covariances_eigenvectors": (
+            "_gradient_covariances_eigenvectors",
+            "layers",
+        ),
         "corrected_eigenvalues": ("_corrected_eigenvalues", "blocks"),
     }
 
@@ -88,21 +94,22 @@ class EKFACLinearOperator(_KFACBase):
         if FisherType(hyperparameters["fisher_type"]) == FisherType.FORWARD_ONLY:
             raise ValueError("EKFAC does not support fisher_type='forward-only'.")
         super()._set_hyperparameters(hyperparameters)
-        self._input_eigenvectors: dict[str, Tensor] = {}
-        self._gradient_eigenvectors: dict[str, Tensor] = {}
+        self._input_covariances_eigenvectors: dict[str, Tensor] = {}
+        self._gradient_covariances_eigenvectors: dict[str, Tensor] = {}
         self._corrected_eigenvalues: dict[tuple[str, str], Tensor] = {}
 
     def compute_kronecker_factors(self):
         """Compute KFAC's eigenbases and the corrected eigenvalues (two passes).
 
-        Fills ``_input_eigenvectors`` and ``_gradient_eigenvectors`` (keyed by layer
-        name) and ``_corrected_eigenvalues`` (keyed by ``(layer, block)`` with
-        block ``'W'``, ``'b'`` or ``'Wb'``); the covariances are not kept.
+        Fills ``_input_covariances_eigenvectors`` and
+        ``_gradient_covariances_eigenvectors`` (keyed by layer name) and
+        ``_corrected_eigenvalues`` (keyed by ``(layer, block)`` with block ``'W'``,
+        ``'b'`` or ``'Wb'``); the covariances are not kept.
         """
         super().compute_kronecker_factors()
         for source, target in [
-            (self._input_covariances, self._input_eigenvectors),
-            (self._gradient_covariances, self._gradient_eigenvectors),
+            (self._input_covariances, self._input_covariances_eigenvectors),
+            (self._gradient_covariances, self._gradient_covariances_eigenvectors),
         ]:
             target.clear()
             target.update({layer: eigh(C).eigenvectors for layer, C in source.items()})
@@ -115,21 +122,26 @@ class EKFACLinearOperator(_KFACBase):
         Computes the eigenbasis first (:meth:`compute_kronecker_factors`) if it is
         not cached.
         """
-        if not self._gradient_eigenvectors:
+        QA, QG = (
+            self._input_covariances_eigenvectors,
+            self._gradient_covariances_eigenvectors,
+        )
+        if not QG:
             self.compute_kronecker_factors()
             return
         self._corrected_eigenvalues = {}
         for layer, kind in self._block_keys:
-            out_dim = len(self._gradient_eigenvectors[layer])
-            in_dim = () if kind == "b" else (len(self._input_eigenvectors[layer]),)
-            self._corrected_eigenvalues[(layer, kind)] = self._zeros(out_dim, *in_dim)
+            in_dim = () if kind == "b" else (len(QA[layer]),)
+            self._corrected_eigenvalues[(layer, kind)] = self._zeros(
+                len(QG[layer]), *in_dim
+            )
         squared_inputs = {}
 
         def on_input(layer: str, rows: Tensor):
-            squared_inputs[layer] = (rows @ self._input_eigenvectors[layer]) ** 2
+            squared_inputs[layer] = (rows @ QA[layer]) ** 2
 
         def on_output_grad(layer: str, rows: Tensor):
-            squared_grads = (rows @ self._gradient_eigenvectors[layer]) ** 2
+            squared_grads = (rows @ QG[layer]) ** 2
             for kind in ("W", "b", "Wb"):
                 eigenvalues = self._corrected_eigenvalues.get((layer, kind))
                 if eigenvalues is None:
@@ -152,8 +164,8 @@ class EKFACLinearOperator(_KFACBase):
         self._ensure_factors()
         return [
             (
-                None if kind == "b" else self._input_eigenvectors[layer],
-                self._gradient_eigenvectors[layer],
+                None if kind == "b" else self._input_covariances_eigenvectors[layer],
+                self._gradient_covariances_eigenvectors[layer],
                 self._corrected_eigenvalues[(layer, kind)],
             )
             for layer, kind in self._block_keys

@@ -72,8 +72,12 @@ def ekfac_dense(op) -> Tensor:
     op._ensure_factors()
     dense = zeros(op.shape, dtype=op.dtype)
     for layer, kind, idx in block_indices(op):
-        QG = op._gradient_eigenvectors[layer]
-        QA = op._input_eigenvectors[layer] if kind != "b" else QG.new_ones(1, 1)
+        QG = op._gradient_covariances_eigenvectors[layer]
+        QA = (
+            op._input_covariances_eigenvectors[layer]
+            if kind != "b"
+            else QG.new_ones(1, 1)
+        )
         Q = kron(QG, QA)
         eigenvalues = op._corrected_eigenvalues[(layer, kind)].flatten()
         _place(dense, idx, Q @ eigenvalues.diag() @ Q.T)

@@ -77,8 +77,12 @@ def _projected_diagonal(op, dense):
     op._ensure_factors()
     diagonals = {}
     for layer, kind, idx in block_indices(op):
-        QG = op._gradient_eigenvectors[layer]
-        QA = op._input_eigenvectors[layer] if kind != "b" else QG.new_ones(1, 1)
+        QG = op._gradient_covariances_eigenvectors[layer]
+        QA = (
+            op._input_covariances_eigenvectors[layer]
+            if kind != "b"
+            else QG.new_ones(1, 1)
+        )
         Q = kron(QG, QA)
         block = dense[idx.unsqueeze(1), idx.unsqueeze(0)]
         diagonals[(layer, kind)] = (Q.T @ block @ Q).diagonal()
