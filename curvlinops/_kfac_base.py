@@ -200,27 +200,33 @@ class _KFACBase(CurvatureLinearOperator):
         layer name (the keys of ``_mapping``). Layers whose weight is not among the
         parameters have no input covariance.
         """
-        modules = dict(self._model_func.named_modules())
-        self._input_covariances, self._gradient_covariances = {}, {}
-        for layer, roles in self._mapping.items():
-            weight = modules[layer].weight
-            if "W" in roles:
-                dim = weight[0].numel() + int(self._has_joint_bias(layer))
-                self._input_covariances[layer] = self._zeros(dim, dim)
-            self._gradient_covariances[layer] = self._zeros(len(weight), len(weight))
+        A, G = {}, {}  # accumulated lazily; layers the data never reach stay zero
+
+        def accumulate(factors: dict, layer: str, flat: Tensor, alpha: float = 1.0):
+            if layer in factors:
+                factors[layer].addmm_(flat.T, flat, alpha=alpha)
+            else:
+                factors[layer] = (flat.T @ flat).mul_(alpha)
 
         def add_input_covariance(layer: str, rows: Tensor):  # rows [B, P, D_in]
-            flat, alpha = rows.flatten(end_dim=1), 1 / (self._num_data * rows.shape[1])
-            self._input_covariances[layer].addmm_(flat.T, flat, alpha=alpha)
+            alpha = 1.0 / (self._num_data * rows.shape[1])
+            accumulate(A, layer, rows.flatten(end_dim=1), alpha)
 
         def add_gradient_covariance(layer: str, rows: Tensor):  # [K, B, P, D_out]
-            flat = rows.flatten(end_dim=2)
-            self._gradient_covariances[layer].addmm_(flat.T, flat)
+            accumulate(G, layer, rows.flatten(end_dim=2))
 
         self._data_pass(add_input_covariance, add_gradient_covariance)
-        if self._fisher_type == FisherType.FORWARD_ONLY:
-            for layer, G in self._gradient_covariances.items():
-                self._gradient_covariances[layer] = eye(*G.shape, out=G)
+        modules = dict(self._model_func.named_modules())
+        for layer, roles in self._mapping.items():
+            d_out = len(modules[layer].weight)
+            if self._fisher_type == FisherType.FORWARD_ONLY:
+                G[layer] = eye(d_out, device=self.device, dtype=self.dtype)
+            if "W" in roles and layer not in A:
+                d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
+                A[layer] = self._zeros(d_in, d_in)
+            G.setdefault(layer, self._zeros(d_out, d_out))
+        self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
+        self._gradient_covariances = {k: G[k] for k in self._mapping}
         self._factors_ready = True
 
     def _zeros(self, *shape: int) -> Tensor:

@@ -22,7 +22,7 @@ from einconv.utils import get_conv_paddings
 from torch import Size, Tensor, cat, einsum
 from torch import device as torch_device
 from torch import dtype as torch_dtype
-from torch.nn.functional import pad, unfold
+from torch.nn.functional import pad
 from torch.nn.modules.utils import _pair
 
 from curvlinops._torch_base import PyTorchLinearOperator
@@ -113,14 +113,14 @@ def _average_channel_groups(x: Tensor, groups: int) -> Tensor:
     return x.reshape(batch_size, groups, channels // groups, *spatial).mean(1)
 
 
-def _integer_padding(
+def _pad(
     x: Tensor,
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int] | int | str,
     dilation: tuple[int, int],
-) -> tuple[Tensor, tuple[int, int] | int]:
-    """Resolve string paddings by padding the input explicitly (maybe unequally).
+) -> Tensor:
+    """Zero-pad a convolution input explicitly (string paddings maybe unequally).
 
     Args:
         x: Input of shape ``[B, C, I1, I2]``.
@@ -130,16 +130,14 @@ def _integer_padding(
         dilation: Dilation per spatial dimension.
 
     Returns:
-        The (possibly padded) input and the integer padding that remains to apply.
+        The padded input.
     """
-    if not isinstance(padding, str):
-        return x, padding
-    pads = [
-        get_conv_paddings(k, s, padding, d)
-        for k, s, d in zip(kernel_size, stride, dilation)
+    paddings = (padding, padding) if isinstance(padding, str) else _pair(padding)
+    (top, bottom), (left, right) = [
+        get_conv_paddings(k, s, p, d)
+        for k, s, p, d in zip(kernel_size, stride, paddings, dilation)
     ]
-    (top, bottom), (left, right) = pads
-    return pad(x, (left, right, top, bottom)), 0
+    return pad(x, (left, right, top, bottom))
 
 
 def extract_patches(
@@ -183,11 +181,15 @@ def extract_patches(
         >>> allclose(out.reshape(2, 4, 3, 3), conv2d(x, weight, stride=2, padding=1))
         True
     """
-    kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+    (k1, k2), (s1, s2), (d1, d2) = _pair(kernel_size), _pair(stride), _pair(dilation)
     x = _average_channel_groups(x, groups)
-    x, padding = _integer_padding(x, kernel_size, stride, padding, dilation)
-    columns = unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    return columns.transpose(1, 2)
+    x = _pad(x, (k1, k2), (s1, s2), padding, (d1, d2))
+    # strided views [B, C, O1, O2, K1, K2] of the dilated windows, then one copy
+    windows = x.unfold(2, d1 * (k1 - 1) + 1, s1).unfold(3, d2 * (k2 - 1) + 1, s2)
+    windows = windows[..., ::d1, ::d2]
+    batch_size, channels, out1, out2 = windows.shape[:4]
+    patches = windows.permute(0, 2, 3, 1, 4, 5)
+    return patches.reshape(batch_size, out1 * out2, channels * k1 * k2)
 
 
 def extract_averaged_patches(

@@ -148,3 +148,22 @@ def test_record_layers_probes_are_output_gradients_and_hooks_removed():
     assert not model[0]._forward_hooks and not model[1]._forward_hooks
     output.sum().backward()
     assert probes["1"].grad.allclose(output.new_ones(4, 1))
+
+
+class WithUnusedLayer(Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = Linear(3, 2), Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+def test_layers_the_data_never_reach_have_zero_factors():
+    model = WithUnusedLayer().to(float64)
+    data = [(rand(4, 3, dtype=float64), rand(4, 2, dtype=float64))]
+    K = KFACLinearOperator(model, MSELoss(), list(model.parameters()), data)
+    K.compute_kronecker_factors()
+    assert (K._input_covariances["unused"] == 0).all()
+    assert (K._gradient_covariances["unused"] == 0).all()
+    assert K._input_covariances["used"].abs().sum() > 0
