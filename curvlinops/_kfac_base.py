@@ -216,6 +216,18 @@ class _KFACBase(CurvatureLinearOperator):
             accumulate(G, layer, rows.flatten(end_dim=2))
 
         self._data_pass(add_input_covariance, add_gradient_covariance)
+        self._complete_factors(A, G)
+        self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
+        self._gradient_covariances = {k: G[k] for k in self._mapping}
+        self._factors_ready = True
+
+    def _complete_factors(self, A: dict[str, Tensor], G: dict[str, Tensor]):
+        """Add identities for ``'forward-only'`` and zeros for layers never reached.
+
+        Args:
+            A: Input covariances by layer name, completed in place.
+            G: Gradient covariances by layer name, completed in place.
+        """
         modules = dict(self._model_func.named_modules())
         for layer, roles in self._mapping.items():
             d_out = len(modules[layer].weight)
@@ -225,9 +237,6 @@ class _KFACBase(CurvatureLinearOperator):
                 d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
                 A[layer] = self._zeros(d_in, d_in)
             G.setdefault(layer, self._zeros(d_out, d_out))
-        self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
-        self._gradient_covariances = {k: G[k] for k in self._mapping}
-        self._factors_ready = True
 
     def _zeros(self, *shape: int) -> Tensor:
         """Return zeros on the operator's device and with its dtype.
