@@ -11,7 +11,12 @@ from collections.abc import Callable
 
 from problems import Problem
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator
+from curvlinops import (
+    EKFACLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    KFACLinearOperator,
+)
 
 
 def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
@@ -31,7 +36,16 @@ def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
 OPERATORS: dict[str, Callable[[Problem], object]] = {
     "hessian": _curvature(HessianLinearOperator),
     "ggn": _curvature(GGNLinearOperator),
+    # Kronecker factors with 'mc' and one sample (defaults); all benchmark
+    # problems consist of Linear and Conv2d layers only
+    "kfac": _curvature(KFACLinearOperator),
+    "ekfac": _curvature(EKFACLinearOperator),
 }
 
 # name -> (operator -> None): one-off work before products (timed separately)
-PRECOMPUTE: dict[str, Callable[[object], None]] = {}
+PRECOMPUTE: dict[str, Callable[[object], None]] = {
+    # one pass over the data for the factors
+    "kfac": lambda op: op.compute_kronecker_factors(),
+    # factors, their eigendecompositions, and a second pass for the correction
+    "ekfac": lambda op: op.compute_kronecker_factors(),
+}

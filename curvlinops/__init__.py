@@ -2,13 +2,16 @@
 
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
 from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xdiag
+from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.inverse import (
     CGInverseLinearOperator,
+    KFACInverseLinearOperator,
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from curvlinops.kfac import KFACLinearOperator
 from curvlinops.norm import hutchinson_squared_fro
 from curvlinops.papyan2020traces import (
     LanczosApproximateLogSpectrumCached,
@@ -34,10 +37,14 @@ __all__ = [
     # Curvature operators
     "HessianLinearOperator",
     "GGNLinearOperator",
+    # Kronecker-factored approximations
+    "KFACLinearOperator",
+    "EKFACLinearOperator",
     # Algorithms on any operator: inverses, sub-matrices
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
+    "KFACInverseLinearOperator",
     "SubmatrixLinearOperator",
     # Algorithms on any operator: trace, diagonal and norm estimation
     "hutchinson_trace",

@@ -1,4 +1,4 @@
-r"""Inverses of linear operators, applied matrix-free: CG, LSMR and Neumann series.
+r"""Inverses of linear operators: CG, LSMR, Neumann series, and KFAC's inverse.
 
 Each class wraps an operator :math:`\mathbf{A}` (a
 :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix, or a SciPy
@@ -6,6 +6,8 @@ Each class wraps an operator :math:`\mathbf{A}` (a
 multiplies with an approximation of :math:`\mathbf{A}^{-1}`. Products run in
 PyTorch on the operator's device, solve for all columns of a matrix at once, and
 can be handed to SciPy via :meth:`~curvlinops.PyTorchLinearOperator.to_scipy`.
+:class:`KFACInverseLinearOperator` inverts KFAC and EKFAC exactly through their
+Kronecker factors (it lives in ``curvlinops/_kfac_inverse.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import device as torch_device
 from torch import dtype as torch_dtype
 
 from curvlinops._adapter import adapt, adapt_square
+from curvlinops._kfac_inverse import KFACInverseLinearOperator
 from curvlinops._krylov import conjugate_gradients, lsmr
 from curvlinops._torch_base import (
     PyTorchLinearOperator,
@@ -457,4 +460,5 @@ __all__ = [
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
+    "KFACInverseLinearOperator",
 ]

@@ -1,0 +1,479 @@
+r"""Machinery shared by KFAC and EKFAC: arguments, data pass, factors, serialization.
+
+:class:`_KFACBase` checks the arguments, groups the parameters into the blocks of
+the canonical form (:mod:`curvlinops.kfac_utils`), computes the Kronecker factors
+in one pass over the data (forward hooks collect the layers' inputs; one batched
+backward pass of the loss-specific vectors gives the gradients w.r.t. the layer
+outputs), and saves and loads its state. Subclasses define what the factors are
+used for (:class:`curvlinops.KFACLinearOperator`,
+:class:`curvlinops.EKFACLinearOperator`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping
+from math import sqrt
+from typing import Any
+
+from torch import Generator, Tensor, eye, randn, set_grad_enabled, zeros
+from torch.nn import Module
+
+from curvlinops._autodiff import vjp
+from curvlinops._checks import check_params
+from curvlinops._kfac_pass import (
+    LOSS_AVERAGES,
+    SUPPORTED_MODULES,
+    backpropagated_vectors,
+    canonical_groups,
+    check_kfac_arguments,
+    layer_input_rows,
+    layer_output_grad_rows,
+    loss_average_correction,
+    record_layers,
+    supported_layer_mapping,
+)
+from curvlinops._losses import SUPPORTED_LOSSES, reduction_factor
+from curvlinops._torch_base import (
+    _DETERMINISM_ATOL,
+    _DETERMINISM_RTOL,
+    CurvatureLinearOperator,
+)
+from curvlinops.kfac_utils import (
+    FisherType,
+    FromCanonicalLinearOperator,
+    KFACType,
+    ToCanonicalLinearOperator,
+)
+from curvlinops.utils import allclose_report
+
+_HYPERPARAMETERS = (
+    "seed",
+    "fisher_type",
+    "mc_samples",
+    "kfac_approx",
+    "loss_average",
+    "num_per_example_loss_terms",
+    "separate_weight_and_bias",
+)
+
+
+class _KFACBase(CurvatureLinearOperator):
+    """Kronecker factors of the supported layers, computed in one pass over the data.
+
+    Subclasses implement ``_matmat`` and the matrix functions, may extend
+    :meth:`compute_kronecker_factors`, and list what they save in
+    ``_FACTOR_STATE`` (state key mapped to attribute name and key kind, see
+    ``_factor_keys``).
+
+    Attributes:
+        SELF_ADJOINT: ``True``.
+        _SUPPORTED_LOSSES: The supported loss functions.
+        _SUPPORTED_MODULES: The supported layers.
+        _SUPPORTED_LOSS_AVERAGE: The supported values of ``loss_average``.
+    """
+
+    SELF_ADJOINT: bool = True
+    _SUPPORTED_LOSSES = SUPPORTED_LOSSES
+    _SUPPORTED_MODULES = SUPPORTED_MODULES
+    _SUPPORTED_LOSS_AVERAGE = LOSS_AVERAGES
+    _FACTOR_STATE: dict[str, tuple[str, str]] = {}
+
+    def __init__(
+        self,
+        model_func: Module,
+        loss_func: Module,
+        params: list[Tensor],
+        data: Iterable[tuple[Tensor | MutableMapping, Tensor]],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        seed: int = 2147483647,
+        fisher_type: str = FisherType.MC,
+        mc_samples: int = 1,
+        kfac_approx: str = KFACType.EXPAND,
+        loss_average: str | None = "batch",
+        num_per_example_loss_terms: int | None = None,
+        separate_weight_and_bias: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[MutableMapping], int] | None = None,
+    ):
+        """Set up the operator; the factors are computed when first needed.
+
+        Args:
+            model_func: The neural network, a ``torch.nn.Module``.
+            loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+            params: Parameters of ``Linear`` and ``Conv2d`` layers of the model.
+            data: Mini-batches ``(X, y)``, presented in the same order on every pass.
+            progressbar: Show a progress bar during passes over the data.
+            check_deterministic: Compute the factors twice at construction and check
+                that they, and model and data, are deterministic.
+            seed: Seed of the label sampling for ``fisher_type='mc'``.
+            fisher_type: ``'type-2'``, ``'mc'``, ``'empirical'`` or
+                ``'forward-only'`` (see the class description).
+            mc_samples: Labels drawn per loss term for ``'mc'``; must be ``1``
+                otherwise.
+            kfac_approx: ``'expand'`` or ``'reduce'`` for weight-shared layers.
+            loss_average: What the loss averages over: ``'batch'`` (the data points;
+                each data point's loss is the mean over its
+                ``num_per_example_loss_terms`` terms, which scales the approximation
+                by their inverse), ``'batch+sequence'`` (all loss terms, e.g. the
+                tokens of sequences), or ``None`` (a sum; ``reduction='sum'``).
+                With one loss term per data point, both averages coincide.
+            num_per_example_loss_terms: Number of loss terms per data point (e.g.
+                tokens per sequence). Inferred from the model outputs if ``None``;
+                if given, it is checked against them.
+            separate_weight_and_bias: Give weight and bias of a layer separate
+                blocks instead of one joint block.
+            num_data: Number of data points; inferred with one pass if ``None``.
+            batch_size_fn: Batch size of a ``MutableMapping`` input.
+
+        Raises:
+            TypeError: If ``model_func`` is not a ``torch.nn.Module``.
+            ValueError: If the loss function, ``fisher_type``, ``kfac_approx``,
+                ``loss_average``, ``mc_samples`` or ``num_per_example_loss_terms``
+                is not supported, or ``loss_average`` does not fit the loss's
+                reduction (``None`` requires ``'sum'``, the others ``'mean'``).
+            NotImplementedError: If a parameter lives in an unsupported layer.
+            RuntimeError: If the determinism check fails.
+        """
+        values = (seed, fisher_type, mc_samples, kfac_approx, loss_average)
+        values += (num_per_example_loss_terms, separate_weight_and_bias)
+        hyperparameters = dict(zip(_HYPERPARAMETERS, values))
+        check_kfac_arguments(loss_func, hyperparameters)
+        check_params(params)
+        self._mapping = supported_layer_mapping(model_func, params)
+        self._set_hyperparameters(hyperparameters)
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=False,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+        self._setup_canonical_form()
+        if check_deterministic:
+            self._check_deterministic()
+
+    def _set_hyperparameters(self, hyperparameters: dict[str, Any]):
+        """Store the hyperparameters as attributes and forget computed factors.
+
+        Args:
+            hyperparameters: Values keyed by the names in ``_HYPERPARAMETERS``.
+        """
+        for name, value in hyperparameters.items():
+            setattr(self, f"_{name}", value)
+        self._fisher_type = FisherType(self._fisher_type)
+        self._kfac_approx = KFACType(self._kfac_approx)
+        self._factors_ready = False
+        self._input_covariances: dict[str, Tensor] = {}
+        self._gradient_covariances: dict[str, Tensor] = {}
+
+    def _setup_canonical_form(self):
+        """Group the parameters into blocks and build the canonical converters."""
+        joint = [layer for layer in self._mapping if self._has_joint_bias(layer)]
+        self._block_keys, shapes, groups = canonical_groups(
+            self._model_func, self._mapping, self._params, joint
+        )
+        args = (shapes, groups, self.device, self.dtype)
+        self._to_canonical = ToCanonicalLinearOperator(*args)
+        self._from_canonical = FromCanonicalLinearOperator(*args)
+
+    def _has_joint_bias(self, layer: str) -> bool:
+        """Return whether a layer's weight and bias share one Kronecker block.
+
+        Args:
+            layer: Name of the layer.
+
+        Returns:
+            Whether the layer's input rows get a trailing one.
+        """
+        return not self._separate_weight_and_bias and len(self._mapping[layer]) == 2
+
+    # Factor computation
+
+    def compute_kronecker_factors(self):
+        """Compute the Kronecker factors with one pass over the data and cache them.
+
+        Fills ``_input_covariances`` and ``_gradient_covariances``, both keyed by
+        layer name (the keys of ``_mapping``). Layers whose weight is not among the
+        parameters have no input covariance.
+        """
+        A, G = {}, {}  # accumulated lazily; layers the data never reach stay zero
+
+        def accumulate(factors: dict, layer: str, flat: Tensor, alpha: float = 1.0):
+            if layer in factors:
+                factors[layer].addmm_(flat.T, flat, alpha=alpha)
+            else:
+                factors[layer] = (flat.T @ flat).mul_(alpha)
+
+        def add_input_covariance(layer: str, rows: Tensor):  # rows [B, P, D_in]
+            alpha = 1.0 / (self._num_data * rows.shape[1])
+            accumulate(A, layer, rows.flatten(end_dim=1), alpha)
+
+        def add_gradient_covariance(layer: str, rows: Tensor):  # [K, B, P, D_out]
+            accumulate(G, layer, rows.flatten(end_dim=2))
+
+        self._data_pass(add_input_covariance, add_gradient_covariance)
+        self._complete_factors(A, G)
+        self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
+        self._gradient_covariances = {k: G[k] for k in self._mapping}
+        self._factors_ready = True
+
+    def _complete_factors(self, A: dict[str, Tensor], G: dict[str, Tensor]):
+        """Add identities for ``'forward-only'`` and zeros for layers never reached.
+
+        Args:
+            A: Input covariances by layer name, completed in place.
+            G: Gradient covariances by layer name, completed in place.
+        """
+        modules = dict(self._model_func.named_modules())
+        for layer, roles in self._mapping.items():
+            d_out = len(modules[layer].weight)
+            if self._fisher_type == FisherType.FORWARD_ONLY:
+                G[layer] = eye(d_out, device=self.device, dtype=self.dtype)
+            if "W" in roles and layer not in A:
+                d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
+                A[layer] = self._zeros(d_in, d_in)
+            G.setdefault(layer, self._zeros(d_out, d_out))
+
+    def _zeros(self, *shape: int) -> Tensor:
+        """Return zeros on the operator's device and with its dtype.
+
+        Args:
+            *shape: The shape.
+
+        Returns:
+            The zero tensor.
+        """
+        return zeros(*shape, device=self.device, dtype=self.dtype)
+
+    def _ensure_factors(self):
+        """Compute the factors unless they are cached."""
+        if not self._factors_ready:
+            self.compute_kronecker_factors()
+
+    def _data_pass(
+        self,
+        on_input: Callable[[str, Tensor], None],
+        on_output_grad: Callable[[str, Tensor], None],
+    ):
+        """Pass over the data and hand every layer's input and gradient rows over.
+
+        Args:
+            on_input: Receives a layer's name and its input rows ``[B, P, D_in]``
+                (only for layers whose weight is a parameter).
+            on_output_grad: Receives a layer's name and its output-gradient rows
+                ``[K, B, P, D_out]`` (not called for ``'forward-only'``).
+        """
+        generator = None
+        if self._fisher_type == FisherType.MC:
+            generator = Generator(device=self.device).manual_seed(self._seed)
+        for X, y in self._loop_over_data(desc=type(self).__name__):
+            self._batch_pass(X, y, generator, on_input, on_output_grad)
+
+    def _batch_pass(self, X, y, generator, on_input, on_output_grad):
+        """Run the forward and one batched backward pass on a mini-batch.
+
+        Args:
+            X: Mini-batch input.
+            y: Mini-batch labels.
+            generator: Random number generator for label sampling, or ``None``.
+            on_input: See :meth:`_data_pass`.
+            on_output_grad: See :meth:`_data_pass`.
+        """
+        batch_size, approx = self._batch_size(X), self._kfac_approx
+        backward = self._fisher_type != FisherType.FORWARD_ONLY
+
+        def input_rows(layer: str, module: Module, x: Tensor):
+            if "W" in self._mapping[layer]:
+                joint = self._has_joint_bias(layer)
+                rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
+                on_input(layer, rows)
+
+        layers = list(self._mapping)
+        with record_layers(self._model_func, layers, input_rows, backward) as probes:
+            with set_grad_enabled(backward):
+                output = self._model_func(X)
+        if not backward or not probes:
+            return
+        output_terms, V = self._scaled_vectors(X, output, y, generator)
+        grads = vjp([output_terms], list(probes.values()), [V], retain_graph=False)
+        modules = dict(self._model_func.named_modules())
+        for layer, g in zip(probes, grads):
+            rows = layer_output_grad_rows(modules[layer], g, batch_size, approx, layer)
+            on_output_grad(layer, rows)
+
+    def _scaled_vectors(self, X, output: Tensor, y: Tensor, generator):
+        r"""Compute the backpropagated vectors, scaled like the loss's curvature.
+
+        A mini-batch with weight :math:`w` in the empirical risk whose loss divides
+        the sum of its terms by :math:`R` contributes :math:`w/R` times the terms'
+        outer products (divided by the number of MC samples, and multiplied by
+        ``loss_average``'s correction).
+
+        Args:
+            X: Mini-batch input.
+            output: Model output on the mini-batch.
+            y: Mini-batch labels.
+            generator: Random number generator for label sampling, or ``None``.
+
+        Returns:
+            Outputs in loss-term rows ``[T, C]`` and vectors ``[K, T, C]``.
+        """
+        output_terms, V = backpropagated_vectors(
+            self._loss_func, self._fisher_type, output, y, self._mc_samples, generator
+        )
+        scale = self._batch_weight(X) / reduction_factor(self._loss_func, output_terms)
+        scale *= loss_average_correction(
+            output_terms.shape[0],
+            self._batch_size(X),
+            self._loss_average,
+            self._num_per_example_loss_terms,
+        )
+        return output_terms, V * sqrt(scale / self._mc_samples)
+
+    def _check_deterministic(self):
+        """Check that two factor computations, and model and data, agree.
+
+        Raises:
+            RuntimeError: If two computations of the factors lead to different
+                products, or the base class's checks fail.
+        """
+        generator = Generator(device=self.device).manual_seed(1)
+        M = randn(self.shape[1], 2, generator=generator, device=self.device)
+        M = M.to(self.dtype)
+        self.compute_kronecker_factors()
+        first = self @ M
+        self.compute_kronecker_factors()
+        if not allclose_report(first, self @ M, _DETERMINISM_RTOL, _DETERMINISM_ATOL):
+            raise RuntimeError(
+                f"Two computations of {type(self).__name__}'s factors differ. Data "
+                "and model must be deterministic; use `check_deterministic=False` "
+                "only if you know what you are doing."
+            )
+        super()._check_deterministic()
+
+    def _blockwise(self, M: list[Tensor], block_matmats: list[Callable]):
+        """Apply one function per canonical block to a matrix in parameter format.
+
+        Args:
+            M: Tensors ``[*param.shape, K]`` in parameter order.
+            block_matmats: Functions mapping a block ``[block_size, K]`` to a block
+                of the same shape, in block order.
+
+        Returns:
+            The result in parameter format.
+        """
+        blocks = self._to_canonical._matmat(M)
+        return self._from_canonical._matmat(
+            [matmat(block) for matmat, block in zip(block_matmats, blocks)]
+        )
+
+    def inverse(self, **kwargs):
+        """Return the (damped) inverse as :class:`curvlinops.KFACInverseLinearOperator`.
+
+        Args:
+            **kwargs: Arguments of :class:`curvlinops.KFACInverseLinearOperator`,
+                e.g. ``damping``.
+
+        Returns:
+            The inverse operator.
+        """
+        from curvlinops.inverse import KFACInverseLinearOperator
+
+        return KFACInverseLinearOperator(self, **kwargs)
+
+    # Serialization
+
+    def _factor_keys(self, kind: str) -> list:
+        """Return the expected keys of a factor dictionary.
+
+        Args:
+            kind: ``'weights'`` (layers whose weight is a parameter), ``'layers'``
+                (all layers with parameters) or ``'blocks'`` (canonical blocks).
+
+        Returns:
+            The keys.
+        """
+        if kind == "blocks":
+            return list(self._block_keys)
+        return [k for k, r in self._mapping.items() if kind == "layers" or "W" in r]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return model state, loss, hyperparameters and factors for saving.
+
+        Computes the factors if they are not cached.
+
+        Returns:
+            A dictionary for :meth:`load_state_dict` (and ``torch.save``).
+        """
+        self._ensure_factors()
+        state = {name: getattr(self, f"_{name}") for name in _HYPERPARAMETERS}
+        for name in ("fisher_type", "kfac_approx"):
+            state[name] = state[name].value
+        for key, (attribute, _) in self._FACTOR_STATE.items():
+            state[key] = dict(getattr(self, attribute))
+        return {
+            "model_func_state_dict": self._model_func.state_dict(),
+            "loss_type": type(self._loss_func).__name__,
+            "loss_reduction": self._loss_func.reduction,
+            "num_data": self._num_data,
+            **state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]):
+        """Load model state, hyperparameters and factors from :meth:`state_dict`.
+
+        Args:
+            state_dict: The dictionary to load.
+
+        Raises:
+            ValueError: If the loss function or the layers do not match.
+        """
+        loss = (state_dict["loss_type"], state_dict["loss_reduction"])
+        if loss != (type(self._loss_func).__name__, self._loss_func.reduction):
+            raise ValueError(
+                f"The state is for {loss[0]}(reduction={loss[1]!r}), but the "
+                f"operator's loss is {self._loss_func!r}."
+            )
+        hyperparameters = {name: state_dict[name] for name in _HYPERPARAMETERS}
+        check_kfac_arguments(self._loss_func, hyperparameters)
+        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+        self._set_hyperparameters(hyperparameters)
+        self._num_data = state_dict["num_data"]
+        self._setup_canonical_form()
+        for key, (attribute, kind) in self._FACTOR_STATE.items():
+            factors, expected = state_dict[key], self._factor_keys(kind)
+            if sorted(map(str, factors)) != sorted(map(str, expected)):
+                raise ValueError(
+                    f"The state's {key} are for {list(factors)}, expected {expected}."
+                )
+            loaded = {k: v.to(self.device, self.dtype) for k, v in factors.items()}
+            setattr(self, attribute, loaded)
+        self._factors_ready = True
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Any], model_func: Module, loss_func: Module,
+        params: list[Tensor], data: Iterable, **kwargs,
+    ):  # fmt: skip
+        """Create an operator from :meth:`state_dict` without computing factors.
+
+        Args:
+            state_dict: The dictionary to load.
+            model_func: The neural network.
+            loss_func: The loss function.
+            params: The parameters.
+            data: The data.
+            **kwargs: Further constructor arguments, e.g. ``batch_size_fn``.
+
+        Returns:
+            The operator with the loaded state.
+        """
+        kwargs = {"check_deterministic": False, **kwargs}
+        kwargs.setdefault("num_data", state_dict["num_data"])
+        operator = cls(model_func, loss_func, params, data, **kwargs)
+        operator.load_state_dict(state_dict)
+        return operator

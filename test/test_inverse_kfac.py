@@ -1,0 +1,150 @@
+"""Tests for curvlinops.inverse.KFACInverseLinearOperator (KFAC and EKFAC)."""
+
+from math import sqrt
+
+import pytest
+from torch import eye, float32, float64, kron, manual_seed, rand, randn
+from torch.linalg import cholesky_ex, inv
+from torch.nn import Linear, MSELoss
+
+from curvlinops import (
+    EKFACLinearOperator,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
+)
+from curvlinops.examples import TensorLinearOperator
+from test.cases import Case
+from test.kfac_references import block_indices, ekfac_dense, kfac_dense
+from test.utils import assert_close, compare_matmat
+
+SEPARATE = pytest.mark.parametrize("separate", [True, False], ids=["sep", "joint"])
+CASES = pytest.mark.parametrize(
+    "case", [Case("mlp", "ce"), Case("cnn", "mse", "sum")], ids=lambda c: c.id
+)
+DAMPING = 1e-2
+
+
+def _operator(case, cls=KFACLinearOperator, **kwargs):
+    model, loss_func, params, data = case.make()
+    average = None if case.reduction == "sum" else "batch"
+    return cls(model, loss_func, params, data, loss_average=average, **kwargs)
+
+
+def _identity(op):
+    return eye(op.shape[0], dtype=op.dtype)
+
+
+@CASES
+@SEPARATE
+@pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
+def test_exact_damping_inverts_the_damped_operator(case, separate, cls):
+    op = _operator(case, cls, separate_weight_and_bias=separate)
+    dense = (kfac_dense if cls is KFACLinearOperator else ekfac_dense)(op)
+    damped = dense + DAMPING * _identity(op)
+    op_inv = op.inverse(damping=DAMPING, use_exact_damping=True)
+    compare_matmat(op_inv, inv(damped), rtol=1e-6)
+    assert_close(op_inv @ damped, _identity(op), atol=1e-8)
+
+
+def _damped_factor_dense(op, damping_of):
+    """Dense inverse of KFAC with each block's factors damped by ``damping_of``."""
+    dense = op._zeros(*op.shape)
+    for layer, kind, idx in block_indices(op):
+        G = op._gradient_covariances[layer]
+        A = op._input_covariances[layer] if kind != "b" else None
+        delta_A, delta_G = damping_of(A, G)
+        G_inv = inv(G + delta_G * eye(len(G), dtype=G.dtype))
+        A_inv = G.new_ones(1, 1) if A is None else inv(A + delta_A * eye(len(A)))
+        dense[idx.unsqueeze(1), idx.unsqueeze(0)] = kron(G_inv, A_inv)
+    return dense
+
+
+@CASES
+@SEPARATE
+def test_factor_damping(case, separate):
+    op = _operator(case, separate_weight_and_bias=separate)
+    expected = _damped_factor_dense(op, lambda A, G: (DAMPING, DAMPING))
+    compare_matmat(op.inverse(damping=DAMPING), expected, rtol=1e-6)
+
+
+@CASES
+@SEPARATE
+def test_heuristic_damping(case, separate):
+    op = _operator(case, separate_weight_and_bias=separate)
+    min_damping = 1e-3
+
+    def pi_damping(A, G):
+        if A is None:
+            return DAMPING, DAMPING
+        pi = sqrt((A.trace() / len(A)) / (G.trace() / len(G)))
+        root = sqrt(DAMPING)
+        return max(pi * root, min_damping), max(root / pi, min_damping)
+
+    expected = _damped_factor_dense(op, pi_damping)
+    op_inv = op.inverse(
+        damping=DAMPING, use_heuristic_damping=True, min_damping=min_damping
+    )
+    compare_matmat(op_inv, expected, rtol=1e-6)
+
+
+def test_undamped_inverse_of_positive_definite_kfac():
+    manual_seed(0)
+    model = Linear(3, 2).to(float64)
+    data = [(rand(10, 3, dtype=float64), randn(10, 2, dtype=float64))]
+    params = list(model.parameters())
+    K = KFACLinearOperator(model, MSELoss(), params, data, fisher_type="type-2")
+    dense = kfac_dense(K)
+    assert_close(K.inverse() @ dense, _identity(K), atol=1e-8)
+    exact = KFACInverseLinearOperator(K, use_exact_damping=True)
+    assert_close(exact @ dense, _identity(K), atol=1e-8)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_inverse_caches_the_inverted_factors(cache, monkeypatch):
+    op = _operator(Case("mlp", "ce"))
+    op_inv = KFACInverseLinearOperator(op, damping=DAMPING, cache=cache)
+    calls = []
+    original = op_inv._inverse_block_matmats
+    monkeypatch.setattr(
+        op_inv, "_inverse_block_matmats", lambda: calls.append(1) or original()
+    )
+    v = rand(op.shape[1], dtype=float64)
+    first = op_inv @ v
+    assert_close(op_inv @ v, first)
+    assert len(calls) == (1 if cache else 2)
+
+
+def test_retry_in_double_precision_when_cholesky_fails(monkeypatch):
+    """Cholesky decompositions that fail in float32 are retried in float64."""
+    manual_seed(0)
+    model = Linear(3, 2)
+    data = [(rand(10, 3), rand(10, 2))]
+    K = KFACLinearOperator(model, MSELoss(), list(model.parameters()), data)
+    v = rand(K.shape[1])
+    expected = K.inverse(damping=DAMPING) @ v
+
+    def cholesky_ex_failing_in_float32(matrix):
+        L, info = cholesky_ex(matrix)
+        return L, info + int(matrix.dtype == float32)
+
+    monkeypatch.setattr(
+        "curvlinops.inverse.cholesky_ex", cholesky_ex_failing_in_float32
+    )
+    result = K.inverse(damping=DAMPING) @ v
+    assert result.dtype == float32
+    assert_close(result, expected, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="Cholesky"):
+        K.inverse(damping=DAMPING, retry_double_precision=False) @ v
+
+
+def test_invalid_arguments_raise():
+    K = _operator(Case("mlp", "ce"))
+    E = _operator(Case("mlp", "ce"), EKFACLinearOperator)
+    with pytest.raises(TypeError, match="KFACLinearOperator"):
+        KFACInverseLinearOperator(TensorLinearOperator(eye(3)))
+    with pytest.raises(ValueError, match="non-negative"):
+        KFACInverseLinearOperator(K, damping=-1.0)
+    with pytest.raises(ValueError, match="exact damping or EKFAC"):
+        KFACInverseLinearOperator(K, use_heuristic_damping=True, use_exact_damping=True)
+    with pytest.raises(ValueError, match="exact damping or EKFAC"):
+        KFACInverseLinearOperator(E, use_heuristic_damping=True)

@@ -1,0 +1,189 @@
+"""Tests for curvlinops.kfac: exactness, conformance, MC, matrix functions."""
+
+import pytest
+from torch import cat, eye, float64, kron, manual_seed, rand, randn
+from torch.linalg import matrix_norm, qr, slogdet
+from torch.nn import Linear, ReLU, Sequential
+
+from curvlinops import KFACLinearOperator
+from curvlinops.examples.functorch import functorch_ggn
+from curvlinops.kfac import _eigenbasis_matmat, _kronecker_matmat
+from test.cases import Case
+from test.kfac_references import (
+    CONFORMANCE,
+    exact_case,
+    functorch_ef,
+    kfac_dense,
+    linear_params,
+    restrict_to_blocks,
+)
+from test.utils import assert_close, compare_matmat
+
+SEPARATE = pytest.mark.parametrize("separate", [True, False], ids=["sep", "joint"])
+
+
+def _kfac(model, loss_func, params, data, **kwargs):
+    average = None if loss_func.reduction == "sum" else "batch+sequence"
+    kwargs = {"loss_average": average, "fisher_type": "type-2", **kwargs}
+    kwargs.setdefault("check_deterministic", False)
+    return KFACLinearOperator(model, loss_func, params, data, **kwargs)
+
+
+@SEPARATE
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("structure", ["mlp", "sequence", "conv"])
+def test_kfac_expand_is_exact_for_deep_linear_networks(structure, reduction, separate):
+    """Type-2 KFAC-expand equals the GGN's blocks, at the GGN's scale (no factor 2)."""
+    model, loss_func, params, data = exact_case(structure, reduction)
+    K = _kfac(model, loss_func, params, data, separate_weight_and_bias=separate)
+    ggn = functorch_ggn(model, loss_func, params, data)
+    compare_matmat(K, restrict_to_blocks(ggn, K))
+    assert_close(kfac_dense(K), restrict_to_blocks(ggn, K))
+
+
+@SEPARATE
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("structure", ["pooled", "conv_pooled"])
+def test_kfac_reduce_is_exact_for_pooled_deep_linear_networks(
+    structure, reduction, separate
+):
+    model, loss_func, params, data = exact_case(structure, reduction)
+    kwargs = {"separate_weight_and_bias": separate}
+    K = _kfac(model, loss_func, params, data, kfac_approx="reduce", **kwargs)
+    ggn_blocks = restrict_to_blocks(functorch_ggn(model, loss_func, params, data), K)
+    compare_matmat(K, ggn_blocks)
+    # expand treats positions as independent examples, which is not exact here
+    K_expand = _kfac(model, loss_func, params, data, **kwargs)
+    assert not kfac_dense(K_expand).allclose(ggn_blocks)
+
+
+def test_batch_average_scales_by_inverse_terms_per_example():
+    """With 'batch', each datum's loss is a mean over its 3 terms: KFAC / 3."""
+    model, loss_func, params, data = exact_case("sequence", "mean")
+    K_terms = _kfac(model, loss_func, params, data, num_per_example_loss_terms=3)
+    K_batch = _kfac(model, loss_func, params, data, loss_average="batch")
+    assert_close(kfac_dense(K_batch), kfac_dense(K_terms) / 3)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_kfac_is_exact_on_one_datum(loss, fisher_type):
+    """Without weight sharing, one datum makes every layer block rank-one Kronecker."""
+    model, loss_func, params, data = Case("mlp", loss).make()
+    data = [(data[0][0][:1], data[0][1][:1])]
+    K = _kfac(model, loss_func, params, data, fisher_type=fisher_type)
+    reference = functorch_ggn if fisher_type == "type-2" else functorch_ef
+    compare_matmat(K, restrict_to_blocks(reference(model, loss_func, params, data), K))
+
+
+def test_kfac_handles_in_place_operations_on_layer_outputs():
+    model = Sequential(Linear(4, 3), ReLU(inplace=True), Linear(3, 2)).to(float64)
+    _, loss_func, _, data = Case("mlp", "mse").make()
+    X, y = data[0][0][:1, :4], data[0][1][:1, :2]
+    params = list(model.parameters())
+    K = _kfac(model, loss_func, params, [(X, y)])
+    ggn = functorch_ggn(model, loss_func, params, [(X, y)])
+    compare_matmat(K, restrict_to_blocks(ggn, K))
+
+
+@SEPARATE
+@pytest.mark.parametrize(
+    "case,fisher_type,approx",
+    CONFORMANCE,
+    ids=[f"{c.id}-{f}-{a}" for c, f, a in CONFORMANCE],
+)
+def test_kfac_products_match_its_factors(case, fisher_type, approx, separate):
+    model, loss_func, _, data = case.make()
+    K = KFACLinearOperator(
+        model,
+        loss_func,
+        linear_params(model),
+        data,
+        fisher_type=fisher_type,
+        kfac_approx=approx,
+        loss_average=None if case.reduction == "sum" else "batch",
+        separate_weight_and_bias=separate,
+        **case.kwargs(),
+    )
+    compare_matmat(K, kfac_dense(K))
+
+
+def test_mc_converges_to_type2():
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    exact = kfac_dense(_kfac(model, loss_func, params, data))
+
+    def error(mc_samples: int) -> float:
+        K = _kfac(
+            model, loss_func, params, data, fisher_type="mc", mc_samples=mc_samples
+        )
+        return (matrix_norm(kfac_dense(K) - exact) / matrix_norm(exact)).item()
+
+    errors = [error(n) for n in (1, 100, 10_000)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.03
+
+
+def test_mc_seed_determines_the_approximation():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+
+    def dense(seed: int):
+        return kfac_dense(
+            _kfac(model, loss_func, params, data, fisher_type="mc", seed=seed)
+        )
+
+    assert_close(dense(1), dense(1))
+    assert not dense(1).allclose(dense(2))
+
+
+def test_forward_only_uses_identity_and_input_covariance():
+    model = Linear(3, 2).to(float64)
+    _, loss_func, _, data = Case("mlp", "mse").make()
+    data = [(X[:, :3], y[:, :2]) for X, y in data]
+    K = _kfac(
+        model, loss_func, [model.weight, model.bias], data, fisher_type="forward-only"
+    )
+    K.compute_kronecker_factors()
+    inputs = cat([X for X, _ in data])
+    assert_close(K._input_covariances[""], inputs.T @ inputs / len(inputs))
+    assert_close(K._gradient_covariances[""], eye(2, dtype=float64))
+
+
+_INPUT_SHAPES = {"mlp": (5,), "cnn": (2, 6, 6)}
+
+
+@SEPARATE
+@pytest.mark.parametrize(
+    "case", [Case("mlp", "mse"), Case("cnn", "mse", "sum")], ids=str
+)
+def test_matrix_functions_match_dense(case, separate):
+    model, loss_func, params, _ = case.make()
+    X = rand(40, *_INPUT_SHAPES[case.architecture], dtype=float64)
+    data = [(X, randn(model(X).shape, dtype=float64))]  # positive definite factors
+    K = _kfac(model, loss_func, params, data, separate_weight_and_bias=separate)
+    dense = K @ eye(K.shape[1], dtype=float64)
+    sign, logabsdet = slogdet(dense)
+    assert sign > 0
+    assert_close(K.trace(), dense.trace())
+    assert_close(K.logdet(), logabsdet)
+    assert_close(K.det(), dense.det(), rtol=1e-6)
+    assert_close(K.frobenius_norm(), matrix_norm(dense))
+
+
+def test_singular_factors_give_minus_infinite_logdet():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    K = _kfac(model, loss_func, params, [(data[0][0][:1], data[0][1][:1])])
+    assert K.logdet().item() == float("-inf")
+    assert K.det().item() == 0.0
+
+
+def test_kronecker_and_eigenbasis_matmat_match_dense():
+    manual_seed(0)
+    left, right = rand(3, 3, dtype=float64), rand(4, 4, dtype=float64)
+    M = rand(12, 5, dtype=float64)
+    assert_close(_kronecker_matmat(M, left, right), kron(left, right) @ M)
+    assert_close(_kronecker_matmat(M[:3], left, None), left @ M[:3])
+    QL, QR = qr(left).Q, qr(right).Q
+    eigenvalues = rand(3, 4, dtype=float64)
+    Q = kron(QL, QR)
+    expected = Q @ eigenvalues.flatten().diag() @ Q.T @ M
+    assert_close(_eigenbasis_matmat(M, QL, QR, eigenvalues), expected)
