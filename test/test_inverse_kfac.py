@@ -128,7 +128,7 @@ def test_retry_in_double_precision_when_cholesky_fails(monkeypatch):
         return L, info + int(matrix.dtype == float32)
 
     monkeypatch.setattr(
-        "curvlinops.inverse.cholesky_ex", cholesky_ex_failing_in_float32
+        "curvlinops._kfac_inverse.cholesky_ex", cholesky_ex_failing_in_float32
     )
     result = K.inverse(damping=DAMPING) @ v
     assert result.dtype == float32
