@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 from problems import Problem
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator
+from curvlinops import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+    TransposedJacobianLinearOperator,
+)
 
 
 def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
@@ -28,9 +35,22 @@ def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
     return build
 
 
+def _jacobian(cls) -> Callable[[Problem], object]:
+    def build(problem: Problem):
+        return cls(
+            problem.model, problem.params, problem.data, check_deterministic=False
+        )
+
+    return build
+
+
 OPERATORS: dict[str, Callable[[Problem], object]] = {
     "hessian": _curvature(HessianLinearOperator),
     "ggn": _curvature(GGNLinearOperator),
+    "ef": _curvature(EFLinearOperator),
+    "mc_fisher": _curvature(FisherMCLinearOperator),
+    "jacobian": _jacobian(JacobianLinearOperator),
+    "transposed_jacobian": _jacobian(TransposedJacobianLinearOperator),
 }
 
 # name -> (operator -> None): one-off work before products (timed separately)

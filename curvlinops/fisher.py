@@ -14,7 +14,7 @@ from curvlinops._losses import (
     term_gradients,
 )
 from curvlinops.ggn import _JacobianSandwichLinearOperator
-from curvlinops.gradient_moments import gradient_outer_product_matmat
+from curvlinops.gradient_moments import _gradient_outer_product_matmat
 
 
 class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
@@ -197,4 +197,4 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
             self._loss_func, output_terms, self._mc_samples, self._generator
         )
         gradients = term_gradients(self._loss_func, output_terms, labels)
-        return gradient_outer_product_matmat(self._loss_func, y, gradients, M)
+        return _gradient_outer_product_matmat(self._loss_func, y, gradients, M)

@@ -136,12 +136,12 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
         """
         output_terms, y_terms = loss_terms(self._loss_func, output, y)
         gradients = term_gradients(self._loss_func, output_terms, y_terms)
-        return gradient_outer_product_matmat(
+        return _gradient_outer_product_matmat(
             self._loss_func, y, gradients.unsqueeze(0), M
         )
 
 
-def gradient_outer_product_matmat(
+def _gradient_outer_product_matmat(
     loss_func, y: Tensor, gradients: Tensor, M: Tensor
 ) -> Tensor:
     r"""Multiply averaged outer products of loss-term gradients onto output columns.
