@@ -99,10 +99,10 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         data: Iterable[tuple[Tensor | MutableMapping, Tensor]],
         progressbar: bool = False,
         check_deterministic: bool = True,
-        num_data: int | None = None,
-        batch_size_fn: Callable[[MutableMapping], int] | None = None,
         seed: int = 2147483647,
         mc_samples: int = 1,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[MutableMapping], int] | None = None,
     ):
         """Set up the Monte-Carlo Fisher and, by default, probe determinism.
 
@@ -119,12 +119,12 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
             progressbar: Show a progress bar during the passes over the data.
             check_deterministic: Probe at construction that two passes over data and
                 model agree.
-            num_data: Number of data points. Inferred with one pass if ``None``.
-            batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             seed: Seed of the generator that draws the labels, re-seeded at the
                 start of every product. Default: ``2147483647``.
             mc_samples: Number :math:`M` of sampled labels per loss term.
                 Default: ``1``.
+            num_data: Number of data points. Inferred with one pass if ``None``.
+            batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
 
         Raises:
             NotImplementedError: If the loss function is not supported.

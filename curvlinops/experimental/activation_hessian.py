@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from contextlib import contextmanager
 from functools import cached_property
 
 from torch import Tensor, no_grad
@@ -147,31 +148,8 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             ValueError: If the module does not run exactly once, or the named entry
                 is not a tensor.
         """
-        leaves = []
-
-        def replace(tensors: tuple) -> tuple:
-            if self._index >= len(tensors) or not isinstance(
-                tensors[self._index], Tensor
-            ):
-                raise ValueError(
-                    f"The layer's {self._io}s have no tensor at index {self._index}; "
-                    f"they are {[type(t).__name__ for t in tensors]}."
-                )
-            leaves.append(tensors[self._index].detach().requires_grad_(True))
-            return (*tensors[: self._index], leaves[-1], *tensors[self._index + 1 :])
-
-        if self._io == "input":
-            handle = self._module.register_forward_pre_hook(lambda _, a: replace(a))
-        else:
-            handle = self._module.register_forward_hook(
-                lambda _, __, out: (
-                    replace(out) if isinstance(out, tuple) else replace((out,))[0]
-                )
-            )
-        try:
+        with _leaf_feature(self._module, self._io, self._index) as leaves:
             output = model_func(X)
-        finally:
-            handle.remove()
         if len(leaves) != 1:
             raise ValueError(
                 f"The layer must run exactly once per forward pass, it ran "
@@ -211,6 +189,46 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
         output, feature = self._forward(self._model_func, X)
         loss = self._loss_func(output, y)
         return list(grad(loss, feature)), loss.detach()
+
+
+@contextmanager
+def _leaf_feature(module: Module, io: str, index: int):
+    """Replace a module's input or output tensor by a fresh leaf while active.
+
+    Args:
+        module: The module whose input or output is replaced.
+        io: ``'input'`` or ``'output'``.
+        index: Position of the tensor among the module's inputs or outputs.
+
+    Yields:
+        The list of leaves, one per call of the module.
+
+    Raises:
+        ValueError: If the entry is not a tensor.
+    """
+    leaves = []
+
+    def replace(tensors: tuple) -> tuple:
+        if index >= len(tensors) or not isinstance(tensors[index], Tensor):
+            raise ValueError(
+                f"The layer's {io}s have no tensor at index {index}; they are "
+                f"{[type(t).__name__ for t in tensors]}."
+            )
+        leaves.append(tensors[index].detach().requires_grad_(True))
+        return (*tensors[:index], leaves[-1], *tensors[index + 1 :])
+
+    def replace_output(_, __, output):
+        is_tuple = isinstance(output, tuple)
+        return replace(output) if is_tuple else replace((output,))[0]
+
+    if io == "input":
+        handle = module.register_forward_pre_hook(lambda _, args: replace(args))
+    else:
+        handle = module.register_forward_hook(replace_output)
+    try:
+        yield leaves
+    finally:
+        handle.remove()
 
 
 def _locate(model_func: Module, activation: tuple[str, str, int]):
