@@ -211,15 +211,11 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         """
 
         def compute(forward_mode: bool) -> Tensor:
-            if forward_mode:  # the output's graph is not needed
-                with no_grad():
-                    return jvp(
-                        lambda *ps: self._functional_model(*ps, X),
-                        self._params,
-                        M,
-                        True,
-                    )[1]
-            return jvp(lambda *_: self._model_func(X), self._params, M, False)[1]
+            if not forward_mode:
+                return jvp(lambda *_: self._model_func(X), self._params, M, False)[1]
+            with no_grad():  # tangents only: the output's graph is not needed
+                f = self._functional_model
+                return jvp(lambda *ps: f(*ps, X), self._params, M, True)[1]
 
         return self._modes(compute).detach()
 
@@ -294,16 +290,28 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
         for X, _ in self._loop_over_data(desc="matmat"):
             stop = start + self._batch_size(X)
             self._check_num_rows(stop, partial=True)
-            V_batch = V[:, start:stop]
-
-            def compute(forward_mode: bool, X=X, V_batch=V_batch) -> list[Tensor]:
-                return vjp([self._model_func(X)], self._params, [V_batch], False)
-
-            for r, JTV in zip(result, self._modes(compute)):
+            for r, JTV in zip(result, self._batch_vjp(X, V[:, start:stop])):
                 r.add_(JTV)
             start = stop
         self._check_num_rows(start)
         return [r.movedim(0, -1) for r in result]
+
+    def _batch_vjp(self, X: Tensor | MutableMapping, V: Tensor) -> list[Tensor]:
+        """Multiply a mini-batch's transposed Jacobian onto columns.
+
+        Args:
+            X: Mini-batch input.
+            V: Columns ``[K, *output.shape]``.
+
+        Returns:
+            Tensors of shape ``[K, *param.shape]``.
+        """
+
+        def compute(forward_mode: bool) -> list[Tensor]:
+            output = self._model_func(X)
+            return vjp([output], self._params, [V], retain_graph=False)
+
+        return self._modes(compute)
 
     def _adjoint(self) -> JacobianLinearOperator:
         """Return the Jacobian.
