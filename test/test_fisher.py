@@ -5,11 +5,11 @@ from torch import Generator, eye, no_grad
 from torch.linalg import matrix_norm
 from torch.nn import HuberLoss
 
-from curvlinops import FisherMCLinearOperator, GGNLinearOperator
+from curvlinops import FisherMCLinearOperator, GGNLinearOperator, ggn
 from curvlinops._losses import loss_terms, sample_labels
 from curvlinops.examples.functorch import functorch_empirical_fisher, functorch_ggn
 from test.cases import CASE_IDS, CASES, Case
-from test.utils import assert_close, compare_matmat
+from test.utils import assert_close, compare_matmat, random_columns
 
 SEED = 2147483647
 
@@ -91,6 +91,25 @@ def test_mc_fisher_averaged_over_seeds_approaches_ggn():
     single_error = matrix_norm(samples[0] - G_dense)
     mean_error = matrix_norm(sum(samples) / len(samples) - G_dense)
     assert mean_error < 0.4 * single_error
+
+
+def test_mc_fisher_draws_the_same_labels_when_a_batch_is_retried(monkeypatch):
+    """A fallback to another differentiation mode must not draw new labels."""
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    F = FisherMCLinearOperator(model, loss_func, params, data)
+    v = random_columns(F.shape[1], 1, F)[:, 0]
+    expected = F @ v
+    original_vjp, calls = ggn.vjp, []
+
+    def vjp_failing_once(*args, **kwargs):  # fails after the labels were drawn
+        calls.append(None)
+        if len(calls) == 1:
+            raise NotImplementedError("derivative for some op is not implemented")
+        return original_vjp(*args, **kwargs)
+
+    monkeypatch.setattr(ggn, "vjp", vjp_failing_once)
+    assert_close(F @ v, expected)
+    assert len(calls) == 1 + len(data)
 
 
 @pytest.mark.parametrize("mc_samples", [0, 1.5, True])
