@@ -12,10 +12,14 @@ from collections.abc import Callable
 from problems import Problem
 
 from curvlinops import (
+    EFLinearOperator,
     EKFACLinearOperator,
+    FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
+    JacobianLinearOperator,
     KFACLinearOperator,
+    TransposedJacobianLinearOperator,
 )
 
 
@@ -33,9 +37,22 @@ def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
     return build
 
 
+def _jacobian(cls) -> Callable[[Problem], object]:
+    def build(problem: Problem):
+        return cls(
+            problem.model, problem.params, problem.data, check_deterministic=False
+        )
+
+    return build
+
+
 OPERATORS: dict[str, Callable[[Problem], object]] = {
     "hessian": _curvature(HessianLinearOperator),
     "ggn": _curvature(GGNLinearOperator),
+    "ef": _curvature(EFLinearOperator),
+    "mc_fisher": _curvature(FisherMCLinearOperator),
+    "jacobian": _jacobian(JacobianLinearOperator),
+    "transposed_jacobian": _jacobian(TransposedJacobianLinearOperator),
     # Kronecker factors with 'mc' and one sample (defaults); all benchmark
     # problems consist of Linear and Conv2d layers only
     "kfac": _curvature(KFACLinearOperator),

@@ -3,7 +3,9 @@
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
 from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xdiag
 from curvlinops.ekfac import EKFACLinearOperator
+from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
+from curvlinops.gradient_moments import EFLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.inverse import (
     CGInverseLinearOperator,
@@ -11,6 +13,7 @@ from curvlinops.inverse import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from curvlinops.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
 from curvlinops.kfac import KFACLinearOperator
 from curvlinops.norm import hutchinson_squared_fro
 from curvlinops.papyan2020traces import (
@@ -37,6 +40,10 @@ __all__ = [
     # Curvature operators
     "HessianLinearOperator",
     "GGNLinearOperator",
+    "EFLinearOperator",
+    "FisherMCLinearOperator",
+    "JacobianLinearOperator",
+    "TransposedJacobianLinearOperator",
     # Kronecker-factored approximations
     "KFACLinearOperator",
     "EKFACLinearOperator",

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from torch import Tensor, zeros, zeros_like
-from torch.autograd import grad
+from torch.autograd import forward_ad, grad
 from torch.func import jvp as func_jvp
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -115,9 +115,11 @@ def jvp(
     if not forward_mode:
         output = f(*params)
         return output, _jvp_reverse(output, params, M)
-    if M[0].shape[0] == 1:
-        output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
-        return output, JM.unsqueeze(0)
+    if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
+            output, JM = forward_ad.unpack_dual(f(*duals))
+        return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
     return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
 
 

@@ -9,7 +9,8 @@ Each function materializes a curvature matrix of the empirical risk
     1 & \text{sum}\end{cases}
 
 over the mini-batches :math:`\mathcal{B}` of ``data`` as a dense ``[D, D]`` tensor,
-with :math:`D` the total number of parameters. They cost :math:`\mathcal{O}(D^2)`
+with :math:`D` the total number of parameters (:func:`functorch_jacobian` gives the
+model's ``[NC, D]`` Jacobian instead). They cost :math:`\mathcal{O}(D^2)`
 memory, so they are meant for small models (tests, tutorials), not for production.
 Inputs ``X`` may be dict-like; then ``input_key`` names the entry whose leading axis
 is the batch axis. Attention layers run on the composite (``MATH``) kernel of
@@ -19,10 +20,12 @@ is the batch axis. Attention layers run on the composite (``MATH``) kernel of
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from copy import copy
 from functools import wraps
 
 from torch import Tensor, cat, zeros
 from torch.func import hessian, jacrev
+from torch.nn import CrossEntropyLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlinops.utils import make_functional_model_and_loss
@@ -247,3 +250,95 @@ def functorch_ggn(
         H = hessian(c)(output, y).reshape(output.numel(), -1)
         ggn.add_(J.T @ H @ J, alpha=weight)
     return ggn
+
+
+@composite_attention
+def functorch_empirical_fisher(
+    model_func,
+    loss_func,
+    params: list[Tensor],
+    data: Data,
+    input_key: str | None = None,
+) -> Tensor:
+    r"""Compute the empirical Fisher (uncentered gradient covariance) densely.
+
+    .. math::
+        \mathbf{E} = \sum_{\mathcal{B}} \frac{w_{\mathcal{B}}}{R_{\mathcal{B}}}
+        \sum_{t \in \mathcal{B}} \nabla_{\mathbf{\theta}} \ell_t
+        (\nabla_{\mathbf{\theta}} \ell_t)^\top
+
+    The terms :math:`\ell_t` are the entries of the un-reduced loss
+    (``reduction='none'``), summed over the output axis except for cross-entropy,
+    whose un-reduced entries already are the terms. :math:`R_{\mathcal{B}}` is the
+    number of un-reduced entries for ``reduction='mean'`` and one for ``'sum'``.
+    Per-term gradients come from the Jacobian of the terms w.r.t. the parameters.
+
+    Args:
+        model_func: The neural network (a ``torch.nn.Module``).
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        params: The parameters.
+        data: Mini-batches ``(X, y)``.
+        input_key: Entry of dict-like inputs that holds the batch axis.
+
+    Returns:
+        The empirical Fisher, of shape ``[D, D]``.
+
+    Example:
+        >>> from torch import autograd, manual_seed, outer, rand
+        >>> from torch.nn import Linear, MSELoss
+        >>> _ = manual_seed(0)
+        >>> model, loss_func = Linear(3, 1, bias=False), MSELoss()
+        >>> X, y = rand(1, 3), rand(1, 1)
+        >>> E = functorch_empirical_fisher(model, loss_func, [model.weight], [(X, y)])
+        >>> (g,) = autograd.grad(loss_func(model(X), y), model.weight)
+        >>> E.allclose(outer(g.flatten(), g.flatten()))  # one datum: g gᵀ
+        True
+    """
+    f, _, theta = _flat_model(model_func, None, params)
+    unreduced = copy(loss_func)
+    unreduced.reduction = "none"
+    per_entry_terms = isinstance(loss_func, CrossEntropyLoss)
+    ef = zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
+    for X, y, weight in _weighted_batches(loss_func, data, input_key):
+        losses = unreduced(f(theta, X), y).detach()
+
+        def terms(theta: Tensor, X=X, y=y) -> Tensor:
+            entries = unreduced(f(theta, X), y)
+            return (entries if per_entry_terms else entries.sum(-1)).flatten()
+
+        G = jacrev(terms)(theta)
+        scale = 1.0 / losses.numel() if loss_func.reduction == "mean" else 1.0
+        ef.add_(G.T @ G, alpha=weight * scale)
+    return ef
+
+
+@composite_attention
+def functorch_jacobian(
+    model_func, params: list[Tensor], data: Data, input_key: str | None = None
+) -> Tensor:
+    r"""Compute the Jacobian of the model's outputs on all data densely.
+
+    Rows are ordered by datum, then by the entries of the datum's output in
+    row-major order; columns follow the flattened parameters.
+
+    Args:
+        model_func: The neural network (a ``torch.nn.Module``).
+        params: The parameters.
+        data: Mini-batches ``(X, y)``; the labels are not used.
+        input_key: Unused; accepted for a uniform signature.
+
+    Returns:
+        The Jacobian, of shape ``[N * C, D]`` with ``C`` the number of entries of
+        one datum's output.
+
+    Example:
+        >>> from torch import eye, manual_seed, rand
+        >>> from torch.nn import Linear
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 2)
+        >>> J = functorch_jacobian(model, [model.bias], [(rand(4, 3), None)])
+        >>> J.allclose(eye(2).repeat(4, 1))  # the bias shifts each output by one
+        True
+    """
+    f, _, theta = _flat_model(model_func, None, params)
+    return cat([jacrev(f)(theta, X).reshape(-1, theta.numel()) for X, _ in data])

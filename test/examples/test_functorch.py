@@ -1,0 +1,59 @@
+"""Tests for the dense references in curvlinops.examples.functorch.
+
+They are checked against closed forms for a linear model ``f(x) = W x``.
+"""
+
+import pytest
+from torch import einsum, eye, float64, manual_seed, rand, randint
+from torch.nn import CrossEntropyLoss, Linear, MSELoss, Sequential
+from torch.nn.functional import one_hot
+
+from curvlinops.examples.functorch import functorch_empirical_fisher, functorch_jacobian
+from test.cases import Permute
+from test.utils import assert_close
+
+N, S, D_IN, C = 4, 3, 2, 3
+
+
+def linear_problem():
+    manual_seed(0)
+    model = Linear(D_IN, C, bias=False).to(float64)
+    X = rand(N, S, D_IN, dtype=float64)  # sequence inputs: outputs [N, S, C]
+    return model, X
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_empirical_fisher_square_loss(reduction: str):
+    """Term (n, s) has gradient 2 (W x_ns - y_ns) x_ns^T; 'mean' averages N S C."""
+    model, X = linear_problem()
+    y = rand(N, S, C, dtype=float64)
+    residual = model(X).detach() - y
+    grads = einsum("nsc,nsj->nscj", 2 * residual, X).reshape(N * S, C * D_IN)
+    scale = 1 / (N * S * C) if reduction == "mean" else 1.0
+    data = [(X[:1], y[:1]), (X[1:], y[1:])]
+    E = functorch_empirical_fisher(
+        model, MSELoss(reduction=reduction), [model.weight], data
+    )
+    assert_close(E, scale * grads.T @ grads)
+
+
+def test_empirical_fisher_cross_entropy_on_sequences():
+    """Outputs [N, C, S]: term (n, s) has gradient (softmax - onehot) x_ns^T."""
+    model, X = linear_problem()
+    y = randint(0, C, (N, S))
+    probs = model(X).detach().softmax(-1)
+    residual = probs - one_hot(y, C).to(float64)
+    grads = einsum("nsc,nsj->nscj", residual, X).reshape(N * S, C * D_IN)
+    E = functorch_empirical_fisher(
+        Sequential(model, Permute()), CrossEntropyLoss(), [model.weight], [(X, y)]
+    )
+    assert_close(E, grads.T @ grads / (N * S))
+
+
+def test_jacobian_rows_are_ordered_by_datum_then_output_entry():
+    """The derivative of f[n, s, c] w.r.t. W[c', j] is delta(c, c') x[n, s, j]."""
+    model, X = linear_problem()
+    data = [(X[:3], None), (X[3:], None)]
+    J = functorch_jacobian(model, [model.weight], data)
+    expected = einsum("nsj,cd->nscdj", X, eye(C, dtype=float64))
+    assert_close(J, expected.reshape(N * S * C, C * D_IN))
