@@ -20,14 +20,21 @@ with the composite (``MATH``) attention kernel, remembering what worked.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
+from types import MethodType
 
-from torch import Tensor, zeros, zeros_like
+from torch import Tensor, no_grad, zeros, zeros_like
 from torch.autograd import forward_ad, grad
 from torch.func import jvp as func_jvp
 from torch.func import vmap
+from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import linear
+from torch.nn.modules.conv import _ConvNd
+
+from curvlinops.utils import make_functional_model_and_loss
 
 
 def vjp(
@@ -98,6 +105,7 @@ def jvp(
     params: list[Tensor],
     M: list[Tensor],
     forward_mode: bool,
+    model: Module | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``f(*params)`` and multiply its Jacobian onto ``K`` columns.
 
@@ -107,6 +115,9 @@ def jvp(
         M: One tensor ``[K, *param.shape]`` per parameter.
         forward_mode: Use forward-mode AD (one forward pass that carries tangents)
             instead of the reverse-over-reverse trick.
+        model: The module that ``f`` evaluates. If given, its linear and
+            convolution layers use hand-written forward-mode rules for one column
+            (see :func:`_fast_layer_jvps`).
 
     Returns:
         The output of ``f`` (still attached to the parameters' autograd graph) and the
@@ -116,11 +127,82 @@ def jvp(
         output = f(*params)
         return output, _jvp_reverse(output, params, M)
     if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
-        with forward_ad.dual_level():
+        with forward_ad.dual_level(), _fast_layer_jvps(model):
             duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
             output, JM = forward_ad.unpack_dual(f(*duals))
         return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
     return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
+
+
+@contextmanager
+def _fast_layer_jvps(model: Module | None):
+    r"""Give linear and convolution layers a lean forward-mode rule while active.
+
+    PyTorch's forward-mode rules for ``linear`` and ``convolution`` treat a missing
+    input tangent as zeros and multiply them anyway, and copy tangents to fit
+    layouts. The first layer of every network (its input has no tangent) then does
+    a wasted matrix product as large as its forward pass. For a layer
+    :math:`\mathbf{z} = g(\mathbf{x}, \mathbf{W}) + \mathbf{b}` that is bilinear in
+    input and weight, these rules compute only the terms that exist:
+    :math:`\dot{\mathbf{z}} = g(\dot{\mathbf{x}}, \mathbf{W}) + g(\mathbf{x},
+    \dot{\mathbf{W}}) + \dot{\mathbf{b}}`. Only modules of exactly the types
+    ``Linear`` and ``Conv1d/2d/3d`` are affected (not subclasses, which may change
+    ``forward``), and only until the context exits.
+
+    Args:
+        model: The module whose layers to treat, or ``None`` (nothing happens).
+
+    Yields:
+        Nothing.
+    """
+    layers = [] if model is None else [m for m in model.modules() if _fast_rule(m)]
+    for layer in layers:
+        layer.forward = MethodType(_bilinear_layer_forward, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _fast_rule(module: Module) -> bool:
+    """Return whether a module gets the lean forward-mode rule.
+
+    Args:
+        module: A module.
+
+    Returns:
+        Whether it is exactly a ``Linear`` or ``Conv1d/2d/3d`` without own forward.
+    """
+    return type(module) in (Linear, Conv1d, Conv2d, Conv3d) and (
+        "forward" not in vars(module)
+    )
+
+
+def _bilinear_layer_forward(layer: Module, x: Tensor) -> Tensor:
+    """Evaluate a linear or convolution layer, carrying tangents term by term.
+
+    Args:
+        layer: A ``Linear`` or ``Conv1d/2d/3d`` layer (``self``).
+        x: The layer input, possibly a dual tensor.
+
+    Returns:
+        The output; a dual tensor if any of input, weight, or bias is one.
+    """
+    apply = layer._conv_forward if isinstance(layer, _ConvNd) else linear
+    (x, x_t), (w, w_t) = forward_ad.unpack_dual(x), forward_ad.unpack_dual(layer.weight)
+    b, b_t = (
+        forward_ad.unpack_dual(layer.bias) if layer.bias is not None else (None,) * 2
+    )
+    output = apply(x, w, b)
+    terms = [] if x_t is None else [apply(x_t, w, None)]
+    if w_t is not None:
+        terms.append(apply(x, w_t, b_t))
+    elif b_t is not None:
+        terms.append((b_t.reshape(-1, *[1] * (output.ndim - 2))).expand_as(output))
+    if not terms:
+        return output
+    return forward_ad.make_dual(output, terms[0] if len(terms) == 1 else sum(terms))
 
 
 def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tensor:
@@ -223,3 +305,63 @@ class DifferentiationModes:
                 if last or not is_missing_derivative(error):
                     raise
                 self._current += 1
+
+
+class ModelJacobian:
+    """Products with the Jacobian of a model's output w.r.t. parameters, on any model.
+
+    Bundles the model, its functional form (for forward mode) and the
+    :class:`DifferentiationModes` that remember which mode works for it.
+    """
+
+    def __init__(self, model_func: Callable, params: list[Tensor], forward_mode: bool):
+        """Store the model and parameters.
+
+        Args:
+            model_func: The model; forward mode needs a ``torch.nn.Module``.
+            params: Parameters that define the Jacobian's columns.
+            forward_mode: Whether to try forward mode first (for ``J M``; products
+                that only need ``J^T`` use reverse mode).
+        """
+        self._model_func, self._params = model_func, params
+        is_module = isinstance(model_func, Module)
+        self._functional = (
+            make_functional_model_and_loss(model_func, None, params)[0]
+            if is_module and forward_mode
+            else None
+        )
+        self._modes = DifferentiationModes(self._functional is not None)
+
+    def run(self, computation: Callable[[Callable], object]):
+        """Run a computation that uses Jacobian products, in a mode that works.
+
+        Args:
+            computation: Receives ``jvp(X, M, output_graph=True) -> (output, J M)``
+                (columns leading; the output is attached to the parameters' graph
+                unless ``output_graph=False``) and returns the result.
+
+        Returns:
+            The computation's result.
+        """
+        return self._modes(lambda forward: computation(partial(self._jvp, forward)))
+
+    def _jvp(
+        self, forward_mode: bool, X, M: list[Tensor], output_graph: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Evaluate the model on ``X`` and multiply its Jacobian onto columns.
+
+        Args:
+            forward_mode: Whether to use forward-mode AD.
+            X: Mini-batch input.
+            M: One tensor ``[K, *param.shape]`` per parameter.
+            output_graph: Whether the output must stay attached to the graph (for
+                a following ``J^T`` product). Forward mode skips recording it if not.
+
+        Returns:
+            The output and ``[K, *output.shape]``.
+        """
+        if not forward_mode:
+            return jvp(lambda *_: self._model_func(X), self._params, M, False)
+        f = self._functional
+        with nullcontext() if output_graph else no_grad():
+            return jvp(lambda *ps: f(*ps, X), self._params, M, True, self._model_func)

@@ -7,12 +7,10 @@ from functools import cached_property
 
 from torch import Tensor
 from torch.autograd import grad
-from torch.nn import Module
 
-from curvlinops._autodiff import DifferentiationModes, jvp, vjp
+from curvlinops._autodiff import ModelJacobian, vjp
 from curvlinops._losses import SUPPORTED_LOSSES, hessian_matmat
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.utils import make_functional_model_and_loss
 
 
 class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
@@ -31,24 +29,13 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
     SELF_ADJOINT: bool = True
 
     @cached_property
-    def _functional_model(self):
-        """Return the model as function of explicit parameters, if it is a module.
+    def _jacobian(self) -> ModelJacobian:
+        """Jacobian products of the model, forward mode first where possible.
 
         Returns:
-            ``f(*params, X)``, or ``None`` if the model is a plain callable.
+            The Jacobian helper.
         """
-        if not isinstance(self._model_func, Module):
-            return None
-        return make_functional_model_and_loss(self._model_func, None, self._params)[0]
-
-    @cached_property
-    def _modes(self) -> DifferentiationModes:
-        """Differentiation modes: forward mode for modules, reverse mode as fallback.
-
-        Returns:
-            Mode selector.
-        """
-        return DifferentiationModes(self._functional_model is not None)
+        return ModelJacobian(self._model_func, self._params, forward_mode=True)
 
     def _matmat_batch(
         self, X: Tensor | MutableMapping, y: Tensor, M: list[Tensor]
@@ -65,17 +52,12 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
         """
         M = [m.movedim(-1, 0) for m in M]
 
-        def compute(forward_mode: bool) -> list[Tensor]:
-            if forward_mode:
-                output, JM = jvp(
-                    lambda *ps: self._functional_model(*ps, X), self._params, M, True
-                )
-            else:
-                output, JM = jvp(lambda *_: self._model_func(X), self._params, M, False)
+        def compute(jvp) -> list[Tensor]:
+            output, JM = jvp(X, M)
             SJM = self._output_matmat(output.detach(), y, JM)
             return vjp([output], self._params, [SJM], retain_graph=False)
 
-        return [r.movedim(0, -1) for r in self._modes(compute)]
+        return [r.movedim(0, -1) for r in self._jacobian.run(compute)]
 
     def _output_matmat(self, output: Tensor, y: Tensor, M: Tensor) -> Tensor:
         """Multiply the output-space matrix onto columns.

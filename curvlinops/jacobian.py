@@ -6,11 +6,9 @@ from collections.abc import Callable, Iterable, MutableMapping
 from functools import cached_property
 
 from torch import Size, Tensor, cat, no_grad, zeros
-from torch.nn import Module
 
-from curvlinops._autodiff import DifferentiationModes, jvp, vjp
+from curvlinops._autodiff import ModelJacobian, vjp
 from curvlinops._torch_base import CurvatureLinearOperator
-from curvlinops.utils import make_functional_model_and_loss
 
 
 class _ModelJacobianLinearOperator(CurvatureLinearOperator):
@@ -74,25 +72,13 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         return Size([self._num_data, *output.shape[1:]])
 
     @cached_property
-    def _functional_model(self):
-        """Return the model as function of explicit parameters, if it is a module.
+    def _jacobian(self) -> ModelJacobian:
+        """Jacobian products of the model; forward mode only where it is used.
 
         Returns:
-            ``f(*params, X)``, or ``None`` if the model is a plain callable.
+            The Jacobian helper.
         """
-        if not isinstance(self._model_func, Module):
-            return None
-        return make_functional_model_and_loss(self._model_func, None, self._params)[0]
-
-    @cached_property
-    def _modes(self) -> DifferentiationModes:
-        """Differentiation modes, forward mode first where it is used and possible.
-
-        Returns:
-            Mode selector.
-        """
-        allowed = self._USES_FORWARD_MODE and self._functional_model is not None
-        return DifferentiationModes(allowed)
+        return ModelJacobian(self._model_func, self._params, self._USES_FORWARD_MODE)
 
     def _check_num_rows(self, num_rows: int, partial: bool = False):
         """Verify that the data hold as many data points as the operator expects.
@@ -210,14 +196,10 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
             ``[K, *output.shape]``.
         """
 
-        def compute(forward_mode: bool) -> Tensor:
-            if not forward_mode:
-                return jvp(lambda *_: self._model_func(X), self._params, M, False)[1]
-            with no_grad():  # tangents only: the output's graph is not needed
-                f = self._functional_model
-                return jvp(lambda *ps: f(*ps, X), self._params, M, True)[1]
+        def compute(jvp) -> Tensor:
+            return jvp(X, M, output_graph=False)[1]
 
-        return self._modes(compute).detach()
+        return self._jacobian.run(compute).detach()
 
     def _adjoint(self) -> TransposedJacobianLinearOperator:
         """Return the transposed Jacobian.
@@ -307,11 +289,11 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             Tensors of shape ``[K, *param.shape]``.
         """
 
-        def compute(forward_mode: bool) -> list[Tensor]:
+        def compute(_) -> list[Tensor]:
             output = self._model_func(X)
             return vjp([output], self._params, [V], retain_graph=False)
 
-        return self._modes(compute)
+        return self._jacobian.run(compute)
 
     def _adjoint(self) -> JacobianLinearOperator:
         """Return the Jacobian.

@@ -1,0 +1,68 @@
+"""Tests for curvlinops._autodiff: Jacobian products in every mode agree."""
+
+import pytest
+from torch import float64, manual_seed, rand, randn
+from torch.nn import (
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Flatten,
+    Linear,
+    Sequential,
+    Tanh,
+    Unflatten,
+)
+
+from curvlinops._autodiff import jvp
+from curvlinops.utils import make_functional_model_and_loss
+from test.utils import assert_close
+
+
+def _model():
+    """Linear and convolution layers of every kind the lean rules handle."""
+    return Sequential(
+        Linear(6, 8),
+        Unflatten(1, (2, 4)),
+        Conv1d(2, 2, 3, padding=1, padding_mode="circular"),
+        Unflatten(2, (2, 2)),
+        Conv2d(2, 3, 2, padding=1, bias=False),
+        Tanh(),
+        Unflatten(1, (1, 3)),
+        Conv3d(1, 2, 2, stride=(1, 2, 1)),
+        Flatten(),
+        Linear(2 * 2 * 1 * 2, 4),
+    ).to(float64)
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        "all",
+        "weights only",  # biases have no tangent
+        "first bias and later",  # the first weight has no tangent, its bias has
+        "last layer",  # earlier layers carry no tangents at all
+    ],
+)
+@pytest.mark.parametrize("num_cols", [1, 3])
+def test_forward_mode_matches_reverse_mode(trainable, num_cols):
+    manual_seed(0)
+    model = _model()
+    named = list(model.named_parameters())
+    if trainable == "weights only":
+        named = [(n, p) for n, p in named if n.endswith("weight")]
+    elif trainable == "first bias and later":
+        named = named[1:]
+    elif trainable == "last layer":
+        named = named[-2:]
+    params = [p for _, p in named]
+    X = rand(5, 6, dtype=float64)
+    M = [randn(num_cols, *p.shape, dtype=float64) for p in params]
+    f, _ = make_functional_model_and_loss(model, None, tuple(params))
+
+    out_rev, JM_rev = jvp(lambda *_: model(X), params, M, forward_mode=False)
+    out_fwd, JM_fwd = jvp(lambda *ps: f(*ps, X), params, M, True, model=model)
+    out_plain, JM_plain = jvp(lambda *ps: f(*ps, X), params, M, True)
+    assert_close(out_fwd, out_rev)
+    assert_close(JM_fwd, JM_rev)
+    assert_close(JM_plain, JM_rev)
+    assert all("forward" not in vars(m) for m in model.modules())  # patch undone
