@@ -52,31 +52,12 @@ class _SciPyLinearOperator(PyTorchLinearOperator):
                 the SciPy operator's dtype if it is floating point, else float64.
         """
         self._scipy = A
-        self._device = torch_device("cpu" if device is None else device)
+        device = torch_device("cpu" if device is None else device)
         if dtype is None:
             np_dtype = numpy.dtype(A.dtype) if A.dtype is not None else None
             is_float = np_dtype is not None and np_dtype.kind == "f"
             dtype = from_numpy(numpy.zeros(0, np_dtype)).dtype if is_float else float64
-        self._dtype = dtype
-        super().__init__([(A.shape[1],)], [(A.shape[0],)])
-
-    @property
-    def device(self) -> torch_device:
-        """Return the device of the operator's inputs and outputs.
-
-        Returns:
-            The device.
-        """
-        return self._device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the dtype of the operator's inputs and outputs.
-
-        Returns:
-            The dtype.
-        """
-        return self._dtype
+        super().__init__([(A.shape[1],)], [(A.shape[0],)], device, dtype)
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply with SciPy on the CPU and move the result back.

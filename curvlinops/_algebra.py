@@ -9,8 +9,6 @@ and chains, so a long expression costs one product per operand and no more.
 from __future__ import annotations
 
 from torch import Size, Tensor
-from torch import device as torch_device
-from torch import dtype as torch_dtype
 
 from curvlinops._torch_base import (
     PyTorchLinearOperator,
@@ -57,25 +55,7 @@ class _CompositePyTorchLinearOperator(PyTorchLinearOperator):
             values = {getattr(op, attr) for op in operators}
             if len(values) != 1:
                 raise ValueError(f"Operands must share one {attr}, got {values}.")
-        super().__init__(in_shape, out_shape)
-
-    @property
-    def device(self) -> torch_device:
-        """Return the operands' device.
-
-        Returns:
-            The device.
-        """
-        return self._operators[0].device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the operands' dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self._operators[0].dtype
+        super().__init__(in_shape, out_shape, operators[0].device, operators[0].dtype)
 
 
 class _SumPyTorchLinearOperator(_CompositePyTorchLinearOperator):

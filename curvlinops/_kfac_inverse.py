@@ -9,8 +9,6 @@ from collections.abc import Callable
 from math import sqrt
 
 from torch import Tensor, eye, float64
-from torch import device as torch_device
-from torch import dtype as torch_dtype
 from torch.linalg import cholesky_ex, eigh
 
 from curvlinops._torch_base import PyTorchLinearOperator
@@ -113,25 +111,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         self._use_exact_damping = use_exact_damping
         self._cache, self._retry = cache, retry_double_precision
         self._cached_matmats: list[Callable[[Tensor], Tensor]] | None = None
-        super().__init__(A._in_shape, A._out_shape)
-
-    @property
-    def device(self) -> torch_device:
-        """Return the device of the inverted operator.
-
-        Returns:
-            The device.
-        """
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the dtype of the inverted operator.
-
-        Returns:
-            The dtype.
-        """
-        return self._A.dtype
+        super().__init__(A._in_shape, A._out_shape, A.device, A.dtype)
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the block-diagonal inverse onto a matrix.

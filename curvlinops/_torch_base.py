@@ -69,8 +69,8 @@ class PyTorchLinearOperator:
 
     A subclass implements :meth:`_matmat`, which receives and returns tensor lists
     whose tensors carry a trailing column axis, and either sets ``SELF_ADJOINT = True``
-    or implements :meth:`_adjoint`. It also provides the ``device`` and ``dtype``
-    properties.
+    or implements :meth:`_adjoint`. It passes ``device`` and ``dtype`` to
+    ``__init__`` (or overrides the properties of the same names).
 
     Example:
         >>> from torch import eye, manual_seed, rand
@@ -93,14 +93,23 @@ class PyTorchLinearOperator:
     __array_ufunc__ = None
 
     def __init__(
-        self, in_shape: list[tuple[int, ...]], out_shape: list[tuple[int, ...]]
+        self,
+        in_shape: list[tuple[int, ...]],
+        out_shape: list[tuple[int, ...]],
+        device: torch_device | str | None = None,
+        dtype: torch_dtype | None = None,
     ):
         """Store the tensor-list formats of the operator's domain and range.
 
         Args:
             in_shape: Shapes of the tensors the operator acts on.
             out_shape: Shapes of the tensors the operator produces.
+            device: Device of the tensors the operator acts on and produces.
+                Subclasses either pass it here or override the ``device`` property.
+            dtype: Dtype of those tensors (likewise).
         """
+        self._device = None if device is None else torch_device(device)
+        self._dtype = dtype
         self._in_shape = [Size(s) for s in in_shape]
         self._out_shape = [Size(s) for s in out_shape]
         self.shape = (
@@ -110,21 +119,39 @@ class PyTorchLinearOperator:
 
     @property
     def device(self) -> torch_device:
-        """Return the device the operator lives on.
+        """Return the device of the tensors the operator acts on and produces.
+
+        Returns:
+            The device given at construction.
 
         Raises:
-            NotImplementedError: Must be provided by the subclass.
+            NotImplementedError: If the subclass neither passed a device to
+                ``__init__`` nor overrides this property.
         """
-        raise NotImplementedError(f"{type(self).__name__} must define `device`.")
+        if self._device is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} must pass `device` to "
+                "PyTorchLinearOperator.__init__ or override the `device` property."
+            )
+        return self._device
 
     @property
     def dtype(self) -> torch_dtype:
-        """Return the floating point type of the operator.
+        """Return the dtype of the tensors the operator acts on and produces.
+
+        Returns:
+            The dtype given at construction.
 
         Raises:
-            NotImplementedError: Must be provided by the subclass.
+            NotImplementedError: If the subclass neither passed a dtype to
+                ``__init__`` nor overrides this property.
         """
-        raise NotImplementedError(f"{type(self).__name__} must define `dtype`.")
+        if self._dtype is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} must pass `dtype` to "
+                "PyTorchLinearOperator.__init__ or override the `dtype` property."
+            )
+        return self._dtype
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply onto a matrix in tensor-list format.

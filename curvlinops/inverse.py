@@ -17,8 +17,6 @@ from collections.abc import Callable
 
 import numpy
 from torch import Tensor, as_tensor, isfinite
-from torch import device as torch_device
-from torch import dtype as torch_dtype
 
 from curvlinops._adapter import adapt, adapt_square
 from curvlinops._kfac_inverse import KFACInverseLinearOperator
@@ -43,25 +41,9 @@ class _InverseLinearOperator(PyTorchLinearOperator):
             A: The operator to invert (any supported kind).
         """
         self._A = adapt(A).operator
-        super().__init__(self._A._out_shape, self._A._in_shape)
-
-    @property
-    def device(self) -> torch_device:
-        """Return the inverted operator's device.
-
-        Returns:
-            The device.
-        """
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the inverted operator's dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self._A.dtype
+        super().__init__(
+            self._A._out_shape, self._A._in_shape, self._A.device, self._A.dtype
+        )
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Solve for all columns at once.

@@ -267,7 +267,6 @@ class _CanonicalFormLinearOperator(PyTorchLinearOperator):
         self._param_shapes = {name: Size(s) for name, s in param_shapes.items()}
         self._param_groups = [dict(group) for group in param_groups]
         _check_param_groups(self._param_shapes, self._param_groups)
-        self._device, self._dtype = torch_device(device), dtype
         self._position = {name: idx for idx, name in enumerate(self._param_shapes)}
         parameter_format = list(self._param_shapes.values())
         canonical_format = [
@@ -275,7 +274,7 @@ class _CanonicalFormLinearOperator(PyTorchLinearOperator):
             for group in self._param_groups
         ]
         in_shape, out_shape = self._domain_and_range(parameter_format, canonical_format)
-        super().__init__(in_shape, out_shape)
+        super().__init__(in_shape, out_shape, device, dtype)
 
     def _domain_and_range(self, parameter_format, canonical_format):
         """Order the two formats into domain and range.
@@ -288,24 +287,6 @@ class _CanonicalFormLinearOperator(PyTorchLinearOperator):
             NotImplementedError: Must be implemented by the subclass.
         """
         raise NotImplementedError
-
-    @property
-    def device(self) -> torch_device:
-        """Return the device.
-
-        Returns:
-            The device.
-        """
-        return self._device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self._dtype
 
     def _converter_arguments(self) -> tuple:
         """Return the arguments that build the adjoint converter.

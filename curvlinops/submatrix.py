@@ -5,8 +5,6 @@ from __future__ import annotations
 from numbers import Integral
 
 from torch import Tensor, as_tensor, long, zeros
-from torch import device as torch_device
-from torch import dtype as torch_dtype
 
 from curvlinops._adapter import adapt
 from curvlinops._torch_base import PyTorchLinearOperator
@@ -62,25 +60,12 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
         num_rows, num_cols = self._A.shape
         self._row_idxs = _check_indices(row_idxs, num_rows, "row_idxs")
         self._col_idxs = _check_indices(col_idxs, num_cols, "col_idxs")
-        super().__init__([(len(self._col_idxs),)], [(len(self._row_idxs),)])
-
-    @property
-    def device(self) -> torch_device:
-        """Return the operator's device.
-
-        Returns:
-            The device.
-        """
-        return self._A.device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the operator's dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self._A.dtype
+        super().__init__(
+            [(len(self._col_idxs),)],
+            [(len(self._row_idxs),)],
+            self._A.device,
+            self._A.dtype,
+        )
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Embed the columns, multiply with the operator, select the rows.

@@ -40,25 +40,7 @@ class TensorLinearOperator(PyTorchLinearOperator):
                 f"Expected a matrix, got a tensor of shape {list(A.shape)}."
             )
         self.tensor = A
-        super().__init__([(A.shape[1],)], [(A.shape[0],)])
-
-    @property
-    def device(self) -> torch_device:
-        """Return the matrix's device.
-
-        Returns:
-            The device.
-        """
-        return self.tensor.device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the matrix's dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self.tensor.dtype
+        super().__init__([(A.shape[1],)], [(A.shape[0],)], A.device, A.dtype)
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the matrix onto columns.
@@ -105,27 +87,8 @@ class IdentityLinearOperator(PyTorchLinearOperator):
             device: Device of the tensors.
             dtype: Dtype of the tensors.
         """
-        self._device, self._dtype = torch_device(device), dtype
         shape = [Size(s) for s in shape]
-        super().__init__(shape, shape)
-
-    @property
-    def device(self) -> torch_device:
-        """Return the device.
-
-        Returns:
-            The device.
-        """
-        return self._device
-
-    @property
-    def dtype(self) -> torch_dtype:
-        """Return the dtype.
-
-        Returns:
-            The dtype.
-        """
-        return self._dtype
+        super().__init__(shape, shape, device, dtype)
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Return a copy of the columns.
