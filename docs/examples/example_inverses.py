@@ -141,13 +141,12 @@ step_list = damped_G_inv @ [-t for t in gradient]
 with no_grad():
     for p, s in zip(params, step_list):
         p.add_(s)
-new_loss = sum(loss_func(model(X_b), y_b) * len(X_b) for X_b, y_b in data) / num_data
+    new_loss = loss_func(model(X), y)
+    for p, s in zip(params, step_list):  # undo the step
+        p.sub_(s)
+
 print(f"loss before the step: {loss:.4f}, after: {new_loss:.4f}")
 assert new_loss < loss
-
-with no_grad():  # undo the step
-    for p, s in zip(params, step_list):
-        p.sub_(s)
 
 # %%
 # Conjugate gradients in SciPy
@@ -276,7 +275,10 @@ print(f"smallest Hessian eigenvalue: {eigvalsh(H_dense)[0]:.3f}")
 # linear system if :math:`\mathbf{A}` is invertible. Each iteration costs a
 # product with :math:`\mathbf{A}` and one with its transpose, and convergence
 # depends on the condition number of :math:`\mathbf{A}^\top\mathbf{A}`, so it is
-# usually slower than CG on positive definite problems.
+# usually slower than CG on positive definite problems. (Its ``damp``
+# hyperparameter :math:`\mu` regularizes the least-squares problem instead,
+# which multiplies with :math:`(\mathbf{A}^\top\mathbf{A} + \mu^2
+# \mathbf{I})^{-1} \mathbf{A}^\top`; here we damp :math:`\mathbf{A}` itself.)
 
 damped_H_inv = LSMRInverseLinearOperator(
     H + damping * identity, atol=1e-10, btol=1e-10, maxiter=10 * num_params

@@ -58,7 +58,11 @@ X = means[y] + 4 * randn(num_data, dim, dtype=float64)
 data = list(zip(X.split(250), y.split(250)))
 
 model = Sequential(
-    Linear(dim, hidden), ReLU(), Linear(hidden, hidden), ReLU(), Linear(hidden, 5)
+    Linear(dim, hidden),
+    ReLU(),
+    Linear(hidden, hidden),
+    ReLU(),
+    Linear(hidden, num_classes),
 ).to(float64)
 loss_func = CrossEntropyLoss()
 params = [p for p in model.parameters() if p.requires_grad]
@@ -100,15 +104,16 @@ print("the largest ones:", evals[-8:].round(3))
 # (all in one batch). Each run yields ``ncv`` quadrature nodes, i.e. locations
 # of eigenvalues, with weights, i.e. their share of the spectrum. Smoothing every
 # node with a Gaussian gives a density on a grid. The width of the Gaussians is
-# set by ``kappa``: smaller values give narrower peaks but need more nodes for a
-# smooth density. The class caches the Lanczos runs, so trying other settings
-# costs no further products. The extreme eigenvalues, needed for the grid, are
+# set by ``kappa``: between evenly spaced nodes, each Gaussian falls to a
+# fraction :math:`1/\kappa` of its peak half-way to the next node, so larger
+# values give narrower peaks. The class caches the Lanczos runs, so trying other
+# settings costs no further products. The extreme eigenvalues, needed for the grid, are
 # estimated with SciPy's ``eigsh``.
 
 ncv, num_repeats = (64, 5) if FAST else (128, 10)
 spectrum = LanczosApproximateSpectrumCached(H, ncv=ncv)
 grid, density = spectrum.approximate_spectrum(num_repeats=num_repeats, kappa=3.0)
-_, density_narrow = spectrum.approximate_spectrum(num_repeats=num_repeats, kappa=1.5)
+_, density_wide = spectrum.approximate_spectrum(num_repeats=num_repeats, kappa=1.5)
 
 # %%
 # The density integrates to one, and its grid covers the exact spectrum:
@@ -132,14 +137,14 @@ assert abs(exact_fraction - approximate_fraction) < 0.02
 # On a linear scale, the density shows the bulk as one sharp peak at zero and
 # the outliers as small bumps at the locations of the largest exact eigenvalues
 # (gray histogram). The density axis is logarithmic to make the outliers
-# visible. The narrower Gaussians (smaller ``kappa``) separate the outliers
-# better, at the price of a rougher bulk.
+# visible. The wider Gaussians (smaller ``kappa``) give a smoother density but
+# blur outliers that lie close to each other.
 
 fig, ax = plt.subplots(figsize=(7, 3.8))
 ax.hist(evals, bins=100, density=True, color="0.7", label="exact eigenvalues")
 ax.semilogy(grid, density, label=r"Lanczos, $\kappa = 3$")
-ax.semilogy(grid, density_narrow, label=r"Lanczos, $\kappa = 1.5$", lw=1)
-ax.set_ylim(1e-4, 3 * density_narrow.max().item())
+ax.semilogy(grid, density_wide, label=r"Lanczos, $\kappa = 1.5$", lw=1)
+ax.set_ylim(1e-4, 3 * max(density.max().item(), density_wide.max().item()))
 ax.set_xlabel(r"eigenvalue $\lambda$")
 ax.set_ylabel(r"density $p(\lambda)$")
 ax.set_title("Hessian spectrum")

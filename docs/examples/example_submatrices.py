@@ -113,9 +113,9 @@ assert (H_sub.adjoint() @ eye(len(W1), dtype=float64)).allclose(H_W1_W3.T)
 # Arbitrary entries
 # -----------------
 #
-# The indices need not be contiguous or sorted. For instance, the rows of the
-# output layer's weight that belong to class 0 and the first-layer biases, in a
-# custom order:
+# The indices need not be contiguous or sorted. For instance, the rows that
+# belong to the output layer's weights of class 0 (the first row of its weight
+# matrix) and the columns of the first-layer biases, in reverse order:
 
 rows = indices["4.weight"][:4]
 cols = indices["0.bias"][::-1]
