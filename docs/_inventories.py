@@ -3,12 +3,17 @@
 The build machines have no internet access, so instead of downloading the
 ``objects.inv`` files of PyTorch, NumPy and SciPy, ``conf.py`` writes small
 inventories with the objects we reference, pointing to the real documentation.
+Add an entry here when the documentation links to a new external object.
 """
 
 import zlib
 from pathlib import Path
 
 PROJECTS = {
+    "python": (
+        "https://docs.python.org/3/",
+        [("object", "py:class", "library/functions.html#object")],
+    ),
     "torch": (
         "https://docs.pytorch.org/docs/stable/",
         [
@@ -42,6 +47,15 @@ PROJECTS = {
                 "data.html#torch.utils.data.DataLoader",
             ),
             ("torch.distributed", "py:module", "distributed.html"),
+            ("torch.linalg.eigh", "py:function", "generated/torch.linalg.eigh.html"),
+            (
+                "torch.linalg.eigvalsh",
+                "py:function",
+                "generated/torch.linalg.eigvalsh.html",
+            ),
+            ("torch.linalg.solve", "py:function", "generated/torch.linalg.solve.html"),
+            ("torch.no_grad", "py:class", "generated/torch.no_grad.html"),
+            ("torch.optim.SGD", "py:class", "generated/torch.optim.SGD.html"),
         ],
     ),
     "numpy": (
@@ -49,6 +63,11 @@ PROJECTS = {
         [
             ("numpy.ndarray", "py:class", "reference/generated/numpy.ndarray.html"),
             ("numpy.dtype", "py:class", "reference/generated/numpy.dtype.html"),
+            (
+                "numpy.random.seed",
+                "py:function",
+                "reference/random/generated/numpy.random.seed.html",
+            ),
         ],
     ),
     "scipy": (

@@ -37,6 +37,20 @@ autodoc_inherit_docstrings = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
+
+def public_bases(app, name, obj, options, bases):
+    """Show the nearest public ancestor instead of a private base class."""
+    for i, base in enumerate(bases):
+        while base.__name__.startswith("_") and base.__bases__:
+            base = base.__bases__[0]
+        bases[i] = base
+
+
+def setup(app):
+    """Connect the event handlers of this configuration."""
+    app.connect("autodoc-process-bases", public_bases)
+
+
 html_theme = "alabaster"
 html_static_path = []
 exclude_patterns = ["_build", "examples"]
@@ -51,4 +65,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
+    # link names in the tutorials' code to the API reference
+    "doc_module": ("curvlinops",),
+    "reference_url": {"curvlinops": None},
 }
