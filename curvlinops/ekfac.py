@@ -48,6 +48,10 @@ class EKFACLinearOperator(_KFACBase):
     not supported. The operator is self-adjoint; its inverse is
     ``(Q_G ⊗ Q_A) diag(1 / (Λ + δ)) (Q_G ⊗ Q_A)ᵀ`` (:meth:`inverse`).
 
+    Data-parallel (``process_group``), both passes sum their results (KFAC's
+    factors, then the corrected eigenvalues) over the ranks with one all-reduce
+    each; every rank computes the same eigenbasis from the summed factors.
+
     Example:
         >>> from torch import eye, manual_seed, rand, randint
         >>> from torch.nn import CrossEntropyLoss, Linear, Sequential, Tanh
@@ -153,6 +157,7 @@ class EKFACLinearOperator(_KFACBase):
                     eigenvalues.add_(einsum("kbpo,bpi->oi", squared_grads, a2))
 
         self._data_pass(on_input, on_output_grad)
+        self._sum_over_ranks([self._corrected_eigenvalues])
 
     def _eigen_blocks(self) -> list[tuple[Tensor | None, Tensor, Tensor]]:
         """Return the eigenvectors and corrected eigenvalues of every block.
