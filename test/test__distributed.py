@@ -180,7 +180,7 @@ def _check_sampled(rank, case, problem, shard, M, expected):
     A, G = expected["kfac_mc"]
     assert_close([K._input_covariances[k] for k in A], list(A.values()))
     assert_close([K._gradient_covariances[k] for k in G], list(G.values()))
-    # many samples: close to the GGN, as the single-process estimate is
+    # same expectation as in one process: with many samples, close to the GGN
     F_many = _build(
         FisherMCLinearOperator, case, problem, shard, process_group=group,
         mc_samples=MANY_SAMPLES,
@@ -249,7 +249,12 @@ def test_one_process_group_equals_no_group(case: Case):
     problem = _problem(case)
     _, _, params, batches = problem
     M = _columns(sum(p.numel() for p in params))
-    ops = {**EXACT, **SAMPLED, "jacobian": (JacobianLinearOperator, {})}
+    ops = {
+        **EXACT,
+        **SAMPLED,
+        "ekfac_mc": (EKFACLinearOperator, {"fisher_type": "mc", "seed": SEED}),
+        "jacobian": (JacobianLinearOperator, {}),
+    }
     with _single_process_group() as group:
         for name, (cls, kwargs) in ops.items():
             with_group = _build(
