@@ -50,7 +50,8 @@ class EKFACLinearOperator(_KFACBase):
 
     Data-parallel (``process_group``), both passes sum their results (KFAC's
     factors, then the corrected eigenvalues) over the ranks with one all-reduce
-    each; every rank computes the same eigenbasis from the summed factors.
+    each; every rank computes the eigenbasis from the same summed factors (ranks
+    must therefore use the same hardware and libraries to agree bit by bit).
 
     Example:
         >>> from torch import eye, manual_seed, rand, randint
