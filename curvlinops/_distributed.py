@@ -11,6 +11,9 @@ import torch.distributed as dist
 from torch import Tensor, cat, tensor
 from torch import device as torch_device
 
+# 2**32 over the golden ratio: spacing of the ranks' seeds (see `rank_seed`).
+_SEED_STRIDE = 0x9E3779B9
+
 
 def check_process_group(process_group):
     """Verify that a process group can be used.
@@ -40,6 +43,27 @@ def rank(process_group) -> int:
         The rank.
     """
     return 0 if process_group is None else dist.get_rank(process_group)
+
+
+def rank_seed(seed: int, process_group) -> int:
+    r"""Derive this rank's seed for a random number generator from a shared seed.
+
+    Rank :math:`r` of the group uses :math:`(s + r \cdot \mathtt{0x9E3779B9})
+    \bmod 2^{64}` for the shared seed :math:`s`; rank 0 (and a single process)
+    uses :math:`s` itself. The stride is :math:`2^{32}` over the golden ratio, which
+    keeps the 32-bit seeds of PyTorch's CPU generator apart: with up to 1024 ranks,
+    generators for seeds that differ by less than a million never coincide.
+    Results are therefore reproducible for a fixed number of ranks.
+
+    Args:
+        seed: The seed shared by all ranks.
+        process_group: A process group or ``None``.
+
+    Returns:
+        This rank's seed.
+    """
+    this_rank = rank(process_group)
+    return seed if this_rank == 0 else (seed + this_rank * _SEED_STRIDE) % 2**64
 
 
 def all_reduce_sum(tensors: list[Tensor], process_group) -> list[Tensor]:
@@ -120,3 +144,38 @@ def gather_rows(x: Tensor, process_group) -> Tensor:
     gathered = [padded.clone() for _ in range(world)]
     dist.all_gather(gathered, padded, group=process_group)
     return cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def row_range(num_rows: int, process_group) -> tuple[int, int]:
+    """Locate this rank's rows among the rows of all ranks, stacked in rank order.
+
+    Args:
+        num_rows: Number of rows (e.g. data points) of this rank.
+        process_group: A process group or ``None``.
+
+    Returns:
+        ``(start, stop)`` of this rank's rows; ``(0, num_rows)`` without a group.
+    """
+    if process_group is None:
+        return 0, num_rows
+    sizes = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(sizes, num_rows, group=process_group)
+    start = sum(sizes[: rank(process_group)])
+    return start, start + num_rows
+
+
+def first_over_ranks(value, process_group):
+    """Return the value of the lowest rank that has one (not ``None``).
+
+    Args:
+        value: This rank's picklable value, or ``None``.
+        process_group: A process group or ``None``.
+
+    Returns:
+        The first value that is not ``None`` in rank order, or ``None``.
+    """
+    if process_group is None:
+        return value
+    values = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(values, value, group=process_group)
+    return next((v for v in values if v is not None), None)

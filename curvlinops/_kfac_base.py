@@ -20,6 +20,7 @@ from torch.nn import Module
 
 from curvlinops._autodiff import vjp
 from curvlinops._checks import check_params
+from curvlinops._distributed import all_reduce_sum, rank_seed
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
     SUPPORTED_MODULES,
@@ -95,8 +96,9 @@ class _KFACBase(CurvatureLinearOperator):
         separate_weight_and_bias: bool = True,
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        process_group=None,
     ):
-        """Set up the operator; the factors are computed when first needed.
+        r"""Set up the operator; the factors are computed when first needed.
 
         Args:
             model_func: The neural network, a ``torch.nn.Module``.
@@ -125,6 +127,13 @@ class _KFACBase(CurvatureLinearOperator):
                 blocks instead of one joint block.
             num_data: Number of data points; inferred with one pass if ``None``.
             batch_size_fn: Batch size of a ``MutableMapping`` input.
+            process_group: A ``torch.distributed`` process group: each rank passes
+                its shard of the data, the factors are summed over the ranks (one
+                all-reduce per pass), and every rank holds the operator of all
+                ranks' data; products need no communication. For ``'mc'``, rank
+                :math:`r` samples labels with seed :math:`(\mathrm{seed} + r \cdot
+                \mathtt{0x9E3779B9}) \bmod 2^{64}` (rank 0 with ``seed``). ``None``
+                (default): single process.
 
         Raises:
             TypeError: If ``model_func`` is not a ``torch.nn.Module``.
@@ -151,6 +160,7 @@ class _KFACBase(CurvatureLinearOperator):
             check_deterministic=False,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
         self._setup_canonical_form()
         if check_deterministic:
@@ -217,6 +227,8 @@ class _KFACBase(CurvatureLinearOperator):
 
         self._data_pass(add_input_covariance, add_gradient_covariance)
         self._complete_factors(A, G)
+        forward_only = self._fisher_type == FisherType.FORWARD_ONLY
+        self._sum_over_ranks([A] if forward_only else [A, G])  # G = I stays I
         self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
         self._gradient_covariances = {k: G[k] for k in self._mapping}
         self._factors_ready = True
@@ -237,6 +249,20 @@ class _KFACBase(CurvatureLinearOperator):
                 d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
                 A[layer] = self._zeros(d_in, d_in)
             G.setdefault(layer, self._zeros(d_out, d_out))
+
+    def _sum_over_ranks(self, factors: list[dict]):
+        """Sum factors over the ranks of the process group, in place.
+
+        All factors travel in one collective. Without a group, nothing happens.
+
+        Args:
+            factors: Dictionaries of tensors with the same keys and shapes on all
+                ranks; their values are replaced by the sums.
+        """
+        entries = [(d, key) for d in factors for key in sorted(d, key=str)]
+        summed = all_reduce_sum([d[key] for d, key in entries], self._process_group)
+        for (d, key), total in zip(entries, summed):
+            d[key] = total
 
     def _zeros(self, *shape: int) -> Tensor:
         """Return zeros on the operator's device and with its dtype.
@@ -269,7 +295,8 @@ class _KFACBase(CurvatureLinearOperator):
         """
         generator = None
         if self._fisher_type == FisherType.MC:
-            generator = Generator(device=self.device).manual_seed(self._seed)
+            seed = rank_seed(self._seed, self._process_group)
+            generator = Generator(device=self.device).manual_seed(seed)
         for X, y in self._loop_over_data(desc=type(self).__name__):
             self._batch_pass(X, y, generator, on_input, on_output_grad)
 

@@ -48,6 +48,11 @@ class EKFACLinearOperator(_KFACBase):
     not supported. The operator is self-adjoint; its inverse is
     ``(Q_G ⊗ Q_A) diag(1 / (Λ + δ)) (Q_G ⊗ Q_A)ᵀ`` (:meth:`inverse`).
 
+    Data-parallel (``process_group``), both passes sum their results (KFAC's
+    factors, then the corrected eigenvalues) over the ranks with one all-reduce
+    each; every rank computes the eigenbasis from the same summed factors (ranks
+    must therefore use the same hardware and libraries to agree bit by bit).
+
     Example:
         >>> from torch import eye, manual_seed, rand, randint
         >>> from torch.nn import CrossEntropyLoss, Linear, Sequential, Tanh
@@ -153,6 +158,7 @@ class EKFACLinearOperator(_KFACBase):
                     eigenvalues.add_(einsum("kbpo,bpi->oi", squared_grads, a2))
 
         self._data_pass(on_input, on_output_grad)
+        self._sum_over_ranks([self._corrected_eigenvalues])
 
     def _eigen_blocks(self) -> list[tuple[Tensor | None, Tensor, Tensor]]:
         """Return the eigenvectors and corrected eigenvalues of every block.

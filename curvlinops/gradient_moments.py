@@ -90,6 +90,7 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
         check_deterministic: bool = True,
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        process_group=None,
     ):
         """Set up the empirical Fisher and, by default, probe determinism.
 
@@ -107,6 +108,10 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
                 model agree.
             num_data: Number of data points. Inferred with one pass if ``None``.
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
+            process_group: A ``torch.distributed`` process group for data-parallel
+                products over the union of all ranks' shards (see
+                :class:`~curvlinops.CurvatureLinearOperator`). ``None``
+                (default): single process.
 
         Raises:
             NotImplementedError: If the loss function is not supported.
@@ -121,6 +126,7 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
             check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
 
     def _output_matmat(self, output: Tensor, y: Tensor, M: Tensor) -> Tensor:

@@ -8,6 +8,12 @@ from functools import cached_property
 from torch import Size, Tensor, cat, no_grad, zeros
 
 from curvlinops._autodiff import ModelJacobian, vjp
+from curvlinops._distributed import (
+    all_reduce_sum,
+    first_over_ranks,
+    gather_rows,
+    row_range,
+)
 from curvlinops._torch_base import CurvatureLinearOperator
 
 
@@ -31,6 +37,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         check_deterministic: bool = True,
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        process_group=None,
     ):
         """Set up the operator and, by default, probe that it is deterministic.
 
@@ -46,6 +53,10 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
                 model agree.
             num_data: Number of data points. Inferred with one pass if ``None``.
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
+            process_group: A ``torch.distributed`` process group: each rank passes
+                its shard of the data, and the operator is the Jacobian (transpose)
+                of all ranks' data stacked in rank order (see the class
+                description). ``None`` (default): single process.
         """
         self._transpose = None
         super().__init__(
@@ -57,6 +68,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             check_deterministic=check_deterministic,
             num_data=num_data,
             batch_size_fn=batch_size_fn,
+            process_group=process_group,
         )
 
     @cached_property
@@ -65,11 +77,32 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
 
         Returns:
             ``[N, *output.shape[1:]]``.
+
+        Raises:
+            ValueError: If no rank has data.
         """
-        X, _ = next(iter(self._loop_over_data(desc="output shape")))
-        with no_grad():
-            output = self._model_func(X)
-        return Size([self._num_data, *output.shape[1:]])
+        trailing = None
+        for X, _ in self._loop_over_data(desc="output shape"):
+            with no_grad():
+                trailing = tuple(self._model_func(X).shape[1:])
+            break
+        # ranks with an empty shard learn the shape from the others
+        trailing = first_over_ranks(trailing, self._process_group)
+        if trailing is None:
+            raise ValueError("`data` is empty: expected at least one batch (X, y).")
+        return Size([self._num_data, *trailing])
+
+    @cached_property
+    def _row_range(self) -> tuple[int, int]:
+        """Return the rows of this rank's data among the stacked outputs.
+
+        Returns:
+            ``(start, stop)``; ``(0, N)`` in a single process.
+        """
+        if self._process_group is None:
+            return 0, self._num_data
+        num_rows = sum(self._batch_size(X) for X, _ in self._loop_over_data("rows"))
+        return row_range(num_rows, self._process_group)
 
     @cached_property
     def _jacobian(self) -> ModelJacobian:
@@ -80,22 +113,28 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         """
         return ModelJacobian(self._model_func, self._params, self._USES_FORWARD_MODE)
 
-    def _check_num_rows(self, num_rows: int, partial: bool = False):
-        """Verify that the data hold as many data points as the operator expects.
+    def _row_count_error(
+        self, num_rows: int, expected: int, at_least: bool = False, source: str = ""
+    ) -> str | None:
+        """Describe a mismatch between the data points a pass yields and those expected.
 
         Args:
-            num_rows: Number of data points seen in a pass.
-            partial: Whether the pass is not finished yet (then only too many data
-                points are an error).
+            num_rows: Number of data points the pass yielded.
+            expected: The number expected.
+            at_least: Whether the pass stopped early at too many data points.
+            source: Whose data the pass went over, e.g. ``"this rank's "``.
 
-        Raises:
-            ValueError: If the number differs from ``num_data``.
+        Returns:
+            The error message, or ``None`` if the numbers agree.
         """
-        if num_rows > self._num_data or (num_rows < self._num_data and not partial):
-            raise ValueError(
-                f"The operator was built for num_data={self._num_data} data points, "
-                f"but the data yielded {'at least ' if partial else ''}{num_rows}."
-            )
+        if num_rows == expected:
+            return None
+        scope = f" ({expected} in {source}data)" if source else ""
+        return (
+            f"The operator was built for num_data={self._num_data} data "
+            f"points{scope}, but the data yielded "
+            f"{'at least ' if at_least else ''}{num_rows}."
+        )
 
     def _transposed(self, cls: type) -> _ModelJacobianLinearOperator:
         """Return the transposed operator, built once and linked both ways.
@@ -115,6 +154,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
                 check_deterministic=False,
                 num_data=self._num_data,
                 batch_size_fn=self._batch_size_fn,
+                process_group=self._process_group,
             )
             self._transpose._transpose = self
         return self._transpose
@@ -141,6 +181,12 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
     missing), for all columns at once. The adjoint is
     :class:`TransposedJacobianLinearOperator`. Data must come in the same order on
     every pass.
+
+    Data-parallel (``process_group``), each rank passes its shard of the data, and
+    the rows are those of all ranks' data points stacked in rank order (rank 0's
+    first), so :math:`N` counts all data points. Every rank receives the whole
+    product ``[N, *output.shape[1:], K]`` (the ranks' rows are gathered once per
+    product).
 
     Example:
         >>> from torch import einsum, eye, manual_seed, rand
@@ -180,10 +226,19 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         Returns:
             One tensor ``[N, *output.shape[1:], K]``.
         """
+        num_cols = M[0].shape[-1]
         M = [m.movedim(-1, 0) for m in M]
-        JM = cat([self._batch_jvp(X, M) for X, _ in self._loop_over_data("matmat")], 1)
-        self._check_num_rows(JM.shape[1])
-        return [JM.movedim(0, -1)]
+        JM = [  # [B, *output.shape[1:], K] per batch
+            self._batch_jvp(X, M).movedim(0, -1)
+            for X, _ in self._loop_over_data("matmat")
+        ]
+        JM = cat(JM) if JM else M[0].new_zeros(0, *self._out_shape[0][1:], num_cols)
+        JM = gather_rows(JM, self._process_group)
+        source = "" if self._process_group is None else "all ranks' "
+        error = self._row_count_error(JM.shape[0], self._num_data, source=source)
+        if error is not None:
+            raise ValueError(error)
+        return [JM]
 
     def _batch_jvp(self, X: Tensor | MutableMapping, M: list[Tensor]) -> Tensor:
         """Multiply a mini-batch's Jacobian onto columns.
@@ -226,6 +281,12 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
     gradient. The adjoint is :class:`JacobianLinearOperator`. Data must come in the
     same order on every pass.
 
+    Data-parallel (``process_group``), the domain's rows are all ranks' data points
+    stacked in rank order, as for :class:`JacobianLinearOperator`. Every rank passes
+    the same whole input ``[N, *output.shape[1:], K]``, multiplies the slice of its
+    own data points, and the ranks' results are summed with one all-reduce per
+    product.
+
     Example:
         >>> from torch import manual_seed, ones, rand
         >>> from torch.autograd import grad
@@ -264,19 +325,47 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             Tensors of shape ``[*param.shape, K]``.
         """
         V = M[0].movedim(-1, 0)
-        num_cols, start = V.shape[0], 0
+        start, stop = self._row_range
         result = [
-            zeros(num_cols, *p.shape, device=self.device, dtype=self.dtype)
+            zeros(V.shape[0], *p.shape, device=self.device, dtype=self.dtype)
             for p in self._params
         ]
+        row = start
         for X, _ in self._loop_over_data(desc="matmat"):
-            stop = start + self._batch_size(X)
-            self._check_num_rows(stop, partial=True)
-            for r, JTV in zip(result, self._batch_vjp(X, V[:, start:stop])):
+            row, previous = row + self._batch_size(X), row
+            if row > stop:  # more data than expected: stop before slicing past it
+                break
+            for r, JTV in zip(result, self._batch_vjp(X, V[:, previous:row])):
                 r.add_(JTV)
-            start = stop
-        self._check_num_rows(start)
+        source = "" if self._process_group is None else "this rank's "
+        error = self._row_count_error(row - start, stop - start, row > stop, source)
+        result = self._all_reduce_or_raise(result, error)
         return [r.movedim(0, -1) for r in result]
+
+    def _all_reduce_or_raise(self, result: list[Tensor], error: str | None):
+        """Sum the ranks' results, unless a rank met an error; then all ranks raise.
+
+        The error flag travels in the same collective as the results.
+
+        Args:
+            result: This rank's partial results.
+            error: This rank's error message, or ``None``.
+
+        Returns:
+            The results summed over the ranks.
+
+        Raises:
+            ValueError: If any rank met an error.
+        """
+        flag = zeros(1, device=self.device, dtype=self.dtype) + (error is not None)
+        *result, num_failed = all_reduce_sum([*result, flag], self._process_group)
+        if error is not None:
+            raise ValueError(error)
+        if self._process_group is not None and num_failed.item() > 0:
+            raise ValueError(
+                "Another rank's data did not match the operator: see its error."
+            )
+        return result
 
     def _batch_vjp(self, X: Tensor | MutableMapping, V: Tensor) -> list[Tensor]:
         """Multiply a mini-batch's transposed Jacobian onto columns.

@@ -58,6 +58,11 @@ class KFACLinearOperator(_KFACBase):
     :meth:`trace`, :meth:`det`, :meth:`logdet` and :meth:`frobenius_norm` only use
     the factors. The operator is self-adjoint.
 
+    Data-parallel (``process_group``), each rank passes its shard of the data and
+    the factors are summed over the ranks with one all-reduce per pass, so that
+    every rank holds the KFAC of all ranks' data (for ``'mc'``, with rank-dependent
+    label samples, see ``process_group``).
+
     References: `Martens & Grosse, 2015 <https://arxiv.org/abs/1503.05671>`_ (MLPs),
     `Grosse & Martens, 2016 <https://arxiv.org/abs/1602.01407>`_ (convolutions),
     `Eschenhagen et al., 2023 <https://arxiv.org/abs/2311.00636>`_ (weight sharing,

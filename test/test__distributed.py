@@ -1,12 +1,17 @@
 """Data-parallel products: local gloo process groups against one process on all data.
 
-Each test spawns ``world_size`` processes on the loopback interface. Every rank
-builds the operator on its own shard of the batches (shards are uneven, and with
-three ranks one shard is empty) and compares the products with those of a
-single-process operator on all batches.
+Spawning processes is slow (about 2 s each), so one spawn per world size runs all
+checks: every rank builds each operator on its own shard of the batches (shards are
+uneven, and with three ranks the middle one is empty) and compares with references
+that the parent process computes on all batches. Operators that sample labels (MC
+Fisher, KFAC with ``'mc'``) are compared with the sum of single-process operators
+on the shards, each seeded as the documented rank seed prescribes.
 """
 
+from __future__ import annotations
+
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,12 +19,37 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import float64
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator
+from curvlinops import (
+    EFLinearOperator,
+    EKFACLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+    KFACLinearOperator,
+)
+from curvlinops.experimental import ActivationHessianLinearOperator
 from test.cases import Case
-from test.utils import assert_close
+from test.utils import assert_close, compare_matmat
 
-# batch sizes of the full data set; rank r gets batches r, r + world, ...
+# batch sizes of the full data set, and the batches of every rank per world size
 BATCH_SIZES = [2, 3, 1, 3]
+SHARDS = {1: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]], 3: [[0, 1, 2], [], [3]]}
+CASES = [Case("mlp", "ce", "mean"), Case("dict_input", "mse", "sum")]
+SEED, MANY_SAMPLES = 3, 2_000
+# operators whose products must equal the single-process ones on all data
+EXACT = {
+    "hessian": (HessianLinearOperator, {}),
+    "ggn": (GGNLinearOperator, {}),
+    "ef": (EFLinearOperator, {}),
+    "kfac": (KFACLinearOperator, {"fisher_type": "type-2"}),
+    "ekfac": (EKFACLinearOperator, {"fisher_type": "empirical"}),
+}
+# operators that sample labels, with a seed
+SAMPLED = {
+    "fisher_mc": (FisherMCLinearOperator, {"seed": SEED}),
+    "kfac_mc": (KFACLinearOperator, {"fisher_type": "mc", "seed": SEED}),
+}
 
 
 def _free_port() -> int:
@@ -28,18 +58,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, check, args):
-    torch.set_num_threads(1)
+def _init(rank: int, world_size: int, port: int):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
-    check(rank, world_size, *args)
+
+
+def _worker(rank, world_size, port, checks):
+    torch.set_num_threads(1)
+    _init(rank, world_size, port)
+    for check, args in checks:
+        check(rank, world_size, *args)
     dist.barrier()  # no rank exits while another still receives from it
     dist.destroy_process_group()
 
 
-def _spawn(world_size: int, check, *args):
-    mp.spawn(_worker, args=(world_size, _free_port(), check, args), nprocs=world_size)
+def _spawn(world_size: int, checks: list):
+    mp.spawn(_worker, args=(world_size, _free_port(), checks), nprocs=world_size)
 
 
 def _problem(case: Case):
@@ -60,38 +95,102 @@ def _problem(case: Case):
     return model, loss_func, params, batches
 
 
-def _check_operators(rank, world_size, case):
-    model, loss_func, params, batches = _problem(case)
-    shard = batches[rank::world_size]
-    group = dist.group.WORLD
-    M = torch.randn(
-        sum(p.numel() for p in params),
-        3,
-        dtype=float64,
-        generator=torch.Generator().manual_seed(0),
+def _build(cls, case: Case, problem, data, **kwargs):
+    """Build an operator of a class on some data, with the case's arguments."""
+    model, loss_func, params, _ = problem
+    kwargs = {**case.kwargs(), **kwargs}
+    if cls is JacobianLinearOperator:
+        return cls(model, params, data, **kwargs)
+    if issubclass(cls, (KFACLinearOperator, EKFACLinearOperator)):
+        kwargs["loss_average"] = None if case.reduction == "sum" else "batch"
+    return cls(model, loss_func, params, data, **kwargs)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The documented seed of a rank's label generator."""
+    return (seed + rank * 0x9E3779B9) % 2**64
+
+
+def _columns(num_rows: int) -> torch.Tensor:
+    return torch.randn(
+        num_rows, 3, dtype=float64, generator=torch.Generator().manual_seed(0)
     )
-    for cls in (HessianLinearOperator, GGNLinearOperator):
-        full = cls(model, loss_func, params, batches, **case.kwargs())
-        dist_op = cls(
-            model, loss_func, params, shard, process_group=group, **case.kwargs()
-        )
-        assert dist_op._num_data == full._num_data
-        assert_close(dist_op @ M, full @ M, msg=f"{cls.__name__} rank {rank}")
-    gradient, loss = dist_op.gradient_and_loss()
-    expected_gradient, expected_loss = full.gradient_and_loss()
-    assert_close(loss, expected_loss)
-    assert_close(gradient, expected_gradient)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize(
-    "case", [Case("mlp", "ce", "mean"), Case("dict_input", "mse", "sum")], ids=str
-)
-def test_products_equal_single_process(world_size, case):
-    _spawn(world_size, _check_operators, case)
+def _references(case: Case, world_size: int) -> dict:
+    """Single-process results that the ranks must reproduce."""
+    problem = _problem(case)
+    _, _, params, batches = problem
+    M, expected = _columns(sum(p.numel() for p in params)), {}
+    off = {"check_deterministic": False}
+    for name, (cls, kwargs) in EXACT.items():
+        expected[name] = _build(cls, case, problem, batches, **kwargs, **off) @ M
+    J = _build(JacobianLinearOperator, case, problem, batches, **off)
+    expected["jacobian"] = J @ torch.eye(J.shape[1], dtype=float64)
+    expected["gradient_and_loss"] = _build(
+        GGNLinearOperator, case, problem, batches, **off
+    ).gradient_and_loss()
+    # sampled operators: sum of the shards' single-process operators, rank seeds
+    num_data = sum(BATCH_SIZES)
+    fisher, A, G = 0, {}, {}
+    for rank, shard in enumerate(SHARDS[world_size]):
+        if not shard:
+            continue
+        data, seed = [batches[i] for i in shard], _rank_seed(SEED, rank)
+        kwargs = {**off, "num_data": num_data, "seed": seed}
+        for name, (cls, cls_kwargs) in SAMPLED.items():
+            op = _build(cls, case, problem, data, **{**cls_kwargs, **kwargs})
+            if name == "fisher_mc":
+                fisher = fisher + op @ M
+                continue
+            op.compute_kronecker_factors()
+            for total, factors in [
+                (A, op._input_covariances),
+                (G, op._gradient_covariances),
+            ]:
+                for layer, factor in factors.items():
+                    total[layer] = total.get(layer, 0) + factor
+    expected["fisher_mc"], expected["kfac_mc"] = fisher, (A, G)
+    return expected
+
+
+def _check_operators(rank, world_size, case, expected):
+    problem = _problem(case)
+    _, _, params, batches = problem
+    shard = [batches[i] for i in SHARDS[world_size][rank]]
+    M, group = _columns(sum(p.numel() for p in params)), dist.group.WORLD
+    for name, (cls, kwargs) in EXACT.items():
+        op = _build(cls, case, problem, shard, process_group=group, **kwargs)
+        assert op._num_data == sum(BATCH_SIZES)
+        assert_close(op @ M, expected[name], msg=f"{name} rank {rank}")
+    op = _build(GGNLinearOperator, case, problem, shard, process_group=group)
+    assert_close(op.gradient_and_loss(), expected["gradient_and_loss"])
+    J = _build(JacobianLinearOperator, case, problem, shard, process_group=group)
+    compare_matmat(J, expected["jacobian"])  # with J^T through J.adjoint()
+    _check_sampled(rank, case, problem, shard, M, expected)
+
+
+def _check_sampled(rank, case, problem, shard, M, expected):
+    group = dist.group.WORLD
+    cls, kwargs = SAMPLED["fisher_mc"]
+    F = _build(cls, case, problem, shard, process_group=group, **kwargs)
+    assert_close(F @ M, expected["fisher_mc"], msg=f"MC Fisher rank {rank}")
+    cls, kwargs = SAMPLED["kfac_mc"]
+    K = _build(cls, case, problem, shard, process_group=group, **kwargs)
+    A, G = expected["kfac_mc"]
+    assert_close([K._input_covariances[k] for k in A], list(A.values()))
+    assert_close([K._gradient_covariances[k] for k in G], list(G.values()))
+    # same expectation as in one process: with many samples, close to the GGN
+    F_many = _build(
+        FisherMCLinearOperator, case, problem, shard, process_group=group,
+        mc_samples=MANY_SAMPLES,
+    )  # fmt: skip
+    GM = expected["ggn"]
+    assert (F_many @ M - GM).norm() < 0.05 * GM.norm()
 
 
 def _check_probe_fails_on_all_ranks(rank, world_size):
+    """A failing probe on one rank must not leave the others waiting forever."""
     model, loss_func, params, batches = _problem(Case("mlp", "mse"))
     shard = batches[rank::world_size]
     if rank == 1:  # this rank's data changes between passes
@@ -108,12 +207,72 @@ def _check_probe_fails_on_all_ranks(rank, world_size):
         )
 
 
-def test_determinism_probe_fails_on_every_rank():
-    """A failing probe on one rank must not leave the others waiting forever."""
-    _spawn(2, _check_probe_fails_on_all_ranks)
+def _check_transposed_jacobian_fails_on_all_ranks(rank, world_size):
+    """Rank 1 gets more data than at construction; every rank raises."""
+    model, _, params, batches = _problem(Case("mlp", "mse"))
+    shard = batches[rank::world_size]
+    J = JacobianLinearOperator(model, params, shard, process_group=dist.group.WORLD)
+    JT = J.adjoint()
+    W = torch.zeros(JT.shape[1], dtype=float64)
+    JT @ W  # locates this rank's rows among all data points
+    if rank == 1:
+        shard.append(batches[0])
+    with pytest.raises(ValueError, match="this rank's" if rank == 1 else "Another"):
+        JT @ W
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_products_equal_single_process(world_size):
+    checks = [
+        (_check_operators, (case, _references(case, world_size))) for case in CASES
+    ]
+    if world_size == 2:
+        checks += [
+            (_check_probe_fails_on_all_ranks, ()),
+            (_check_transposed_jacobian_fails_on_all_ranks, ()),
+        ]
+    _spawn(world_size, checks)
+
+
+@contextmanager
+def _single_process_group():
+    _init(0, 1, _free_port())
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_one_process_group_equals_no_group(case: Case):
+    """Rank 0 of a one-process group computes exactly the single-process operator."""
+    problem = _problem(case)
+    _, _, params, batches = problem
+    M = _columns(sum(p.numel() for p in params))
+    ops = {
+        **EXACT,
+        **SAMPLED,
+        "ekfac_mc": (EKFACLinearOperator, {"fisher_type": "mc", "seed": SEED}),
+        "jacobian": (JacobianLinearOperator, {}),
+    }
+    with _single_process_group() as group:
+        for name, (cls, kwargs) in ops.items():
+            with_group = _build(
+                cls, case, problem, batches, process_group=group, **kwargs
+            )
+            without = _build(cls, case, problem, batches, **kwargs)
+            assert_close(with_group @ M, without @ M, rtol=0, atol=0, msg=name)
 
 
 def test_process_group_requires_initialized_distributed():
     model, loss_func, params, data = Case("mlp", "mse").make()
     with pytest.raises(ValueError, match="init_process_group"):
         HessianLinearOperator(model, loss_func, params, data, process_group=object())
+
+
+def test_activation_hessian_rejects_process_group():
+    model, loss_func, _, data = Case("mlp", "mse").make()
+    with pytest.raises(ValueError, match="one mini-batch"):
+        ActivationHessianLinearOperator(
+            model, loss_func, ("1", "output", 0), data[:1], process_group=object()
+        )

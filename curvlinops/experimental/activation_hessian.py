@@ -80,6 +80,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
         progressbar: bool = False,
         check_deterministic: bool = True,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        process_group=None,
     ):
         """Locate the feature, evaluate it once, and by default probe determinism.
 
@@ -96,12 +97,20 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             check_deterministic: Probe at construction that two passes over data and
                 model agree.
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
+            process_group: Must be ``None``: the Hessian is defined on one
+                mini-batch, so there is nothing to distribute.
 
         Raises:
-            ValueError: If ``data`` does not hold exactly one batch, or if
-                ``activation`` does not name a tensor the forward pass produces.
+            ValueError: If ``data`` does not hold exactly one batch, if
+                ``activation`` does not name a tensor the forward pass produces, or
+                if a ``process_group`` is given.
             TypeError: If ``model_func`` is not a ``torch.nn.Module``.
         """
+        if process_group is not None:
+            raise ValueError(
+                "The activation Hessian is defined on one mini-batch and cannot be "
+                "computed data-parallel: `process_group` must be None."
+            )
         self._module, self._io, self._index = _locate(model_func, activation)
         num_batches = sum(1 for _ in data)
         if num_batches != 1:
