@@ -45,6 +45,9 @@ docs: install-docs
 
 bench: install
 	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/vivit.py
+	$(PYTHON) benchmarks/distributed.py
+	$(PYTHON) benchmarks/compile.py
 
 clean:
 	rm -rf docs/_build docs/auto_examples docs/gen_modules benchmarks/results

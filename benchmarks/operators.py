@@ -18,23 +18,30 @@ from curvlinops import (
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACInverseLinearOperator,
     KFACLinearOperator,
     TransposedJacobianLinearOperator,
 )
 
 
-def _curvature(cls, **kwargs) -> Callable[[Problem], object]:
+def _curvature(cls, kfac: bool = False, **kwargs) -> Callable[[Problem], object]:
     def build(problem: Problem):
         return cls(
             problem.model,
             problem.loss_func,
-            problem.params,
+            problem.kfac_params if kfac else problem.params,
             problem.data,
             check_deterministic=False,
             **kwargs,
         )
 
     return build
+
+
+def _kfac_inverse(problem: Problem) -> KFACInverseLinearOperator:
+    kfac = _curvature(KFACLinearOperator, kfac=True)(problem)
+    kfac.compute_kronecker_factors()
+    return KFACInverseLinearOperator(kfac, damping=1e-3)
 
 
 def _jacobian(cls) -> Callable[[Problem], object]:
@@ -53,10 +60,11 @@ OPERATORS: dict[str, Callable[[Problem], object]] = {
     "mc_fisher": _curvature(FisherMCLinearOperator),
     "jacobian": _jacobian(JacobianLinearOperator),
     "transposed_jacobian": _jacobian(TransposedJacobianLinearOperator),
-    # Kronecker factors with 'mc' and one sample (defaults); all benchmark
-    # problems consist of Linear and Conv2d layers only
-    "kfac": _curvature(KFACLinearOperator),
-    "ekfac": _curvature(EKFACLinearOperator),
+    # Kronecker factors with 'mc' and one sample (defaults), of the Linear and
+    # Conv2d layers
+    "kfac": _curvature(KFACLinearOperator, kfac=True),
+    "ekfac": _curvature(EKFACLinearOperator, kfac=True),
+    "kfac_inverse": _kfac_inverse,
 }
 
 # name -> (operator -> None): one-off work before products (timed separately)
@@ -65,4 +73,6 @@ PRECOMPUTE: dict[str, Callable[[object], None]] = {
     "kfac": lambda op: op.compute_kronecker_factors(),
     # factors, their eigendecompositions, and a second pass for the correction
     "ekfac": lambda op: op.compute_kronecker_factors(),
+    # inverting the (damped) factors
+    "kfac_inverse": lambda op: op._inverse_block_matmats(),
 }

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, manual_seed, nn, rand, randint
 from torch.nn.functional import scaled_dot_product_attention
+
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @dataclass
@@ -25,6 +28,16 @@ class Problem:
     @property
     def data(self) -> list[tuple[Tensor, Tensor]]:
         return [(self.X, self.y)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.X.device
+
+    @property
+    def kfac_params(self) -> list[Tensor]:
+        """Parameters of the layers KFAC supports (Linear, Conv2d)."""
+        layers = [m for m in self.model.modules() if isinstance(m, KFAC_LAYERS)]
+        return [p for m in layers for p in m.parameters() if p.requires_grad]
 
 
 class Transformer(nn.Module):
@@ -86,4 +99,57 @@ def transformer() -> Problem:
     return Problem("transformer", Transformer(), nn.CrossEntropyLoss(), X, y)
 
 
-PROBLEMS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch normalization and a skip connection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn1(self.conv1(x)).relu()
+        return (self.bn2(self.conv2(h)) + self.shortcut(x)).relu()
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """A ResNet-18 for 32x32 images (11M parameters), BatchNorm in eval mode."""
+    layers, c_in = [], 64
+    for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        *layers,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
+    return model.eval()
+
+
+def resnet18_cuda() -> Problem:
+    """ResNet-18 on 32x32 images with batch size 128, on the GPU."""
+    manual_seed(0)
+    device = torch.device("cuda")
+    X, y = rand(128, 3, 32, 32, device=device), randint(0, 10, (128,), device=device)
+    return Problem("resnet18", resnet18().to(device), nn.CrossEntropyLoss(), X, y)
+
+
+PROBLEMS = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "transformer": transformer,
+    "resnet18": resnet18_cuda,
+}

@@ -27,6 +27,7 @@ from types import MethodType
 
 from torch import Tensor, no_grad, zeros, zeros_like
 from torch.autograd import forward_ad, grad
+from torch.compiler import is_compiling
 from torch.func import jvp as func_jvp
 from torch.func import vmap
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
@@ -126,6 +127,9 @@ def jvp(
     if not forward_mode:
         output = f(*params)
         return output, _jvp_reverse(output, params, M)
+    if M[0].shape[0] == 1 and is_compiling():  # dynamo traces torch.func, not duals
+        output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
+        return output, JM.unsqueeze(0)
     if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
         with forward_ad.dual_level(), _fast_layer_jvps(model):
             duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
