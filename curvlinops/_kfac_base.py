@@ -20,6 +20,7 @@ from torch.nn import Module
 
 from curvlinops._autodiff import vjp
 from curvlinops._checks import check_params
+from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
 from curvlinops._distributed import all_reduce_sum, rank_seed
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
@@ -34,11 +35,7 @@ from curvlinops._kfac_pass import (
     supported_layer_mapping,
 )
 from curvlinops._losses import SUPPORTED_LOSSES, reduction_factor
-from curvlinops._torch_base import (
-    _DETERMINISM_ATOL,
-    _DETERMINISM_RTOL,
-    CurvatureLinearOperator,
-)
+from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.kfac_utils import (
     FisherType,
     FromCanonicalLinearOperator,
@@ -374,7 +371,7 @@ class _KFACBase(CurvatureLinearOperator):
         self.compute_kronecker_factors()
         first = self @ M
         self.compute_kronecker_factors()
-        if not allclose_report(first, self @ M, _DETERMINISM_RTOL, _DETERMINISM_ATOL):
+        if not allclose_report(first, self @ M, DETERMINISM_RTOL, DETERMINISM_ATOL):
             raise RuntimeError(
                 f"Two computations of {type(self).__name__}'s factors differ. Data "
                 "and model must be deterministic; use `check_deterministic=False` "

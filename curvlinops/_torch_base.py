@@ -21,7 +21,6 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
-    no_grad,
     randn,
     zeros,
     zeros_like,
@@ -37,16 +36,19 @@ from curvlinops._checks import (
     check_params,
     check_reduction,
 )
+from curvlinops._determinism import (
+    DETERMINISM_ATOL,
+    DETERMINISM_RTOL,
+    compare_passes,
+    fingerprint_pass,
+)
 from curvlinops._distributed import (
     all_reduce_sum,
     check_process_group,
     first_error_over_ranks,
     sum_over_ranks,
 )
-from curvlinops.utils import allclose_report, batch_fingerprint
-
-# Tolerances of the determinism probe (two passes must agree up to float noise).
-_DETERMINISM_RTOL, _DETERMINISM_ATOL = 1e-5, 1e-7
+from curvlinops.utils import allclose_report
 
 
 class PyTorchLinearOperator:
@@ -729,60 +731,22 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             RuntimeError: If data, model predictions, or products differ between two
                 passes (on any rank).
         """
+        passes = [
+            fingerprint_pass(
+                self._loop_over_data("check_deterministic"), self._model_func
+            )
+            for _ in range(2)
+        ]
         error = first_error_over_ranks(
-            self._compare_fingerprints(), self._process_group, self.device
+            compare_passes(*passes), self._process_group, self.device
         )
         if error is not None:
             raise RuntimeError(error)
         generator = Generator(device=self.device).manual_seed(0)
         M = randn(self.shape[1], 2, generator=generator, device=self.device)
         M = M.to(self.dtype)
-        if not allclose_report(
-            self @ M, self @ M, _DETERMINISM_RTOL, _DETERMINISM_ATOL
-        ):
+        if not allclose_report(self @ M, self @ M, DETERMINISM_RTOL, DETERMINISM_ATOL):
             raise RuntimeError(
                 f"Two products with the same matrix differ: {type(self).__name__} is "
                 "not deterministic."
             )
-
-    def _compare_fingerprints(self) -> str | None:
-        """Compare two passes over this rank's data and model predictions.
-
-        Returns:
-            A description of the first difference, or ``None`` if there is none.
-        """
-        first, second = self._fingerprint_pass(), self._fingerprint_pass()
-        if len(first) != len(second):
-            return (
-                f"The data yielded {len(first)} and then {len(second)} batches. "
-                "Data must be identical on every pass."
-            )
-        for idx, (fp1, fp2) in enumerate(zip(first, second)):
-            for what in ("inputs", "labels", "predictions"):
-                if not allclose_report(
-                    fp1[what], fp2[what], _DETERMINISM_RTOL, _DETERMINISM_ATOL
-                ):
-                    return (
-                        f"The {what} of batch {idx} changed between two passes. Data "
-                        "and model must be deterministic: no shuffling, data "
-                        "augmentation, or random layers like Dropout in train mode. "
-                        "Use `check_deterministic=False` only if you know what you "
-                        "are doing."
-                    )
-        return None
-
-    @no_grad()
-    def _fingerprint_pass(self) -> list[dict[str, Tensor]]:
-        """Summarize every batch's inputs, labels, and predictions in a few numbers.
-
-        Returns:
-            One dictionary of fingerprints per batch.
-        """
-        return [
-            {
-                "inputs": batch_fingerprint(X),
-                "labels": batch_fingerprint(y),
-                "predictions": batch_fingerprint(self._model_func(X)),
-            }
-            for X, y in self._loop_over_data(desc="check_deterministic")
-        ]

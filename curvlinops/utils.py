@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 
-from torch import Tensor, allclose, cat, float64, linspace, stack
+from torch import Tensor, allclose
 from torch.func import functional_call
 from torch.nn import Module
 
@@ -80,31 +80,6 @@ def allclose_report(
         f"(a={a}, b={b}), {off.sum().item()}/{off.numel()} entries off."
     )
     return False
-
-
-def batch_fingerprint(x: Tensor | MutableMapping | object) -> Tensor:
-    """Summarize a tensor (or the tensors of a mapping) in a few float64 numbers.
-
-    The summary contains the number of entries, their sum, their squared sum, and a
-    position-weighted sum, so that changed values, changed sizes, and permutations
-    change it. Non-tensor entries of a mapping are ignored.
-
-    Args:
-        x: Tensor or mapping of tensors.
-
-    Returns:
-        A 1d float64 tensor on the CPU.
-    """
-    if isinstance(x, MutableMapping):
-        parts = [batch_fingerprint(x[k]) for k in sorted(x, key=str)]
-        return cat([p for p in parts if p.numel() > 0] or [stack([])])
-    if not isinstance(x, Tensor):
-        return Tensor().to(float64)
-    flat = x.detach().flatten().to(float64).cpu()
-    weights = linspace(1.0, 2.0, flat.numel(), dtype=float64)
-    return stack(
-        [flat.new_tensor(flat.numel()), flat.sum(), flat.square().sum(), flat @ weights]
-    )
 
 
 def make_functional_model_and_loss(
