@@ -133,8 +133,8 @@ print(f"det of KFAC: {K.det()}")
 # Curvature matrices of networks are singular or nearly so, and KFAC is an
 # approximation, so preconditioners use a damped inverse, a
 # :class:`~curvlinops.KFACInverseLinearOperator` (``K.inverse(...)`` is a
-# shortcut), which inverts each block through the factors. It offers three ways to add a damping
-# :math:`\delta > 0`:
+# shortcut), which inverts each block through the factors. It offers three ways
+# to add a damping :math:`\delta > 0`:
 #
 # - ``use_exact_damping=True``: :math:`(\mathbf{G} \otimes \mathbf{A} + \delta
 #   \mathbf{I})^{-1}`, via the factors' eigendecompositions; the inverse of the
