@@ -30,7 +30,9 @@ extensions = [
 # The build machines are offline: link to torch/numpy/scipy via local inventories.
 intersphinx_mapping = write_inventories(HERE / "_build" / "_intersphinx")
 
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# No default "members": with it, Sphinx ignores the explicit member lists of the
+# directives in api.rst (and drops inherited or private members named there).
+autodoc_default_options = {"show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_inherit_docstrings = False
@@ -38,10 +40,21 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
 
+def is_public(cls: type) -> bool:
+    """Return whether a class is public: not private, nor only in a private module."""
+    if cls.__name__.startswith("_"):
+        return False
+    modules = cls.__module__.split(".")
+    if not any(module.startswith("_") for module in modules):
+        return True
+    package = sys.modules.get(modules[0])  # e.g. re-exported as curvlinops.<name>
+    return getattr(package, cls.__name__, None) is cls
+
+
 def public_bases(app, name, obj, options, bases):
     """Show the nearest public ancestor instead of a private base class."""
     for i, base in enumerate(bases):
-        while base.__name__.startswith("_") and base.__bases__:
+        while not is_public(base) and base.__bases__:
             base = base.__bases__[0]
         bases[i] = base
 
