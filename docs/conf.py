@@ -77,7 +77,7 @@ sphinx_gallery_conf = {
     "ignore_pattern": r"__init__\.py|_helpers\.py",
     "download_all_examples": False,
     "remove_config_comments": True,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "_gallery_order.TutorialOrder",  # reading order
     # link names in the tutorials' code to the API reference
     "doc_module": ("curvlinops",),
     "reference_url": {"curvlinops": None},

@@ -10,6 +10,7 @@ The code shown on the pages ``index.rst`` and ``internals.rst`` must run.
 import ast
 import re
 from importlib import import_module
+from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 from textwrap import dedent
 
@@ -127,3 +128,11 @@ def test_internals_example_is_the_block_diagonal_hessian():
     )
     identity = eye(operator.shape[1], dtype=float64)
     assert (operator @ identity).allclose(reference @ identity)
+
+
+def test_gallery_order_lists_every_tutorial():
+    spec = spec_from_file_location("_gallery_order", DOCS / "_gallery_order.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tutorials = sorted(p.name for p in (DOCS / "examples").glob("example_*.py"))
+    assert sorted(module.TUTORIALS) == tutorials
