@@ -139,11 +139,11 @@ fig.colorbar(image, ax=axes, shrink=0.8)
 # %%
 # A few things stand out:
 #
-# - The Hessian and the GGN look alike, but not the same; their difference is
-#   the curvature of the network itself (below).
+# - The Hessian differs from the GGN by the curvature of the network itself
+#   (last panel, explained below), which vanishes on the last layer.
 # - The MC Fisher with one sample is a noisy version of the GGN, and with 1000
 #   samples it is hard to tell apart from it.
-# - The empirical Fisher has a different structure.
+# - The empirical Fisher resembles the GGN, but it is a different matrix.
 # - KFAC and EKFAC are zero outside the diagonal blocks of the weights and
 #   biases, and close to the GGN inside them.
 #
