@@ -1,8 +1,9 @@
 """Offline intersphinx inventories for the objects our documentation links to.
 
 The build machines have no internet access, so instead of downloading the
-``objects.inv`` files of PyTorch, NumPy and SciPy, ``conf.py`` writes small
-inventories with the objects we reference, pointing to the real documentation.
+``objects.inv`` files of Python, PyTorch, NumPy, SciPy and BackPACK, ``conf.py``
+writes small inventories with the objects we reference, pointing to the real
+documentation.
 Add an entry here when the documentation links to a new external object.
 """
 
@@ -12,7 +13,25 @@ from pathlib import Path
 PROJECTS = {
     "python": (
         "https://docs.python.org/3/",
-        [("object", "py:class", "library/functions.html#object")],
+        [
+            ("object", "py:class", "library/functions.html#object"),
+            ("enum.Enum", "py:class", "library/enum.html#enum.Enum"),
+            (
+                "collections.abc.MutableMapping",
+                "py:class",
+                "library/collections.abc.html#collections.abc.MutableMapping",
+            ),
+            (
+                "collections.abc.Callable",
+                "py:class",
+                "library/collections.abc.html#collections.abc.Callable",
+            ),
+            (
+                "collections.abc.Iterable",
+                "py:class",
+                "library/collections.abc.html#collections.abc.Iterable",
+            ),
+        ],
     ),
     "torch": (
         "https://docs.pytorch.org/docs/stable/",
@@ -55,6 +74,10 @@ PROJECTS = {
             ),
             ("torch.linalg.solve", "py:function", "generated/torch.linalg.solve.html"),
             ("torch.no_grad", "py:class", "generated/torch.no_grad.html"),
+            ("torch.save", "py:function", "generated/torch.save.html"),
+            ("torch.load", "py:function", "generated/torch.load.html"),
+            ("torch.dtype", "py:class", "tensor_attributes.html#torch.dtype"),
+            ("torch.device", "py:class", "tensor_attributes.html#torch.device"),
             ("torch.optim.SGD", "py:class", "generated/torch.optim.SGD.html"),
         ],
     ),
@@ -93,6 +116,14 @@ PROJECTS = {
                 "py:function",
                 "reference/generated/scipy.sparse.linalg.lsmr.html",
             ),
+        ],
+    ),
+    "backpack": (
+        "https://docs.backpack.pt/en/master/",
+        [
+            ("backpack", "py:module", "main-api.html#module-backpack"),
+            ("backpack.extend", "py:function", "main-api.html#backpack.extend"),
+            ("backpack.backpack", "py:class", "main-api.html#backpack.backpack"),
         ],
     ),
 }

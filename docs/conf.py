@@ -30,7 +30,9 @@ extensions = [
 # The build machines are offline: link to torch/numpy/scipy via local inventories.
 intersphinx_mapping = write_inventories(HERE / "_build" / "_intersphinx")
 
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# No default "members": with it, Sphinx ignores the explicit member lists of the
+# directives in api.rst (and drops inherited or private members named there).
+autodoc_default_options = {"show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_inherit_docstrings = False
@@ -38,10 +40,21 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
 
+def is_public(cls: type) -> bool:
+    """Return whether a class is public: not private, nor only in a private module."""
+    if cls.__name__.startswith("_"):
+        return False
+    modules = cls.__module__.split(".")
+    if not any(module.startswith("_") for module in modules):
+        return True
+    package = sys.modules.get(modules[0])  # e.g. re-exported as curvlinops.<name>
+    return getattr(package, cls.__name__, None) is cls
+
+
 def public_bases(app, name, obj, options, bases):
     """Show the nearest public ancestor instead of a private base class."""
     for i, base in enumerate(bases):
-        while base.__name__.startswith("_") and base.__bases__:
+        while not is_public(base) and base.__bases__:
             base = base.__bases__[0]
         bases[i] = base
 
@@ -64,7 +77,7 @@ sphinx_gallery_conf = {
     "ignore_pattern": r"__init__\.py|_helpers\.py",
     "download_all_examples": False,
     "remove_config_comments": True,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "_gallery_order.TutorialOrder",  # reading order
     # link names in the tutorials' code to the API reference
     "doc_module": ("curvlinops",),
     "reference_url": {"curvlinops": None},

@@ -46,8 +46,8 @@ def xdiag(A, num_matvecs: int, generator: Generator | None = None) -> Tensor | n
             inputs.
 
     Returns:
-        The diagonal estimate of shape ``[N]``: a tensor for torch inputs, a NumPy
-        array otherwise.
+        The diagonal estimate of shape ``[N]``, a tensor for torch inputs and a
+        NumPy array otherwise.
 
     Example:
         >>> from torch import arange, float64, manual_seed, randn

@@ -46,8 +46,8 @@ def hutchinson_diag(
             inputs.
 
     Returns:
-        The diagonal estimate of shape ``[N]``: a tensor for torch inputs, a NumPy
-        array otherwise.
+        The diagonal estimate of shape ``[N]``, a tensor for torch inputs and a
+        NumPy array otherwise.
 
     Example:
         >>> from torch import float64, manual_seed, rand
@@ -127,8 +127,8 @@ class HutchinsonDiagonalEstimator:
                 ``'normal'``. Default: ``'rademacher'``.
 
         Returns:
-            The sample of shape ``[N]``: a NumPy array for NumPy/SciPy operators, a
-            tensor otherwise.
+            The sample of shape ``[N]``, a NumPy array for NumPy/SciPy operators and
+            a tensor otherwise.
         """
         return hutchinson_diag(self._A, 1, distribution)
 

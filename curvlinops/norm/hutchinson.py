@@ -46,7 +46,7 @@ def hutchinson_squared_fro(
             inputs.
 
     Returns:
-        The estimate: a scalar tensor for torch inputs, a float otherwise.
+        The estimate, a scalar tensor for torch inputs and a float otherwise.
 
     Example:
         >>> from torch import float64, manual_seed, rand

@@ -54,7 +54,7 @@ def xtrace(
             inputs.
 
     Returns:
-        The trace estimate: a scalar tensor for torch inputs, a float otherwise.
+        The trace estimate, a scalar tensor for torch inputs and a float otherwise.
 
     Example:
         >>> from torch import arange, float64, manual_seed, randn

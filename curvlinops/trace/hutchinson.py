@@ -45,7 +45,7 @@ def hutchinson_trace(
             inputs.
 
     Returns:
-        The trace estimate: a scalar tensor for torch inputs, a float otherwise.
+        The trace estimate, a scalar tensor for torch inputs and a float otherwise.
 
     Example:
         >>> from torch import float64, manual_seed, rand
@@ -120,7 +120,7 @@ class HutchinsonTraceEstimator:
                 ``'normal'``. Default: ``'rademacher'``.
 
         Returns:
-            The sample: a float for NumPy/SciPy operators, a scalar tensor otherwise.
+            The sample, a float for NumPy/SciPy operators and a scalar tensor otherwise.
         """
         return hutchinson_trace(self._A, 1, distribution)
 

@@ -52,7 +52,7 @@ def hutchpp_trace(
             inputs.
 
     Returns:
-        The trace estimate: a scalar tensor for torch inputs, a float otherwise.
+        The trace estimate, a scalar tensor for torch inputs and a float otherwise.
 
     Example:
         >>> from torch import arange, float64, manual_seed, randn
@@ -184,7 +184,7 @@ class HutchPPTraceEstimator:
                 ``'normal'``. Default: ``'rademacher'``.
 
         Returns:
-            The sample: a float for NumPy/SciPy operators, a scalar tensor otherwise.
+            The sample, a float for NumPy/SciPy operators and a scalar tensor otherwise.
         """
         check_distribution(distribution)
         if self._Q is None:

@@ -77,8 +77,9 @@ print(f"fraction of the trace in the top 3: {eigenvalues[:3].sum() / trace:.2f}"
 # --------------
 #
 # Each estimator takes an operator and a budget of matrix-vector products
-# ``num_matvecs``, and multiplies the operator onto all its random vectors at
-# once (one pass over the data for all of them).
+# ``num_matvecs``, and multiplies the operator onto its vectors in batches, each
+# batch in one pass over the data: Hutchinson's method needs one batched
+# product, the others two (the vectors of the second depend on the first).
 #
 # - :func:`~curvlinops.hutchinson_trace` averages :math:`\mathbf{v}^\top
 #   \mathbf{G}\mathbf{v}` over random vectors with :math:`\mathbb{E}[\mathbf{v}
