@@ -395,6 +395,9 @@ class PyTorchLinearOperator:
 
         Use it to hand the operator to ``scipy.sparse.linalg`` (``eigsh``, ``cg``,
         ``lsmr``, ...). Computations still run in PyTorch on the operator's device.
+        On a CPU, SciPy's OpenBLAS threads compete with PyTorch's for the cores;
+        setting the environment variable ``OPENBLAS_NUM_THREADS=1`` before NumPy
+        is imported can make such solvers several times faster.
 
         Args:
             dtype: NumPy dtype the SciPy operator reports and returns. Defaults to the
