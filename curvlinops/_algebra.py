@@ -95,7 +95,8 @@ class _SumPyTorchLinearOperator(_CompositePyTorchLinearOperator):
             AM = _convert_format(
                 op._matmat(_convert_format(M, op._in_shape)), self._out_shape
             )
-            result = AM if result is None else [r.add_(a) for r, a in zip(result, AM)]
+            # Out of place: an operand may return its input or a cached tensor.
+            result = AM if result is None else [r + a for r, a in zip(result, AM)]
         return result
 
     def _adjoint(self) -> PyTorchLinearOperator:
@@ -132,7 +133,8 @@ class _ScaledPyTorchLinearOperator(_CompositePyTorchLinearOperator):
         Returns:
             Scaled product in tensor-list format.
         """
-        return [r.mul_(self._scale) for r in self._operators[0]._matmat(M)]
+        # Out of place: the operand may return its input or a cached tensor.
+        return [r * self._scale for r in self._operators[0]._matmat(M)]
 
     def _adjoint(self) -> PyTorchLinearOperator:
         """Return the scaled adjoint.

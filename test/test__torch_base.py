@@ -77,6 +77,30 @@ def test_algebra_matches_dense():
     compare_matmat((opA @ opC).adjoint(), (A @ C).T)
 
 
+class _PassThrough(PyTorchLinearOperator):
+    """The identity, returning its input tensors themselves (no copy)."""
+
+    SELF_ADJOINT = True
+
+    def __init__(self, dim):
+        super().__init__([(dim,)], [(dim,)], device="cpu", dtype=float64)
+
+    def _matmat(self, M):
+        return M
+
+
+def test_algebra_does_not_modify_operand_products_in_place():
+    """Composites must not write into tensors an operand hands back."""
+    A = _dense(4, 4)
+    P, opA = _PassThrough(4), TensorLinearOperator(A)
+    V = _dense(4, 3, seed=5)
+    V_before = V.clone()
+    assert_close((P + opA + P) @ V, 2 * V_before + A @ V_before)
+    assert_close((3 * P) @ V, 3 * V_before)
+    assert_close((P - opA) @ [V], [V_before - A @ V_before])
+    assert_close(V, V_before)
+
+
 def test_algebra_folds_scales_and_flattens_chains_and_sums():
     opA, opB = (
         TensorLinearOperator(_dense(3, 3, 0)),
