@@ -272,7 +272,8 @@ class DifferentiationModes:
 
     The candidate modes, in order: forward mode (only if allowed), reverse mode, and
     both again with the composite attention kernel, whose operations all have
-    forward and second derivatives.
+    forward and second derivatives. Under ``torch.compile`` there is no fallback:
+    the current direction runs with the composite attention kernel.
     """
 
     def __init__(self, forward_mode_allowed: bool):
@@ -299,6 +300,12 @@ class DifferentiationModes:
             RuntimeError: Re-raised if the error is not a missing derivative.
             NotImplementedError: Re-raised if no mode succeeds.
         """
+        if is_compiling():
+            # Dynamo cannot trace the fallback, so choose the composite attention
+            # kernel up front (the compiler fuses it anyway).
+            forward = self._modes[self._current].forward
+            with _Mode(forward, composite_attention=True).context():
+                return computation(forward)
         while True:
             mode = self._modes[self._current]
             try:

@@ -11,6 +11,7 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from functools import cached_property
 from numbers import Real
 
 import numpy
@@ -474,6 +475,30 @@ def _flatten_columns(M: list[Tensor]) -> Tensor:
         Matrix of shape ``[sum_i prod(s_i), K]``.
     """
     return cat([m.reshape(-1, m.shape[-1]) for m in M])
+
+
+class lazy_attribute(cached_property):  # noqa: N801 (used like a decorator)
+    """:func:`functools.cached_property` without the lock of Python 3.11.
+
+    Python 3.12 dropped that lock; ``torch.compile`` cannot trace it and breaks
+    the graph on the first access inside a compiled function.
+    """
+
+    def __get__(self, instance, owner=None):
+        """Compute the value once and store it on the instance.
+
+        Args:
+            instance: The object, or ``None`` for access through the class.
+            owner: The class.
+
+        Returns:
+            The value (the descriptor itself for access through the class).
+        """
+        if instance is None:
+            return self
+        value = self.func(instance)
+        instance.__dict__[self.attrname] = value
+        return value
 
 
 class CurvatureLinearOperator(PyTorchLinearOperator):

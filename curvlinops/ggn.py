@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from functools import cached_property
 
 from torch import Tensor
 from torch.autograd import grad
 
 from curvlinops._autodiff import ModelJacobian, vjp
 from curvlinops._losses import SUPPORTED_LOSSES, hessian_matmat
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
 
 
 class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
@@ -28,7 +27,7 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
 
     SELF_ADJOINT: bool = True
 
-    @cached_property
+    @lazy_attribute
     def _jacobian(self) -> ModelJacobian:
         """Jacobian products of the model, forward mode first where possible.
 

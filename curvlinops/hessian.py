@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from functools import cached_property
 
 from torch import Tensor
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
 from curvlinops.utils import split_list
 
 
@@ -60,7 +59,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
     SELF_ADJOINT: bool = True
     SUPPORTS_BLOCKS: bool = True
 
-    @cached_property
+    @lazy_attribute
     def _modes(self) -> DifferentiationModes:
         """Differentiation modes: reverse-over-reverse, fused or composite attention.
 

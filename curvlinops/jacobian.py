@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
-from functools import cached_property
 
 from torch import Size, Tensor, cat, no_grad, zeros
 
@@ -14,7 +13,7 @@ from curvlinops._distributed import (
     gather_rows,
     row_range,
 )
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
 
 
 class _ModelJacobianLinearOperator(CurvatureLinearOperator):
@@ -71,7 +70,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             process_group=process_group,
         )
 
-    @cached_property
+    @lazy_attribute
     def _stacked_output_shape(self) -> Size:
         """Return the shape of the outputs on all data, from one forward pass.
 
@@ -92,7 +91,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             raise ValueError("`data` is empty: expected at least one batch (X, y).")
         return Size([self._num_data, *trailing])
 
-    @cached_property
+    @lazy_attribute
     def _row_range(self) -> tuple[int, int]:
         """Return the rows of this rank's data among the stacked outputs.
 
@@ -104,7 +103,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         num_rows = sum(self._batch_size(X) for X, _ in self._loop_over_data("rows"))
         return row_range(num_rows, self._process_group)
 
-    @cached_property
+    @lazy_attribute
     def _jacobian(self) -> ModelJacobian:
         """Jacobian products of the model; forward mode only where it is used.
 

@@ -1,6 +1,7 @@
 """Tests for curvlinops._autodiff: Jacobian products in every mode agree."""
 
 import pytest
+import torch
 from torch import float64, manual_seed, rand, randn
 from torch.nn import (
     Conv1d,
@@ -13,8 +14,10 @@ from torch.nn import (
     Unflatten,
 )
 
+from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
 from curvlinops._autodiff import jvp
 from curvlinops.utils import make_functional_model_and_loss
+from test.cases import Case
 from test.utils import assert_close
 
 
@@ -66,3 +69,29 @@ def test_forward_mode_matches_reverse_mode(trainable, num_cols):
     assert_close(JM_fwd, JM_rev)
     assert_close(JM_plain, JM_rev)
     assert all("forward" not in vars(m) for m in model.modules())  # patch undone
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "transformer"])
+@pytest.mark.parametrize(
+    "operator", [HessianLinearOperator, GGNLinearOperator, JacobianLinearOperator]
+)
+def test_products_compile_without_graph_breaks(architecture, operator):
+    """With autograd ops traced, dynamo captures a whole product in one graph.
+
+    The transformer also checks that compiled code, which cannot fall back, uses
+    attention kernels with the derivatives the product needs.
+    """
+    model, loss_func, params, data = Case(architecture, "mse").make()
+    args = (
+        (model, params)
+        if operator is JacobianLinearOperator
+        else (model, loss_func, params)
+    )
+    op = operator(*args, data[:1], check_deterministic=False)
+    v = randn(op.shape[1], dtype=float64)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(lambda v: op @ v)(v)
+        compiled = torch.compile(lambda v: op @ v, backend="aot_eager")(v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert_close(compiled, op @ v)
