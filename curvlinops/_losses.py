@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from math import sqrt
 
-from torch import Generator, Tensor, eye, multinomial, randn, sigmoid
+from torch import Generator, Size, Tensor, eye, multinomial, randn, sigmoid
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from torch.nn.functional import one_hot
 
@@ -44,6 +44,24 @@ def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         output = output.movedim(1, -1)
         return output.reshape(-1, output.shape[-1]), y.reshape(-1)
     return output.reshape(-1, output.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+def terms_to_output(loss_func, terms: Tensor, output_shape: Size) -> Tensor:
+    """Undo :func:`loss_terms` on columns: rows of terms back to the output's layout.
+
+    Args:
+        loss_func: The loss function.
+        terms: Columns of terms, ``[K, T, C]``.
+        output_shape: Shape of the model output, ``[B, C, *]`` for cross-entropy,
+            else ``[B, *, C]``.
+
+    Returns:
+        Columns ``[K, *output_shape]``.
+    """
+    if isinstance(loss_func, CrossEntropyLoss):
+        batch_size, num_classes, *rest = output_shape
+        return terms.reshape(-1, batch_size, *rest, num_classes).movedim(-1, 2)
+    return terms.reshape(-1, *output_shape)
 
 
 def reduction_factor(loss_func, output_terms: Tensor) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableMapping
 
 from torch import Tensor, einsum
-from torch.func import vjp
 
 from curvlinops._checks import check_supported_loss
 from curvlinops._losses import (
@@ -13,6 +12,7 @@ from curvlinops._losses import (
     loss_terms,
     reduction_factor,
     term_gradients,
+    terms_to_output,
 )
 from curvlinops.ggn import _JacobianSandwichLinearOperator
 
@@ -168,14 +168,8 @@ def _gradient_outer_product_matmat(
         The product, of shape ``[K, *output.shape]``.
     """
     num_samples, num_terms, num_outputs = gradients.shape
-
-    def to_terms(columns: Tensor) -> Tensor:
-        rows = loss_terms(loss_func, columns.flatten(end_dim=1), y)[0]
-        return rows.reshape(columns.shape[0], num_terms, num_outputs)
-
-    # The rearrangement into terms permutes entries, so its transpose (the VJP)
-    # is its inverse and maps term rows back to the output's layout.
-    M_terms, to_output = vjp(to_terms, M)
+    rows = loss_terms(loss_func, M.flatten(end_dim=1), y)[0]
+    M_terms = rows.reshape(M.shape[0], num_terms, num_outputs)
     if num_samples <= num_outputs:  # contract with one gradient at a time
         coefficients = einsum("ktc,stc->kst", M_terms, gradients)
         result = einsum("kst,std->ktd", coefficients, gradients)
@@ -183,5 +177,4 @@ def _gradient_outer_product_matmat(
         per_term = einsum("stc,std->tcd", gradients, gradients)
         result = einsum("ktc,tcd->ktd", M_terms, per_term)
     scale = 1.0 / (num_samples * reduction_factor(loss_func, M_terms[0]))
-    (result,) = to_output(result.mul_(scale))
-    return result
+    return terms_to_output(loss_func, result.mul_(scale), M.shape[1:])

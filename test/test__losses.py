@@ -12,6 +12,7 @@ from curvlinops._losses import (
     reduction_factor,
     sample_labels,
     term_gradients,
+    terms_to_output,
 )
 from test.utils import assert_close
 
@@ -42,6 +43,16 @@ def test_terms_and_reduction_factor_reproduce_the_loss(loss, reduction):
     per_term_sum = LOSSES[loss](reduction="sum")(f, y_t)
     expected = loss_func(output, y)
     assert_close(per_term_sum / reduction_factor(loss_func, f), expected)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_terms_to_output_inverts_loss_terms_on_columns(loss):
+    loss_func, output, y = _problem(loss)
+    columns = randn(5, *output.shape, dtype=float64)  # 5 columns in output layout
+    terms = loss_terms(loss_func, columns.flatten(end_dim=1), y)[0]
+    terms = terms.reshape(5, BATCH * SEQ, CLASSES)
+    assert_close(terms_to_output(loss_func, terms, output.shape), columns)
+    assert_close(terms[2], loss_terms(loss_func, columns[2], y)[0])
 
 
 @pytest.mark.parametrize("loss", LOSSES)
