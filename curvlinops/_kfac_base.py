@@ -1,12 +1,12 @@
-r"""Machinery shared by KFAC and EKFAC: arguments, data pass, factors, serialization.
+r"""Machinery shared by KFAC and EKFAC: arguments, data pass, factors.
 
 :class:`_KFACBase` checks the arguments, groups the parameters into the blocks of
 the canonical form (:mod:`curvlinops.kfac_utils`), computes the Kronecker factors
 in one pass over the data (forward hooks collect the layers' inputs; one batched
 backward pass of the loss-specific vectors gives the gradients w.r.t. the layer
-outputs), and saves and loads its state. Subclasses define what the factors are
-used for (:class:`curvlinops.KFACLinearOperator`,
-:class:`curvlinops.EKFACLinearOperator`).
+outputs); saving and loading its state comes from :mod:`curvlinops._kfac_state`.
+Subclasses define what the factors are used for
+(:class:`curvlinops.KFACLinearOperator`, :class:`curvlinops.EKFACLinearOperator`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from curvlinops._kfac_pass import (
     record_layers,
     supported_layer_mapping,
 )
+from curvlinops._kfac_state import _HYPERPARAMETERS, _KFACStateMixin
 from curvlinops._losses import SUPPORTED_LOSSES, reduction_factor
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.kfac_utils import (
@@ -44,24 +45,13 @@ from curvlinops.kfac_utils import (
 )
 from curvlinops.utils import allclose_report
 
-_HYPERPARAMETERS = (
-    "seed",
-    "fisher_type",
-    "mc_samples",
-    "kfac_approx",
-    "loss_average",
-    "num_per_example_loss_terms",
-    "separate_weight_and_bias",
-)
 
-
-class _KFACBase(CurvatureLinearOperator):
+class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
     """Kronecker factors of the supported layers, computed in one pass over the data.
 
     Subclasses implement ``_matmat`` and the matrix functions, may extend
     :meth:`compute_kronecker_factors`, and list what they save in
-    ``_FACTOR_STATE`` (state key mapped to attribute name and key kind, see
-    ``_factor_keys``).
+    ``_FACTOR_STATE`` (see :class:`~curvlinops._kfac_state._KFACStateMixin`).
 
     Attributes:
         SELF_ADJOINT: ``True``.
@@ -74,7 +64,6 @@ class _KFACBase(CurvatureLinearOperator):
     _SUPPORTED_LOSSES = SUPPORTED_LOSSES
     _SUPPORTED_MODULES = SUPPORTED_MODULES
     _SUPPORTED_LOSS_AVERAGE = LOSS_AVERAGES
-    _FACTOR_STATE: dict[str, tuple[str, str]] = {}
 
     def __init__(
         self,
@@ -408,96 +397,3 @@ class _KFACBase(CurvatureLinearOperator):
         from curvlinops.inverse import KFACInverseLinearOperator
 
         return KFACInverseLinearOperator(self, **kwargs)
-
-    # Serialization
-
-    def _factor_keys(self, kind: str) -> list:
-        """Return the expected keys of a factor dictionary.
-
-        Args:
-            kind: ``'weights'`` (layers whose weight is a parameter), ``'layers'``
-                (all layers with parameters) or ``'blocks'`` (canonical blocks).
-
-        Returns:
-            The keys.
-        """
-        if kind == "blocks":
-            return list(self._block_keys)
-        return [k for k, r in self._mapping.items() if kind == "layers" or "W" in r]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return model state, loss, hyperparameters and factors for saving.
-
-        Computes the factors if they are not cached.
-
-        Returns:
-            A dictionary for :meth:`load_state_dict` (and ``torch.save``).
-        """
-        self._ensure_factors()
-        state = {name: getattr(self, f"_{name}") for name in _HYPERPARAMETERS}
-        for name in ("fisher_type", "kfac_approx"):
-            state[name] = state[name].value
-        for key, (attribute, _) in self._FACTOR_STATE.items():
-            state[key] = dict(getattr(self, attribute))
-        return {
-            "model_func_state_dict": self._model_func.state_dict(),
-            "loss_type": type(self._loss_func).__name__,
-            "loss_reduction": self._loss_func.reduction,
-            "num_data": self._num_data,
-            **state,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]):
-        """Load model state, hyperparameters and factors from :meth:`state_dict`.
-
-        Args:
-            state_dict: The dictionary to load.
-
-        Raises:
-            ValueError: If the loss function or the layers do not match.
-        """
-        loss = (state_dict["loss_type"], state_dict["loss_reduction"])
-        if loss != (type(self._loss_func).__name__, self._loss_func.reduction):
-            raise ValueError(
-                f"The state is for {loss[0]}(reduction={loss[1]!r}), but the "
-                f"operator's loss is {self._loss_func!r}."
-            )
-        hyperparameters = {name: state_dict[name] for name in _HYPERPARAMETERS}
-        check_kfac_arguments(self._loss_func, hyperparameters)
-        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
-        self._set_hyperparameters(hyperparameters)
-        self._num_data = state_dict["num_data"]
-        self._setup_canonical_form()
-        for key, (attribute, kind) in self._FACTOR_STATE.items():
-            factors, expected = state_dict[key], self._factor_keys(kind)
-            if sorted(map(str, factors)) != sorted(map(str, expected)):
-                raise ValueError(
-                    f"The state's {key} are for {list(factors)}, expected {expected}."
-                )
-            loaded = {k: v.to(self.device, self.dtype) for k, v in factors.items()}
-            setattr(self, attribute, loaded)
-        self._factors_ready = True
-
-    @classmethod
-    def from_state_dict(
-        cls, state_dict: dict[str, Any], model_func: Module, loss_func: Module,
-        params: list[Tensor], data: Iterable, **kwargs,
-    ):  # fmt: skip
-        """Create an operator from :meth:`state_dict` without computing factors.
-
-        Args:
-            state_dict: The dictionary to load.
-            model_func: The neural network.
-            loss_func: The loss function.
-            params: The parameters.
-            data: The data.
-            **kwargs: Further constructor arguments, e.g. ``batch_size_fn``.
-
-        Returns:
-            The operator with the loaded state.
-        """
-        kwargs = {"check_deterministic": False, **kwargs}
-        kwargs.setdefault("num_data", state_dict["num_data"])
-        operator = cls(model_func, loss_func, params, data, **kwargs)
-        operator.load_state_dict(state_dict)
-        return operator
