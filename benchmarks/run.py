@@ -8,8 +8,10 @@ For every problem and operator, report the median time (over ``--repeats`` runs)
 - ``matmat/col``: one product with an 8-column matrix, divided by 8,
 - ``memory``: the peak memory allocated during one matvec,
 
-each divided by the same quantity for one gradient on the same mini-batch, measured
-in the same run. Prints a table that marks the targets, writes
+each divided by the same quantity for one gradient on the same mini-batch. Time
+ratios are medians of per-round ratios, each round timing one gradient right before
+the measured call, so that a machine whose speed drifts (shared cores) biases
+numerator and denominator alike. Prints a table that marks the targets, writes
 ``benchmarks/results/results.json`` and plots ``benchmarks/results/ratios.png``.
 
 Usage: ``python benchmarks/run.py [--problems mlp cnn] [--operators hessian ggn]``
@@ -60,18 +62,40 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def time_once(func, device: torch.device = CPU) -> float:
+    """Return the wall-clock time of one call ``func()`` in seconds."""
+    synchronize(device)
+    start = perf_counter()
+    func()
+    synchronize(device)
+    return perf_counter() - start
+
+
 def timed(func, repeats: int, warmup: int = 2, device: torch.device = CPU) -> float:
     """Return the median wall-clock time of ``func()`` in seconds."""
     for _ in range(warmup):
         func()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = perf_counter()
+    return median(time_once(func, device) for _ in range(repeats))
+
+
+def timed_ratio(
+    func, reference, repeats: int, warmup: int = 2, device: torch.device = CPU
+) -> tuple[float, float]:
+    """Time ``func()`` against ``reference()``, called right before it each round.
+
+    Returns:
+        The median time of ``func()`` in seconds and the median of the per-round
+        ratios of its time to the reference's.
+    """
+    for _ in range(warmup):
+        reference()
         func()
-        synchronize(device)
-        times.append(perf_counter() - start)
-    return median(times)
+    times, ratios = [], []
+    for _ in range(repeats):
+        reference_time = time_once(reference, device)
+        times.append(time_once(func, device))
+        ratios.append(times[-1] / reference_time)
+    return median(times), median(ratios)
 
 
 @contextmanager
@@ -125,19 +149,28 @@ def gradient_time(problem: Problem, repeats: int) -> float:
     return timed(gradient(problem), repeats, device=problem.device)
 
 
-def measure(problem: Problem, name: str, repeats: int) -> dict[str, float]:
-    """Time an operator's products on a problem (seconds) and its memory (bytes)."""
+def measure(problem: Problem, name: str, repeats: int) -> dict[str, tuple]:
+    """Time an operator's products on a problem, and its memory.
+
+    Returns:
+        Per metric, the value (seconds or bytes) and its ratio to one gradient's.
+    """
     op = OPERATORS[name](problem)
     device, result = problem.device, {}
+    grad = gradient(problem)
     if name in PRECOMPUTE:
         precompute = PRECOMPUTE[name]
-        result["precompute"] = timed(lambda: precompute(op), repeats, 1, device)
+        result["precompute"] = timed_ratio(
+            lambda: precompute(op), grad, repeats, 1, device
+        )
     generator = torch.Generator().manual_seed(0)
     v = torch.randn(op.shape[1], generator=generator).to(device, op.dtype)
     M = torch.randn(op.shape[1], NUM_COLUMNS, generator=generator).to(device, op.dtype)
-    result["matvec"] = timed(lambda: op @ v, repeats, device=device)
-    result["matmat/col"] = timed(lambda: op @ M, repeats, device=device) / NUM_COLUMNS
-    result["memory"] = peak_memory(lambda: op @ v, device)
+    result["matvec"] = timed_ratio(lambda: op @ v, grad, repeats, device=device)
+    seconds, ratio = timed_ratio(lambda: op @ M, grad, repeats, device=device)
+    result["matmat/col"] = (seconds / NUM_COLUMNS, ratio / NUM_COLUMNS)
+    memory = peak_memory(lambda: op @ v, device)
+    result["memory"] = (memory, memory / peak_memory(grad, device))
     return result
 
 
@@ -190,7 +223,7 @@ def main():
     parser.add_argument("--problems", nargs="+", default=default_problems)
     parser.add_argument("--operators", nargs="+", default=list(OPERATORS))
     parser.add_argument(
-        "--repeats", type=int, default=int(os.environ.get("REPEATS", 5))
+        "--repeats", type=int, default=int(os.environ.get("REPEATS", 7))
     )
     args = parser.parse_args()
 
@@ -214,14 +247,9 @@ def main():
         )
         for name in args.operators:
             values = measure(problem, name, args.repeats)
-            baseline = {"memory": grad_memory}
             entry = {
-                metric: {
-                    "value": value,
-                    "ratio": value / baseline.get(metric, grad_time),
-                    "target": target(name, metric),
-                }
-                for metric, value in values.items()
+                metric: {"value": value, "ratio": ratio, "target": target(name, metric)}
+                for metric, (value, ratio) in values.items()
             }
             results[problem_name]["operators"][name] = entry
             cells = []
