@@ -699,15 +699,21 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Returns:
             The product in tensor-list format.
         """
-        num_cols = M[0].shape[-1]
-        result = [
-            zeros(*s, num_cols, device=self.device, dtype=self.dtype)
-            for s in self._out_shape
-        ]
+        result = None
         for X, y in self._loop_over_data(desc="matmat"):
             weight = self._batch_weight(X)
-            for r, p in zip(result, self._matmat_batch(X, y, M)):
-                r.add_(p, alpha=weight)
+            products = self._matmat_batch(X, y, M)
+            if result is None:  # out of place: a product may alias ``M``
+                result = [p * weight for p in products]
+            else:
+                for r, p in zip(result, products):
+                    r.add_(p, alpha=weight)
+        if result is None:  # this rank has no data
+            num_cols = M[0].shape[-1]
+            result = [
+                zeros(*s, num_cols, device=self.device, dtype=self.dtype)
+                for s in self._out_shape
+            ]
         return all_reduce_sum(result, self._process_group)
 
     def _matmat_batch(
