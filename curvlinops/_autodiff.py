@@ -106,7 +106,7 @@ def jvp(
     params: list[Tensor],
     M: list[Tensor],
     forward_mode: bool,
-    model: Module | None = None,
+    fast_layers: list[Module] = (),
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``f(*params)`` and multiply its Jacobian onto ``K`` columns.
 
@@ -116,9 +116,9 @@ def jvp(
         M: One tensor ``[K, *param.shape]`` per parameter.
         forward_mode: Use forward-mode AD (one forward pass that carries tangents)
             instead of the reverse-over-reverse trick.
-        model: The module that ``f`` evaluates. If given, its linear and
-            convolution layers use hand-written forward-mode rules for one column
-            (see :func:`_fast_layer_jvps`).
+        fast_layers: Linear and convolution layers of the model ``f`` evaluates
+            (see :func:`fast_rule_layers`) that use hand-written forward-mode rules
+            for one column (see :func:`_fast_layer_jvps`).
 
     Returns:
         The output of ``f`` (still attached to the parameters' autograd graph) and the
@@ -131,15 +131,29 @@ def jvp(
         output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
         return output, JM.unsqueeze(0)
     if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
-        with forward_ad.dual_level(), _fast_layer_jvps(model):
+        with forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
             duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
             output, JM = forward_ad.unpack_dual(f(*duals))
         return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
     return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
 
 
+def fast_rule_layers(model) -> list[Module]:
+    """Return the layers of a model that get the lean forward-mode rule.
+
+    Args:
+        model: A ``torch.nn.Module`` or any other callable (which has none).
+
+    Returns:
+        Its modules of exactly the types ``Linear`` and ``Conv1d/2d/3d``.
+    """
+    if not isinstance(model, Module):
+        return []
+    return [m for m in model.modules() if type(m) in (Linear, Conv1d, Conv2d, Conv3d)]
+
+
 @contextmanager
-def _fast_layer_jvps(model: Module | None):
+def _fast_layer_jvps(layers: list[Module]):
     r"""Give linear and convolution layers a lean forward-mode rule while active.
 
     PyTorch's forward-mode rules for ``linear`` and ``convolution`` treat a missing
@@ -151,15 +165,16 @@ def _fast_layer_jvps(model: Module | None):
     :math:`\dot{\mathbf{z}} = g(\dot{\mathbf{x}}, \mathbf{W}) + g(\mathbf{x},
     \dot{\mathbf{W}}) + \dot{\mathbf{b}}`. Only modules of exactly the types
     ``Linear`` and ``Conv1d/2d/3d`` are affected (not subclasses, which may change
-    ``forward``), and only until the context exits.
+    ``forward``; nor layers whose ``forward`` was replaced), and only until the
+    context exits.
 
     Args:
-        model: The module whose layers to treat, or ``None`` (nothing happens).
+        layers: Layers from :func:`fast_rule_layers`.
 
     Yields:
         Nothing.
     """
-    layers = [] if model is None else [m for m in model.modules() if _fast_rule(m)]
+    layers = [layer for layer in layers if "forward" not in vars(layer)]
     for layer in layers:
         layer.forward = MethodType(_bilinear_layer_forward, layer)
     try:
@@ -167,20 +182,6 @@ def _fast_layer_jvps(model: Module | None):
     finally:
         for layer in layers:
             del layer.forward
-
-
-def _fast_rule(module: Module) -> bool:
-    """Return whether a module gets the lean forward-mode rule.
-
-    Args:
-        module: A module.
-
-    Returns:
-        Whether it is exactly a ``Linear`` or ``Conv1d/2d/3d`` without own forward.
-    """
-    return type(module) in (Linear, Conv1d, Conv2d, Conv3d) and (
-        "forward" not in vars(module)
-    )
 
 
 def _bilinear_layer_forward(layer: Module, x: Tensor) -> Tensor:
@@ -342,6 +343,7 @@ class ModelJacobian:
             else None
         )
         self._modes = DifferentiationModes(self._functional is not None)
+        self._fast_layers = fast_rule_layers(model_func)
 
     def run(self, computation: Callable[[Callable], object]):
         """Run a computation that uses Jacobian products, in a mode that works.
@@ -375,4 +377,4 @@ class ModelJacobian:
             return jvp(lambda *_: self._model_func(X), self._params, M, False)
         f = self._functional
         with nullcontext() if output_graph else no_grad():
-            return jvp(lambda *ps: f(*ps, X), self._params, M, True, self._model_func)
+            return jvp(lambda *ps: f(*ps, X), self._params, M, True, self._fast_layers)

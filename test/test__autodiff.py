@@ -13,9 +13,10 @@ from torch.nn import (
     Tanh,
     Unflatten,
 )
+from torch.nn.functional import linear
 
 from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
-from curvlinops._autodiff import jvp
+from curvlinops._autodiff import fast_rule_layers, jvp
 from curvlinops.utils import make_functional_model_and_loss
 from test.cases import Case
 from test.utils import assert_close
@@ -63,12 +64,31 @@ def test_forward_mode_matches_reverse_mode(trainable, num_cols):
     f, _ = make_functional_model_and_loss(model, None, tuple(params))
 
     out_rev, JM_rev = jvp(lambda *_: model(X), params, M, forward_mode=False)
-    out_fwd, JM_fwd = jvp(lambda *ps: f(*ps, X), params, M, True, model=model)
+    out_fwd, JM_fwd = jvp(
+        lambda *ps: f(*ps, X), params, M, True, fast_rule_layers(model)
+    )
     out_plain, JM_plain = jvp(lambda *ps: f(*ps, X), params, M, True)
     assert_close(out_fwd, out_rev)
     assert_close(JM_fwd, JM_rev)
     assert_close(JM_plain, JM_rev)
     assert all("forward" not in vars(m) for m in model.modules())  # patch undone
+
+
+def test_lean_rules_leave_replaced_forward_methods_alone():
+    """A layer whose ``forward`` the user replaced keeps it in forward mode."""
+    manual_seed(0)
+    model = Sequential(Linear(3, 4), Tanh(), Linear(4, 2)).to(float64)
+    model[2].forward = lambda x: 2 * linear(x, model[2].weight, model[2].bias)
+    params = list(model.parameters())
+    X = rand(5, 3, dtype=float64)
+    M = [randn(1, *p.shape, dtype=float64) for p in params]
+    f, _ = make_functional_model_and_loss(model, None, tuple(params))
+    layers = fast_rule_layers(model)
+    assert layers == [model[0], model[2]]
+    out_fwd, JM_fwd = jvp(lambda *ps: f(*ps, X), params, M, True, layers)
+    out_rev, JM_rev = jvp(lambda *_: model(X), params, M, forward_mode=False)
+    assert_close(out_fwd, out_rev)
+    assert_close(JM_fwd, JM_rev)
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "transformer"])
