@@ -35,7 +35,11 @@ from curvlinops._kfac_pass import (
     supported_layer_mapping,
 )
 from curvlinops._kfac_state import _HYPERPARAMETERS, _KFACStateMixin
-from curvlinops._losses import SUPPORTED_LOSSES, reduction_factor
+from curvlinops._losses import (
+    SUPPORTED_LOSSES,
+    check_output_and_labels,
+    reduction_factor,
+)
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.kfac_utils import (
     FisherType,
@@ -309,6 +313,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         with record_layers(self._model_func, layers, input_rows, backward) as probes:
             with set_grad_enabled(backward):
                 output = self._model_func(X)
+        check_output_and_labels(self._loss_func, output, y)
         if not backward or not probes:
             return
         output_terms, V = self._scaled_vectors(X, output, y, generator)

@@ -29,20 +29,61 @@ from torch.nn.functional import one_hot
 SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
 
+def check_output_and_labels(loss_func, output, y):
+    """Raise a clear error if a model output or its labels do not fit the loss.
+
+    Closed forms that do not read the labels (e.g. the square loss's Hessian)
+    would otherwise accept any labels silently.
+
+    Args:
+        loss_func: The loss function.
+        output: Model output on a mini-batch.
+        y: The mini-batch's labels.
+
+    Raises:
+        TypeError: If the output is not a tensor.
+        ValueError: If the labels' shape does not fit the output's for a supported
+            loss: the output's shape, or for cross-entropy ``[B, *]`` (class
+            indices) or the output's shape (class probabilities).
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"The model must return one tensor, got {type(output).__name__}."
+        )
+    if not isinstance(loss_func, SUPPORTED_LOSSES) or not isinstance(y, Tensor):
+        return
+    expected = [output.shape]
+    if isinstance(loss_func, CrossEntropyLoss):
+        expected.insert(0, output.shape[:1] + output.shape[2:])
+    if y.shape not in expected:
+        shapes = " or ".join(str(list(shape)) for shape in expected)
+        raise ValueError(
+            f"{type(loss_func).__name__} on model outputs of shape "
+            f"{list(output.shape)} expects labels of shape {shapes}, "
+            f"got {list(y.shape)}."
+        )
+
+
 def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Rearrange a mini-batch's outputs and labels into one row per loss term.
 
     Args:
         loss_func: The loss function.
         output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``.
-        y: Labels; ``[B, *]`` for cross-entropy, else of the output's shape.
+        y: Labels; ``[B, *]`` class indices or ``[B, C, *]`` class probabilities
+            for cross-entropy, else of the output's shape.
 
     Returns:
-        Outputs ``[T, C]`` and labels (``[T]`` for cross-entropy, else ``[T, C]``).
+        Outputs ``[T, C]`` and labels (``[T]`` for class indices, else ``[T, C]``).
     """
     if isinstance(loss_func, CrossEntropyLoss):
         output = output.movedim(1, -1)
-        return output.reshape(-1, output.shape[-1]), y.reshape(-1)
+        num_classes = output.shape[-1]
+        if y.is_floating_point():  # class probabilities, laid out like the output
+            return output.reshape(-1, num_classes), y.movedim(1, -1).reshape(
+                -1, num_classes
+            )
+        return output.reshape(-1, num_classes), y.reshape(-1)
     return output.reshape(-1, output.shape[-1]), y.reshape(-1, y.shape[-1])
 
 
@@ -89,6 +130,9 @@ def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
         output_terms: Outputs in rows, ``[T, C]``.
         y_terms: Labels in rows (see :func:`loss_terms`), optionally with leading
             sample axes, e.g. ``[M, T, C]`` or ``[M, T]`` for sampled labels.
+            Cross-entropy takes class indices or (floating) class probabilities
+            :math:`\mathbf{p}_t`, whose gradient is
+            :math:`\mathrm{softmax}(\mathbf{f}_t) \sum_c p_{t,c} - \mathbf{p}_t`.
 
     Returns:
         Gradients of shape ``[*, T, C]`` (leading axes of ``y_terms``).
@@ -96,6 +140,10 @@ def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
     if isinstance(loss_func, MSELoss):
         return 2 * (output_terms - y_terms)
     if isinstance(loss_func, CrossEntropyLoss):
+        if y_terms.is_floating_point():  # class probabilities
+            targets = y_terms
+            mass = targets.sum(-1, keepdim=True)
+            return output_terms.softmax(-1) * mass - targets
         targets = one_hot(y_terms, output_terms.shape[-1]).to(output_terms.dtype)
         return output_terms.softmax(-1) - targets
     return sigmoid(output_terms) - y_terms

@@ -8,7 +8,11 @@ from torch import Tensor
 from torch.autograd import grad
 
 from curvlinops._autodiff import ModelJacobian, vjp
-from curvlinops._losses import SUPPORTED_LOSSES, hessian_matmat
+from curvlinops._losses import (
+    SUPPORTED_LOSSES,
+    check_output_and_labels,
+    hessian_matmat,
+)
 from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
 
 
@@ -53,6 +57,7 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
 
         def compute(jvp) -> list[Tensor]:
             output, JM = jvp(X, M)
+            check_output_and_labels(self._loss_func, output, y)
             SJM = self._output_matmat(output.detach(), y, JM)
             return vjp([output], self._params, [SJM], retain_graph=False)
 

@@ -49,7 +49,8 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
     :math:`c \sum_t \mathbf{J}_t^\top \mathbf{g}_t \mathbf{g}_t^\top \mathbf{J}_t`.
     A product therefore costs about one GGN product: one forward pass carrying the
     columns as tangents and one backward pass per mini-batch, for all columns at
-    once. Supported losses are ``MSELoss``, ``CrossEntropyLoss`` and
+    once. Supported losses are ``MSELoss``, ``CrossEntropyLoss`` (labels are class
+    indices ``[N, *]`` or class probabilities ``[N, C, *]``) and
     ``BCEWithLogitsLoss``. The operator is self-adjoint.
 
     The EF is cheap but can differ a lot from the Fisher; see

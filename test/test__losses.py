@@ -6,6 +6,7 @@ from torch.func import hessian, jacrev
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._losses import (
+    check_output_and_labels,
     hessian_matmat,
     hessian_sqrt,
     loss_terms,
@@ -53,6 +54,18 @@ def test_terms_to_output_inverts_loss_terms_on_columns(loss):
     terms = terms.reshape(5, BATCH * SEQ, CLASSES)
     assert_close(terms_to_output(loss_func, terms, output.shape), columns)
     assert_close(terms[2], loss_terms(loss_func, columns[2], y)[0])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_label_shapes_are_checked_against_the_output(loss):
+    loss_func, output, y = _problem(loss)
+    check_output_and_labels(loss_func, output, y)
+    if loss == "ce":  # class probabilities are accepted as well
+        check_output_and_labels(loss_func, output, output.softmax(1))
+    with pytest.raises(ValueError, match="expects labels of shape"):
+        check_output_and_labels(loss_func, output, y[:1])
+    with pytest.raises(TypeError, match="must return one tensor, got list"):
+        check_output_and_labels(loss_func, [output], y)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

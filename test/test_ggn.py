@@ -3,7 +3,12 @@
 import pytest
 from torch.nn import HuberLoss, Module
 
-from curvlinops import GGNLinearOperator
+from curvlinops import (
+    EFLinearOperator,
+    FisherMCLinearOperator,
+    GGNLinearOperator,
+    KFACLinearOperator,
+)
 from curvlinops.examples.functorch import functorch_ggn
 from test.cases import CASE_IDS, CASES, Case
 from test.utils import compare_matmat
@@ -35,3 +40,26 @@ def test_ggn_of_a_loss_without_closed_form():
     loss_func = HuberLoss(reduction="sum", delta=0.3)
     G = GGNLinearOperator(model, loss_func, params, data)
     compare_matmat(G, functorch_ggn(model, loss_func, params, data))
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator, KFACLinearOperator],
+)
+def test_labels_and_outputs_that_do_not_fit_the_loss_raise(operator):
+    """Closed forms that ignore the labels must not accept wrong ones silently."""
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    wrong = [(X, y[:, :1]) for X, y in data]  # broadcastable, yet not the output's
+    with pytest.raises(ValueError, match=r"expects labels of shape \[\d+, 3\]"):
+        operator(model, loss_func, params, wrong)
+
+    class TupleOutput(Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, X):
+            return self.model(X), X
+
+    with pytest.raises(TypeError, match="must return one tensor, got tuple"):
+        operator(TupleOutput(), loss_func, params, data)

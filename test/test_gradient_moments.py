@@ -1,8 +1,9 @@
 """Tests for curvlinops.gradient_moments."""
 
 import pytest
-from torch import cat, eye, outer, zeros
+from torch import cat, eye, float64, outer, randn_like, zeros
 from torch.nn import HuberLoss, Module, MSELoss
+from torch.nn.functional import one_hot
 
 from curvlinops import EFLinearOperator
 from curvlinops.examples.functorch import (
@@ -64,3 +65,20 @@ def test_ef_rejects_unsupported_loss():
     model, _, params, data = Case("mlp", "mse").make()
     with pytest.raises(NotImplementedError, match="MSELoss.*HuberLoss"):
         EFLinearOperator(model, HuberLoss(), params, data)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ef_with_class_probabilities_as_labels(reduction: str):
+    """Cross-entropy labels may be class probabilities laid out like the output."""
+    model, loss_func, params, data = Case("sequence", "ce", reduction).make()
+    soft = [(X, (2 * randn_like(model(X))).softmax(1).detach()) for X, _ in data]
+    E = EFLinearOperator(model, loss_func, params, soft)
+    compare_matmat(E, functorch_empirical_fisher(model, loss_func, params, soft))
+    # one-hot probabilities give the EF of the class indices
+    num_classes = model(data[0][0]).shape[1]
+    one_hots = [(X, one_hot(y, num_classes).movedim(-1, 1).double()) for X, y in data]
+    identity = eye(E.shape[1], dtype=float64)
+    assert_close(
+        EFLinearOperator(model, loss_func, params, one_hots) @ identity,
+        EFLinearOperator(model, loss_func, params, data) @ identity,
+    )

@@ -4,6 +4,7 @@ import pytest
 from torch import cat, eye, float64, kron, manual_seed, rand, randn
 from torch.linalg import matrix_norm, qr, slogdet
 from torch.nn import Linear, ReLU, Sequential
+from torch.nn.functional import one_hot
 
 from curvlinops import KFACLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
@@ -187,3 +188,13 @@ def test_kronecker_and_eigenbasis_matmat_match_dense():
     Q = kron(QL, QR)
     expected = Q @ eigenvalues.flatten().diag() @ Q.T @ M
     assert_close(_eigenbasis_matmat(M, QL, QR, eigenvalues), expected)
+
+
+def test_empirical_kfac_takes_class_probabilities_as_labels():
+    """One-hot class probabilities give the factors of the class indices."""
+    model, loss_func, params, data = Case("sequence", "ce").make()
+    num_classes = model(data[0][0]).shape[1]
+    one_hots = [(X, one_hot(y, num_classes).movedim(-1, 1).double()) for X, y in data]
+    K_soft = _kfac(model, loss_func, params, one_hots, fisher_type="empirical")
+    K = _kfac(model, loss_func, params, data, fisher_type="empirical")
+    assert_close(kfac_dense(K_soft), kfac_dense(K))
