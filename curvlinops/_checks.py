@@ -6,6 +6,8 @@ from collections.abc import Callable, MutableMapping
 
 from torch import Tensor
 
+from curvlinops._losses import check_loss_options
+
 
 def check_params(params: list[Tensor]):
     """Verify that parameters are a non-empty list of differentiable tensors.
@@ -77,7 +79,10 @@ def check_reduction(loss_func) -> str:
 
 
 def check_supported_loss(loss_func, supported: tuple[type, ...], who: str):
-    """Verify that a loss function is an instance of one of the supported types.
+    """Verify that a loss function is of a supported type, without extra options.
+
+    Weights, ``pos_weight`` and label smoothing change the closed forms the
+    operators rely on.
 
     Args:
         loss_func: Loss function.
@@ -92,6 +97,7 @@ def check_supported_loss(loss_func, supported: tuple[type, ...], who: str):
         raise NotImplementedError(
             f"{who} supports the losses {names}; got {type(loss_func).__name__}."
         )
+    check_loss_options(loss_func, who)
 
 
 def check_block_sizes(block_sizes: list[int] | None, num_params: int) -> list[int]:

@@ -37,6 +37,7 @@ from curvlinops._kfac_pass import (
 from curvlinops._kfac_state import _HYPERPARAMETERS, _KFACStateMixin
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
+    check_no_ignored_labels,
     check_output_and_labels,
     reduction_factor,
 )
@@ -314,6 +315,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             with set_grad_enabled(backward):
                 output = self._model_func(X)
         check_output_and_labels(self._loss_func, output, y)
+        check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         if not backward or not probes:
             return
         output_terms, V = self._scaled_vectors(X, output, y, generator)

@@ -25,6 +25,7 @@ from torch.nn import Conv2d, Linear, Module
 
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
+    check_loss_options,
     hessian_sqrt,
     loss_terms,
     sample_labels,
@@ -374,10 +375,13 @@ def check_kfac_arguments(loss_func, hyperparameters: dict[str, Any]):
 
     Raises:
         ValueError: If a value is invalid or inconsistent (see the messages).
+        NotImplementedError: If the loss sets weights, ``pos_weight`` or label
+            smoothing.
     """
     if not isinstance(loss_func, SUPPORTED_LOSSES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
         raise ValueError(f"KFAC supports {names}; got {type(loss_func).__name__}.")
+    check_loss_options(loss_func, "KFAC")
     for name, enum in [("fisher_type", FisherType), ("kfac_approx", KFACType)]:
         if hyperparameters[name] not in enum:
             raise ValueError(

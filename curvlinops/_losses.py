@@ -29,6 +29,95 @@ from torch.nn.functional import one_hot
 SUPPORTED_LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
 
+_OPTIONS = {
+    CrossEntropyLoss: ("weight", "label_smoothing"),
+    BCEWithLogitsLoss: ("weight", "pos_weight"),
+}
+
+
+def unsupported_options(loss_func) -> list[str]:
+    """Return the options of a supported loss that the closed forms do not model.
+
+    Args:
+        loss_func: The loss function.
+
+    Returns:
+        Names of the options that are set: class or entry ``weight``s,
+        ``pos_weight`` (BCE) and ``label_smoothing`` (cross-entropy).
+    """
+    names = [
+        n for cls, ns in _OPTIONS.items() if isinstance(loss_func, cls) for n in ns
+    ]
+    values = {name: getattr(loss_func, name) for name in names}
+    return [name for name, value in values.items() if _is_set(value)]
+
+
+def _is_set(value) -> bool:
+    """Return whether a loss option differs from its default (``None`` or ``0``).
+
+    Args:
+        value: The option's value, e.g. a weight tensor or a smoothing factor.
+
+    Returns:
+        Whether it is set.
+    """
+    if isinstance(value, (int, float)):
+        return value != 0
+    return value is not None
+
+
+def has_ignored_labels(loss_func, y: Tensor) -> bool:
+    """Return whether cross-entropy labels contain the loss's ``ignore_index``.
+
+    Args:
+        loss_func: The loss function.
+        y: Mini-batch labels.
+
+    Returns:
+        Whether some terms are ignored (never for other losses or class
+        probabilities).
+    """
+    if not isinstance(loss_func, CrossEntropyLoss) or y.is_floating_point():
+        return False
+    return bool((y == loss_func.ignore_index).any())
+
+
+def check_loss_options(loss_func, who: str):
+    """Raise if a loss sets options that the closed forms do not model.
+
+    Args:
+        loss_func: One of the supported losses.
+        who: Name of the caller for the error message.
+
+    Raises:
+        NotImplementedError: If weights, ``pos_weight`` or label smoothing are set.
+    """
+    options = unsupported_options(loss_func)
+    if options:
+        raise NotImplementedError(
+            f"{who} does not support {type(loss_func).__name__} with the options "
+            f"{options}; use the loss without them."
+        )
+
+
+def check_no_ignored_labels(loss_func, y: Tensor, who: str):
+    """Raise if cross-entropy labels contain the loss's ``ignore_index``.
+
+    Args:
+        loss_func: One of the supported losses.
+        y: Mini-batch labels.
+        who: Name of the caller for the error message.
+
+    Raises:
+        NotImplementedError: If some labels equal ``ignore_index``.
+    """
+    if has_ignored_labels(loss_func, y):
+        raise NotImplementedError(
+            f"{who} does not support labels equal to CrossEntropyLoss's "
+            f"ignore_index={loss_func.ignore_index}; remove those terms from the data."
+        )
+
+
 def check_output_and_labels(loss_func, output, y):
     """Raise a clear error if a model output or its labels do not fit the loss.
 

@@ -10,6 +10,7 @@ from curvlinops._checks import check_supported_loss
 from curvlinops._distributed import rank_seed
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
+    check_no_ignored_labels,
     loss_terms,
     sample_labels,
     term_gradients,
@@ -208,6 +209,7 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         """
         # Should a fallback differentiation mode re-run this batch, it must draw the
         # same labels, so that the first product equals all later ones.
+        check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         self._generator.set_state(self._batch_state)
         output_terms, _ = loss_terms(self._loss_func, output, y)
         labels = sample_labels(

@@ -11,7 +11,9 @@ from curvlinops._autodiff import ModelJacobian, vjp
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_output_and_labels,
+    has_ignored_labels,
     hessian_matmat,
+    unsupported_options,
 )
 from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
 
@@ -126,7 +128,8 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
     def _output_matmat(self, output: Tensor, y: Tensor, M: Tensor) -> Tensor:
         """Multiply the Hessian of the mini-batch loss w.r.t. the output onto columns.
 
-        Closed forms for the square, cross-entropy and BCE losses; any other loss is
+        Closed forms for the square, cross-entropy and BCE losses; any other loss,
+        or one of these with weights, label smoothing or ignored labels, is
         differentiated twice with autograd.
 
         Args:
@@ -137,7 +140,11 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             Loss Hessian times ``M``, of shape ``[K, *output.shape]``.
         """
-        if isinstance(self._loss_func, SUPPORTED_LOSSES):
+        closed_form = isinstance(self._loss_func, SUPPORTED_LOSSES) and not (
+            unsupported_options(self._loss_func)
+            or has_ignored_labels(self._loss_func, y)
+        )
+        if closed_form:
             return hessian_matmat(self._loss_func, output, M)
         output.requires_grad_(True)
         (gradient,) = grad(self._loss_func(output, y), output, create_graph=True)

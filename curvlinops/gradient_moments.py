@@ -9,6 +9,7 @@ from torch import Tensor, einsum
 from curvlinops._checks import check_supported_loss
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
+    check_no_ignored_labels,
     loss_terms,
     reduction_factor,
     term_gradients,
@@ -141,6 +142,7 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             The product, of shape ``[K, *output.shape]``.
         """
+        check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         output_terms, y_terms = loss_terms(self._loss_func, output, y)
         gradients = term_gradients(self._loss_func, output_terms, y_terms)
         return _gradient_outer_product_matmat(

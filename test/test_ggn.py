@@ -1,6 +1,7 @@
 """Tests for curvlinops.ggn."""
 
 import pytest
+from torch import float64, rand, tensor
 from torch.nn import HuberLoss, Module
 
 from curvlinops import (
@@ -63,3 +64,40 @@ def test_labels_and_outputs_that_do_not_fit_the_loss_raise(operator):
 
     with pytest.raises(TypeError, match="must return one tensor, got tuple"):
         operator(TupleOutput(), loss_func, params, data)
+
+
+def _loss_with_options(option: str):
+    """A loss with an option the closed forms do not model, and fitting labels."""
+    model, loss_func, params, data = Case(
+        "mlp", "bce" if "pos" in option else "ce"
+    ).make()
+    if option == "ignore_index":  # some labels are ignored
+        data = [(X, y.index_fill(0, tensor([0]), -100)) for X, y in data]
+        return model, loss_func, params, data
+    kwargs = {
+        "weight": {"weight": rand(3, dtype=float64)},
+        "label_smoothing": {"label_smoothing": 0.2},
+        "pos_weight": {"pos_weight": rand(3, dtype=float64) + 0.5},
+    }[option]
+    return model, type(loss_func)(**kwargs), params, data
+
+
+OPTIONS = ["weight", "label_smoothing", "ignore_index", "pos_weight"]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_ggn_of_losses_with_options_matches_functorch(option):
+    """Losses with weights, smoothing or ignored labels fall back to autograd."""
+    model, loss_func, params, data = _loss_with_options(option)
+    G = GGNLinearOperator(model, loss_func, params, data)
+    compare_matmat(G, functorch_ggn(model, loss_func, params, data))
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize(
+    "operator", [EFLinearOperator, FisherMCLinearOperator, KFACLinearOperator]
+)
+def test_closed_form_operators_reject_loss_options(operator, option):
+    model, loss_func, params, data = _loss_with_options(option)
+    with pytest.raises(NotImplementedError, match="does not support"):
+        operator(model, loss_func, params, data)
