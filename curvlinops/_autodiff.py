@@ -234,7 +234,11 @@ def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tenso
 
 
 def is_missing_derivative(error: Exception) -> bool:
-    """Return whether an error reports a derivative PyTorch has not implemented.
+    """Return whether an error says that another differentiation mode may work.
+
+    That is a derivative PyTorch has not implemented, or an in-place update of a
+    tensor the model captures (e.g. BatchNorm's running statistics in train mode),
+    which ``torch.func`` transforms refuse but plain autograd allows.
 
     Args:
         error: Error raised during differentiation.
@@ -247,6 +251,7 @@ def is_missing_derivative(error: Exception) -> bool:
         isinstance(error, NotImplementedError)
         or ("derivative" in message and "not implemented" in message)
         or "forward ad" in message
+        or "mutate a captured tensor" in message
     )
 
 

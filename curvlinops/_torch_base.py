@@ -11,6 +11,7 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from contextlib import contextmanager
 from functools import cached_property
 from numbers import Real
 
@@ -22,6 +23,7 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
+    no_grad,
     randn,
     zeros,
     zeros_like,
@@ -29,6 +31,8 @@ from torch import (
 from torch import device as torch_device
 from torch import dtype as torch_dtype
 from torch.autograd import grad
+from torch.nn import Module
+from torch.nn.modules.batchnorm import _NormBase
 from tqdm import tqdm
 
 from curvlinops._checks import (
@@ -477,6 +481,31 @@ def _flatten_columns(M: list[Tensor]) -> Tensor:
     return cat([m.reshape(-1, m.shape[-1]) for m in M])
 
 
+@contextmanager
+def _restored_running_stats(model):
+    """Restore the running statistics of normalization layers in train mode.
+
+    Args:
+        model: The model; anything but a ``torch.nn.Module`` has none.
+
+    Yields:
+        Nothing.
+    """
+    modules = model.modules() if isinstance(model, Module) else []
+    layers = [m for m in modules if isinstance(m, _NormBase) and m.training]
+    saved = [
+        (buffer, buffer.clone())
+        for layer in layers
+        for buffer in layer.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 class lazy_attribute(cached_property):  # noqa: N801 (used like a decorator)
     """:func:`functools.cached_property` without the lock of Python 3.11.
 
@@ -524,6 +553,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     matrix :math:`\mathbf{C}_{\mathcal{B}}` (of the batch loss, with its reduction)
     onto a matrix in tensor-list format, and set ``SELF_ADJOINT`` or implement
     ``_adjoint``.
+
+    Normalization layers in train mode (e.g. ``BatchNorm2d``) normalize with the
+    statistics of each mini-batch, which couples the data points of a batch; the
+    running statistics they update during a pass are restored afterwards, so
+    products do not change the model.
 
     Attributes:
         SELF_ADJOINT: Whether the operator is symmetric. Default: ``False``.
@@ -643,13 +677,17 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
         Yields:
             Mini-batches ``(X, y)``; tensor inputs and labels on ``self.device``.
+            Normalization layers in train mode use batch statistics; the running
+            statistics they update are restored after the pass, so that products
+            leave the model as they found it.
         """
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
-        for X, y in data:
-            check_batch_input(X, self._batch_size_fn)
-            if isinstance(X, Tensor):
-                X = X.to(self.device)
-            yield X, y.to(self.device) if isinstance(y, Tensor) else y
+        with _restored_running_stats(self._model_func):
+            for X, y in data:
+                check_batch_input(X, self._batch_size_fn)
+                if isinstance(X, Tensor):
+                    X = X.to(self.device)
+                yield X, y.to(self.device) if isinstance(y, Tensor) else y
 
     def _batch_size(self, X: Tensor | MutableMapping) -> int:
         """Return the number of data points in a mini-batch input.

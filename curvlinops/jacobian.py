@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from weakref import ref
 
 from torch import Size, Tensor, cat, no_grad, zeros
 
@@ -57,7 +58,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
                 of all ranks' data stacked in rank order (see the class
                 description). ``None`` (default): single process.
         """
-        self._transpose = None
+        self._transpose, self._transpose_of = None, None
         super().__init__(
             model_func,
             None,
@@ -136,7 +137,11 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         )
 
     def _transposed(self, cls: type) -> _ModelJacobianLinearOperator:
-        """Return the transposed operator, built once and linked both ways.
+        """Return the transposed operator, built once and shared by both.
+
+        The operator holds the transpose it built; the transpose refers back only
+        weakly. A reference cycle would keep both, and their process group, alive
+        until the interpreter exits, where tearing down a gloo group can abort.
 
         Args:
             cls: Class of the transposed operator.
@@ -144,6 +149,9 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         Returns:
             The transposed operator on the same model, parameters, and data.
         """
+        owner = None if self._transpose_of is None else self._transpose_of()
+        if owner is not None:
+            return owner
         if self._transpose is None:
             self._transpose = cls(
                 self._model_func,
@@ -155,7 +163,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
                 batch_size_fn=self._batch_size_fn,
                 process_group=self._process_group,
             )
-            self._transpose._transpose = self
+            self._transpose._transpose_of = ref(self)
         return self._transpose
 
 

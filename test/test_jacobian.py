@@ -1,5 +1,7 @@
 """Tests for curvlinops.jacobian."""
 
+from weakref import ref
+
 import pytest
 from torch import Size, cat, zeros
 from torch.autograd import grad
@@ -37,8 +39,13 @@ def test_jacobian_format_and_adjoints():
     assert J._out_shape == [Size([num_data, *model(data[0][0]).shape[1:]])]
     JT = J.adjoint()
     assert isinstance(JT, TransposedJacobianLinearOperator)
-    assert JT.adjoint() is J
+    assert JT.adjoint() is J and J.adjoint() is JT
     assert JT._in_shape == J._out_shape
+    # no reference cycle (it would keep a process group alive until exit)
+    J_ref = ref(J)
+    del J
+    assert J_ref() is None
+    assert isinstance(JT.adjoint(), JacobianLinearOperator)
 
 
 def test_transposed_jacobian_maps_output_gradients_to_the_gradient():

@@ -143,6 +143,11 @@ def functorch_hessian(
 ) -> Tensor:
     r"""Compute the Hessian :math:`\nabla^2_{\mathbf{\theta}} \mathcal{L}` densely.
 
+    Note: ``torch.func``'s second derivatives of ``batch_norm`` with batch
+    statistics (BatchNorm in train mode) disagree with finite differences in
+    PyTorch 2.13, while plain autograd agrees with them; use this reference with
+    BatchNorm in eval mode only.
+
     Args:
         model_func: The neural network (a ``torch.nn.Module``).
         loss_func: The loss function.
