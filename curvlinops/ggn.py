@@ -103,8 +103,11 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
     ``CrossEntropyLoss``, ``BCEWithLogitsLoss``), for which it equals the Fisher
     information matrix. Any loss that PyTorch differentiates twice works.
 
-    A product costs one forward pass that carries the columns as tangents, a cheap
-    product with the loss Hessian, and one backward pass per mini-batch. Models whose
+    A product costs one forward pass that carries the columns as tangents, a
+    product with the loss Hessian, and one backward pass per mini-batch. The loss
+    Hessian has closed forms for these three losses; other losses, and these with
+    weights, ``pos_weight``, label smoothing or labels equal to ``ignore_index``,
+    are differentiated twice with autograd. Models whose
     operations lack forward-mode derivatives fall back to reverse mode. The operator
     is self-adjoint.
 
