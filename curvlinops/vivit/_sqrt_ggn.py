@@ -62,6 +62,7 @@ from backpack.extensions.module_extension import ModuleExtension
 from backpack.utils.subsampling import subsample
 from torch import Tensor, dtype, get_default_dtype, nn, set_default_dtype
 
+from curvlinops._losses import check_no_ignored_labels
 from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 
 # Module class -> (derivatives, names of the parameters whose factor is stored)
@@ -384,12 +385,14 @@ class SqrtGGN(BackpropExtension):
         Raises:
             ValueError: If the reduction is not ``'mean'`` or a sub-sampling index is
                 out of range.
+            NotImplementedError: If cross-entropy labels equal ``ignore_index``.
         """
         if module.reduction != "mean":
             raise ValueError(
                 f"ViViT computations need a loss with reduction='mean', got "
                 f"{module.reduction!r} for {module}."
             )
+        check_no_ignored_labels(module, module.input1, "ViViT")
         batch_size = module.input0.shape[0]
         if self._subsampling is not None and any(
             not 0 <= idx < batch_size for idx in self._subsampling

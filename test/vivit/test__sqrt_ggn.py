@@ -235,3 +235,11 @@ def test_subsampling_out_of_range_raises():
     problem = make_problem(Case("mlp", "ce"))
     with pytest.raises(ValueError, match="Sub-sampling indices"):
         backward(problem, SqrtGGN("factor", subsampling=[0, 5]))
+
+
+def test_ignored_labels_raise():
+    """Terms with ignored labels would enter the factor: refuse them."""
+    problem = make_problem(Case("mlp", "ce"))
+    problem.y[0] = problem.loss_func.ignore_index
+    with pytest.raises(NotImplementedError, match="ignore_index"):
+        backward(problem, SqrtGGN("factor"))
