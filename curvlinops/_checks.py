@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 from torch import Tensor
 
@@ -17,8 +17,9 @@ def check_params(params: list[Tensor]):
 
     Raises:
         TypeError: If ``params`` is not a list or tuple of tensors.
-        ValueError: If it is empty, a tensor does not require gradients, or the
-            tensors live on different devices or have different dtypes.
+        ValueError: If it is empty, a tensor does not require gradients or appears
+            twice, or the tensors live on different devices or have different
+            dtypes.
     """
     if not isinstance(params, (list, tuple)):
         raise TypeError(
@@ -33,6 +34,8 @@ def check_params(params: list[Tensor]):
             raise ValueError(
                 f"params[{idx}] (shape {list(p.shape)}) must require grad."
             )
+        if any(p is q for q in params[:idx]):
+            raise ValueError(f"params[{idx}] appears twice in `params`.")
     check_same_device_and_dtype(params, "params")
 
 
@@ -123,6 +126,23 @@ def check_block_sizes(block_sizes: list[int] | None, num_params: int) -> list[in
             f"parameters ({num_params}), got {block_sizes}."
         )
     return list(block_sizes)
+
+
+def check_data(data):
+    """Verify that the data can be iterated over more than once.
+
+    Args:
+        data: Candidate data, e.g. a list of batches or a ``DataLoader``.
+
+    Raises:
+        TypeError: If ``data`` is an iterator (e.g. a generator), which one pass
+            would exhaust.
+    """
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "`data` must be iterable more than once, e.g. a list of batches or a "
+            f"DataLoader; got a {type(data).__name__}, which one pass exhausts."
+        )
 
 
 def check_batch_input(X, batch_size_fn: Callable | None):

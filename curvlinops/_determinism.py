@@ -84,6 +84,11 @@ def compare_passes(first: list[dict], second: list[dict]) -> str | None:
         )
     for idx, (fp1, fp2) in enumerate(zip(first, second)):
         for what in ("inputs", "labels", "predictions"):
+            if not fp1[what].isfinite().all():
+                return (
+                    f"The {what} of batch {idx} contain NaN or infinite values; "
+                    "curvature products would be, too."
+                )
             if not allclose_report(
                 fp1[what], fp2[what], DETERMINISM_RTOL, DETERMINISM_ATOL
             ):

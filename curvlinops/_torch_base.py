@@ -38,6 +38,7 @@ from tqdm import tqdm
 from curvlinops._checks import (
     check_batch_input,
     check_block_sizes,
+    check_data,
     check_params,
     check_reduction,
 )
@@ -613,6 +614,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             RuntimeError: If the determinism probe fails.
         """
         check_params(params)
+        check_data(data)
         check_process_group(process_group)
         self._process_group = process_group
         if loss_func is not None:

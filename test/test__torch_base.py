@@ -251,10 +251,22 @@ def test_dataloader_and_progressbar(capsys):
         ({"data": [({"x": zeros(2, 5)}, zeros(2, 3))]}, ValueError, "batch_size_fn"),
         ({"loss_func": MSELoss(reduction="none")}, ValueError, "reduction"),
         ({"num_data": 0}, ValueError, "num_data"),
+        ({"data": "generator"}, TypeError, "iterable more than once"),
+        ({"params": "duplicate"}, ValueError, r"params\[1\] appears twice"),
+        ({"data": "nan"}, RuntimeError, "inputs of batch 0 contain NaN"),
     ],
 )
 def test_curvature_operator_rejects_bad_input(kwargs, error, match):
     model, loss_func, params, data = Case("mlp", "mse").make()
+    special = {
+        "generator": (batch for batch in data),
+        "duplicate": [params[0], params[0]],
+        "nan": [(X * float("nan"), y) for X, y in data],
+    }
+    kwargs = {
+        key: special[value] if isinstance(value, str) and value in special else value
+        for key, value in kwargs.items()
+    }
     args = {"model_func": model, "loss_func": loss_func, "params": params, "data": data}
     with pytest.raises(error, match=match):
         HessianLinearOperator(**{**args, **kwargs})
