@@ -194,21 +194,48 @@ def terms_to_output(loss_func, terms: Tensor, output_shape: Size) -> Tensor:
     return terms.reshape(-1, *output_shape)
 
 
-def reduction_factor(loss_func, output_terms: Tensor) -> float:
+def reduction_factor(
+    loss_func, output_terms: Tensor, y_terms: Tensor | None = None
+) -> float | Tensor:
     """Return the factor :math:`R` by which the loss divides the sum of its terms.
 
     Args:
         loss_func: The loss function.
         output_terms: Outputs in rows, ``[T, C]``.
+        y_terms: Labels in rows. If given, cross-entropy averages only over the
+            terms whose label is not ``ignore_index``.
 
     Returns:
-        ``1`` for ``reduction='sum'``; the number of averaged entries otherwise.
+        ``1`` for ``reduction='sum'``; the number of averaged entries otherwise (a
+        tensor if it counts non-ignored labels, to avoid a host synchronization).
     """
     if loss_func.reduction == "sum":
         return 1.0
     num_terms, num_outputs = output_terms.shape
-    is_ce = isinstance(loss_func, CrossEntropyLoss)
-    return float(num_terms if is_ce else num_terms * num_outputs)
+    if not isinstance(loss_func, CrossEntropyLoss):
+        return float(num_terms * num_outputs)
+    ignored = ignored_terms(loss_func, y_terms)
+    return float(num_terms) if ignored is None else (~ignored).sum().to(output_terms)
+
+
+def ignored_terms(loss_func, y_terms: Tensor | None) -> Tensor | None:
+    """Return which loss terms cross-entropy ignores (label ``ignore_index``).
+
+    Args:
+        loss_func: The loss function.
+        y_terms: Labels in rows, possibly with leading axes, or ``None``.
+
+    Returns:
+        A boolean mask of the labels' shape for cross-entropy with class indices,
+        else ``None``.
+    """
+    if (
+        not isinstance(loss_func, CrossEntropyLoss)
+        or y_terms is None
+        or y_terms.is_floating_point()
+    ):
+        return None
+    return y_terms == loss_func.ignore_index
 
 
 def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
@@ -233,8 +260,11 @@ def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
             targets = y_terms
             mass = targets.sum(-1, keepdim=True)
             return output_terms.softmax(-1) * mass - targets
-        targets = one_hot(y_terms, output_terms.shape[-1]).to(output_terms.dtype)
-        return output_terms.softmax(-1) - targets
+        ignored = ignored_terms(loss_func, y_terms)
+        indices = y_terms.masked_fill(ignored, 0)
+        targets = one_hot(indices, output_terms.shape[-1]).to(output_terms.dtype)
+        gradients = output_terms.softmax(-1) - targets
+        return gradients.masked_fill(ignored.unsqueeze(-1), 0.0)  # ignored: zero
     return sigmoid(output_terms) - y_terms
 
 

@@ -10,7 +10,7 @@ from curvlinops._checks import check_supported_loss
 from curvlinops._distributed import rank_seed
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
-    check_no_ignored_labels,
+    ignored_terms,
     loss_terms,
     sample_labels,
     term_gradients,
@@ -50,10 +50,11 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
 
     with :math:`\mathbf{J}_n` the Jacobian of :math:`\mathbf{f}_n` w.r.t. the
     parameters. Extra output axes (sequence, spatial) become loss terms of their own,
-    scaled as for :class:`~curvlinops.EFLinearOperator`. For the supported losses
-    (``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss``) the exact Fisher
-    equals the generalized Gauss-Newton matrix, to which the estimate converges as
-    :math:`M` grows.
+    scaled as for :class:`~curvlinops.EFLinearOperator` (cross-entropy terms
+    labeled ``ignore_index`` are left out). For the supported losses (``MSELoss``,
+    ``CrossEntropyLoss``, ``BCEWithLogitsLoss``, without weights or label
+    smoothing) the exact Fisher equals the generalized Gauss-Newton matrix, to
+    which the estimate converges as :math:`M` grows.
 
     One operator is *one* deterministic sample of the estimator: a generator seeded
     with ``seed`` at the start of every product draws the labels batch by batch, so
@@ -209,11 +210,13 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         """
         # Should a fallback differentiation mode re-run this batch, it must draw the
         # same labels, so that the first product equals all later ones.
-        check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         self._generator.set_state(self._batch_state)
-        output_terms, _ = loss_terms(self._loss_func, output, y)
+        output_terms, y_terms = loss_terms(self._loss_func, output, y)
         labels = sample_labels(
             self._loss_func, output_terms, self._mc_samples, self._generator
         )
         gradients = term_gradients(self._loss_func, output_terms, labels)
+        ignored = ignored_terms(self._loss_func, y_terms)
+        if ignored is not None:  # terms that cross-entropy ignores do not count
+            gradients = gradients.masked_fill(ignored.unsqueeze(-1), 0.0)
         return _gradient_outer_product_matmat(self._loss_func, y, gradients, M)

@@ -9,7 +9,6 @@ from torch import Tensor, einsum
 from curvlinops._checks import check_supported_loss
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
-    check_no_ignored_labels,
     loss_terms,
     reduction_factor,
     term_gradients,
@@ -51,8 +50,10 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
     A product therefore costs about one GGN product: one forward pass carrying the
     columns as tangents and one backward pass per mini-batch, for all columns at
     once. Supported losses are ``MSELoss``, ``CrossEntropyLoss`` (labels are class
-    indices ``[N, *]`` or class probabilities ``[N, C, *]``) and
-    ``BCEWithLogitsLoss``. The operator is self-adjoint.
+    indices ``[N, *]``, where terms labeled ``ignore_index`` are left out as the
+    loss leaves them out, or class probabilities ``[N, C, *]``) and
+    ``BCEWithLogitsLoss``, without weights or label smoothing. The operator is
+    self-adjoint.
 
     The EF is cheap but can differ a lot from the Fisher; see
 
@@ -142,7 +143,6 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             The product, of shape ``[K, *output.shape]``.
         """
-        check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         output_terms, y_terms = loss_terms(self._loss_func, output, y)
         gradients = term_gradients(self._loss_func, output_terms, y_terms)
         return _gradient_outer_product_matmat(
@@ -163,7 +163,8 @@ def _gradient_outer_product_matmat(
 
     Args:
         loss_func: One of the supported loss functions.
-        y: Mini-batch labels (only to rearrange outputs into terms).
+        y: Mini-batch labels (to rearrange outputs into terms, and to leave out
+            terms whose cross-entropy label is ``ignore_index`` from the average).
         gradients: Term gradients ``[S, T, C]``.
         M: Columns ``[K, *output.shape]``.
 
@@ -171,7 +172,7 @@ def _gradient_outer_product_matmat(
         The product, of shape ``[K, *output.shape]``.
     """
     num_samples, num_terms, num_outputs = gradients.shape
-    rows = loss_terms(loss_func, M.flatten(end_dim=1), y)[0]
+    rows, y_terms = loss_terms(loss_func, M.flatten(end_dim=1), y)
     M_terms = rows.reshape(M.shape[0], num_terms, num_outputs)
     if num_samples <= num_outputs:  # contract with one gradient at a time
         coefficients = einsum("ktc,stc->kst", M_terms, gradients)
@@ -179,5 +180,5 @@ def _gradient_outer_product_matmat(
     else:  # cheaper to form the per-term C x C matrices first
         per_term = einsum("stc,std->tcd", gradients, gradients)
         result = einsum("ktc,tcd->ktd", M_terms, per_term)
-    scale = 1.0 / (num_samples * reduction_factor(loss_func, M_terms[0]))
+    scale = 1.0 / (num_samples * reduction_factor(loss_func, M_terms[0], y_terms))
     return terms_to_output(loss_func, result.mul_(scale), M.shape[1:])

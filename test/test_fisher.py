@@ -1,7 +1,7 @@
 """Tests for curvlinops.fisher."""
 
 import pytest
-from torch import Generator, eye, no_grad
+from torch import Generator, eye, no_grad, tensor
 from torch.linalg import matrix_norm
 from torch.nn import HuberLoss
 
@@ -129,3 +129,13 @@ def test_mc_fisher_rejects_unsupported_loss():
     model, _, params, data = Case("mlp", "mse").make()
     with pytest.raises(NotImplementedError, match="BCEWithLogitsLoss.*HuberLoss"):
         FisherMCLinearOperator(model, HuberLoss(), params, data)
+
+
+def test_mc_fisher_leaves_out_terms_with_ignored_labels():
+    """With ignored cross-entropy labels, the MC Fisher still converges to the GGN."""
+    model, loss_func, params, data = Case("sequence", "ce").make()
+    data = [(X, y.index_fill(-1, tensor([0]), -100)) for X, y in data]
+    G = functorch_ggn(model, loss_func, params, data)
+    F = FisherMCLinearOperator(model, loss_func, params, data, mc_samples=10_000)
+    identity = eye(G.shape[0], dtype=G.dtype)
+    assert (matrix_norm(F @ identity - G) / matrix_norm(G)).item() < 0.03

@@ -1,7 +1,7 @@
 """Tests for curvlinops.gradient_moments."""
 
 import pytest
-from torch import cat, eye, float64, outer, randn_like, zeros
+from torch import cat, eye, float64, outer, randn_like, tensor, zeros
 from torch.nn import HuberLoss, Module, MSELoss
 from torch.nn.functional import one_hot
 
@@ -82,3 +82,12 @@ def test_ef_with_class_probabilities_as_labels(reduction: str):
         EFLinearOperator(model, loss_func, params, one_hots) @ identity,
         EFLinearOperator(model, loss_func, params, data) @ identity,
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ef_leaves_out_terms_with_ignored_labels(reduction: str):
+    """Cross-entropy terms labeled ``ignore_index`` neither count nor contribute."""
+    model, loss_func, params, data = Case("sequence", "ce", reduction).make()
+    data = [(X, y.index_fill(-1, tensor([0]), -100)) for X, y in data]
+    E = EFLinearOperator(model, loss_func, params, data)
+    compare_matmat(E, functorch_empirical_fisher(model, loss_func, params, data))

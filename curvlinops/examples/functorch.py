@@ -275,7 +275,8 @@ def functorch_empirical_fisher(
     The terms :math:`\ell_t` are the entries of the un-reduced loss
     (``reduction='none'``), summed over the output axis except for cross-entropy,
     whose un-reduced entries already are the terms. :math:`R_{\mathcal{B}}` is the
-    number of un-reduced entries for ``reduction='mean'`` and one for ``'sum'``.
+    number of un-reduced entries (for cross-entropy those whose label is not
+    ``ignore_index``) for ``reduction='mean'`` and one for ``'sum'``.
     Per-term gradients come from the Jacobian of the terms w.r.t. the parameters.
 
     Args:
@@ -312,7 +313,10 @@ def functorch_empirical_fisher(
             return (entries if per_entry_terms else entries.sum(-1)).flatten()
 
         G = jacrev(terms)(theta)
-        scale = 1.0 / losses.numel() if loss_func.reduction == "mean" else 1.0
+        averaged = losses.numel()
+        if per_entry_terms and not y.is_floating_point():  # ignored labels do not count
+            averaged = int((y != loss_func.ignore_index).sum())
+        scale = 1.0 / averaged if loss_func.reduction == "mean" else 1.0
         ef.add_(G.T @ G, alpha=weight * scale)
     return ef
 
