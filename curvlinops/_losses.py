@@ -333,19 +333,24 @@ def hessian_sqrt(loss_func, output_terms: Tensor) -> Tensor:
     return (p * (1 - p)).sqrt().unsqueeze(-1) * identity
 
 
-def hessian_matmat(loss_func, output: Tensor, M: Tensor) -> Tensor:
+def hessian_matmat(
+    loss_func, output: Tensor, M: Tensor, y: Tensor | None = None
+) -> Tensor:
     r"""Multiply the mini-batch loss's Hessian w.r.t. the model output onto columns.
 
     Uses the closed forms :math:`\frac{2}{R}\mathbf{I}` (square loss),
     :math:`\frac{1}{R}(\mathrm{diag}(\mathbf{p}) - \mathbf{p}\mathbf{p}^\top)` per term
     (cross-entropy) and :math:`\frac{1}{R}\mathrm{diag}(\mathbf{p} \odot (1 -
     \mathbf{p}))` (BCE), which are much cheaper than differentiating the loss twice.
+    Cross-entropy terms labeled ``ignore_index`` have zero Hessian and do not count
+    in :math:`R`.
 
     Args:
         loss_func: The loss function.
         output: Model output on the mini-batch (``[B, C, *]`` for cross-entropy,
             else ``[B, *, C]``).
         M: Columns ``[K, *output.shape]``.
+        y: Mini-batch labels; only cross-entropy's ignored labels matter.
 
     Returns:
         The product, ``[K, *output.shape]``.
@@ -353,12 +358,16 @@ def hessian_matmat(loss_func, output: Tensor, M: Tensor) -> Tensor:
     output = output.detach()
     is_ce = isinstance(loss_func, CrossEntropyLoss)
     num_outputs = output.shape[1 if is_ce else -1]
-    scale = 1.0 / reduction_factor(loss_func, output.reshape(-1, num_outputs))
+    y_terms = None if y is None or not is_ce else y.reshape(-1)
+    scale = 1.0 / reduction_factor(loss_func, output.reshape(-1, num_outputs), y_terms)
     if isinstance(loss_func, MSELoss):
         return (2 * scale) * M
     if isinstance(loss_func, BCEWithLogitsLoss):
         p = sigmoid(output)
         return (scale * p * (1 - p)) * M
     p = output.softmax(1)
+    ignored = ignored_terms(loss_func, y)
+    if ignored is not None:  # [B, *] -> [B, 1, *]
+        p = p.masked_fill(ignored.unsqueeze(1), 0.0)
     pM = p * M
     return scale * (pM - p * pM.sum(2, keepdim=True))

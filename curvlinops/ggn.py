@@ -11,7 +11,6 @@ from curvlinops._autodiff import ModelJacobian, vjp
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_output_and_labels,
-    has_ignored_labels,
     hessian_matmat,
     unsupported_options,
 )
@@ -105,9 +104,10 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
 
     A product costs one forward pass that carries the columns as tangents, a
     product with the loss Hessian, and one backward pass per mini-batch. The loss
-    Hessian has closed forms for these three losses; other losses, and these with
-    weights, ``pos_weight``, label smoothing or labels equal to ``ignore_index``,
-    are differentiated twice with autograd. Models whose
+    Hessian has closed forms for these three losses (cross-entropy terms labeled
+    ``ignore_index`` are left out, as the loss leaves them out); other losses, and
+    these with weights, ``pos_weight`` or label smoothing, are differentiated twice
+    with autograd. Models whose
     operations lack forward-mode derivatives fall back to reverse mode. The operator
     is self-adjoint.
 
@@ -132,8 +132,8 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
         """Multiply the Hessian of the mini-batch loss w.r.t. the output onto columns.
 
         Closed forms for the square, cross-entropy and BCE losses; any other loss,
-        or one of these with weights, label smoothing or ignored labels, is
-        differentiated twice with autograd.
+        or one of these with weights or label smoothing, is differentiated twice
+        with autograd.
 
         Args:
             output: Detached model output on the mini-batch.
@@ -145,10 +145,9 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
         """
         closed_form = isinstance(self._loss_func, SUPPORTED_LOSSES) and not (
             unsupported_options(self._loss_func)
-            or has_ignored_labels(self._loss_func, y)
         )
         if closed_form:
-            return hessian_matmat(self._loss_func, output, M)
+            return hessian_matmat(self._loss_func, output, M, y)
         output.requires_grad_(True)
         (gradient,) = grad(self._loss_func(output, y), output, create_graph=True)
         (HM,) = vjp([gradient], [output], [M], retain_graph=False)
