@@ -804,10 +804,18 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Raises:
             RuntimeError: If data, model predictions, or products differ between two
                 passes (on any rank).
+            ValueError: If ``num_data`` differs from the number of data points.
         """
+        batch_sizes = []
+
+        def counted(batches: Iterable) -> Iterable:
+            for X, y in batches:
+                batch_sizes.append(self._batch_size(X))
+                yield X, y
+
         passes = [
             fingerprint_pass(
-                self._loop_over_data("check_deterministic"), self._model_func
+                counted(self._loop_over_data("check_deterministic")), self._model_func
             )
             for _ in range(2)
         ]
@@ -816,6 +824,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         )
         if error is not None:
             raise RuntimeError(error)
+        local = sum(batch_sizes) // 2  # two passes
+        num_data = int(sum_over_ranks(local, self._process_group, self.device))
+        if num_data != self._num_data:
+            raise ValueError(
+                f"`num_data={self._num_data}` was given, but the data (of all ranks) "
+                f"holds {num_data} data points."
+            )
         generator = Generator(device=self.device).manual_seed(0)
         M = randn(self.shape[1], 2, generator=generator, device=self.device)
         M = M.to(self.dtype)

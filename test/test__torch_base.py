@@ -254,6 +254,7 @@ def test_dataloader_and_progressbar(capsys):
         ({"data": "generator"}, TypeError, "iterable more than once"),
         ({"params": "duplicate"}, ValueError, r"params\[1\] appears twice"),
         ({"data": "nan"}, RuntimeError, "inputs of batch 0 contain NaN"),
+        ({"num_data": 100}, ValueError, "num_data=100. was given, but the data"),
     ],
 )
 def test_curvature_operator_rejects_bad_input(kwargs, error, match):
