@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
+from numpy import ndarray
 from torch import Tensor, as_tensor, long, zeros
 
 from curvlinops._adapter import adapt
@@ -96,7 +97,7 @@ def _check_indices(idxs: list[int], dim: int, name: str) -> Tensor:
     """Verify indices of a sub-matrix and return them as tensor.
 
     Args:
-        idxs: The indices.
+        idxs: The indices: a list, or a 1d integer tensor or NumPy array.
         dim: The size of the indexed dimension.
         name: Name of the indices in error messages.
 
@@ -107,6 +108,8 @@ def _check_indices(idxs: list[int], dim: int, name: str) -> Tensor:
         ValueError: If the indices are empty, contain non-integers, duplicates, or
             values outside ``[0, dim)``.
     """
+    if isinstance(idxs, (Tensor, ndarray)):  # entries become Python numbers
+        idxs = idxs.tolist()
     idxs = list(idxs)
     if not idxs:
         raise ValueError(f"`{name}` is empty: expected at least one index.")

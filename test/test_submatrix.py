@@ -1,8 +1,8 @@
 """Tests for curvlinops.submatrix."""
 
 import pytest
-from numpy import int64
-from torch import float64, manual_seed, randn
+from numpy import array, int64
+from torch import float64, manual_seed, randn, tensor
 
 from curvlinops import GGNLinearOperator, SubmatrixLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
@@ -37,6 +37,15 @@ def test_numpy_integer_indices():
     A = _random_matrix()
     rows, cols = [int64(i) for i in ROWS], [int64(i) for i in COLS]
     compare_matmat(SubmatrixLinearOperator(A, rows, cols), A[ROWS][:, COLS])
+
+
+def test_index_arrays():
+    """Integer tensors and NumPy arrays work as indices (e.g. from ``topk``)."""
+    A = _random_matrix()
+    rows, cols = tensor(ROWS), array(COLS)
+    compare_matmat(SubmatrixLinearOperator(A, rows, cols), A[ROWS][:, COLS])
+    with pytest.raises(ValueError, match="integers"):
+        SubmatrixLinearOperator(A, tensor(ROWS, dtype=float64), cols)
 
 
 def test_submatrix_of_ggn():
