@@ -42,9 +42,9 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
                 :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix,
                 or a SciPy ``LinearOperator``.
             row_idxs: Row indices of the sub-matrix, unique integers in
-                :math:`[0, M)`.
+                :math:`[0, M)` (a list, or a 1d integer tensor or NumPy array).
             col_idxs: Column indices of the sub-matrix, unique integers in
-                :math:`[0, N)`.
+                :math:`[0, N)` (likewise).
         """
         self._A = adapt(A).operator
         self.set_submatrix(row_idxs, col_idxs)
@@ -54,9 +54,9 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
 
         Args:
             row_idxs: Row indices of the sub-matrix, unique integers in
-                :math:`[0, M)`.
+                :math:`[0, M)` (a list, or a 1d integer tensor or NumPy array).
             col_idxs: Column indices of the sub-matrix, unique integers in
-                :math:`[0, N)`.
+                :math:`[0, N)` (likewise).
         """
         num_rows, num_cols = self._A.shape
         self._row_idxs = _check_indices(row_idxs, num_rows, "row_idxs")
