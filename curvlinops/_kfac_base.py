@@ -41,7 +41,7 @@ from curvlinops._losses import (
     check_output_and_labels,
     reduction_factor,
 )
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, with_autograd
 from curvlinops.kfac_utils import (
     FisherType,
     FromCanonicalLinearOperator,
@@ -194,6 +194,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
 
     # Factor computation
 
+    @with_autograd
     def compute_kronecker_factors(self):
         """Compute the Kronecker factors with one pass over the data and cache them.
 
@@ -271,6 +272,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         if not self._factors_ready:
             self.compute_kronecker_factors()
 
+    @with_autograd
     def _data_pass(
         self,
         on_input: Callable[[str, Tensor], None],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
 from contextlib import contextmanager
-from functools import cached_property
+from functools import cached_property, wraps
 from numbers import Real
 
 import numpy
@@ -23,6 +23,8 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
+    enable_grad,
+    inference_mode,
     no_grad,
     randn,
     zeros,
@@ -31,6 +33,7 @@ from torch import (
 from torch import device as torch_device
 from torch import dtype as torch_dtype
 from torch.autograd import grad
+from torch.compiler import is_compiling
 from torch.nn import Module
 from torch.nn.modules.batchnorm import _NormBase
 from tqdm import tqdm
@@ -482,6 +485,46 @@ def _flatten_columns(M: list[Tensor]) -> Tensor:
     return cat([m.reshape(-1, m.shape[-1]) for m in M])
 
 
+def with_autograd(method: Callable) -> Callable:
+    """Run a method with autograd on, also inside ``no_grad`` or ``inference_mode``.
+
+    Curvature products differentiate the model; a caller's ``torch.no_grad()``
+    would otherwise make them wrong or fail. Tensor-list arguments created in
+    inference mode are cloned into normal tensors.
+
+    Args:
+        method: A method whose computation needs autograd.
+
+    Returns:
+        The wrapped method.
+    """
+
+    @wraps(method)
+    def wrapped(self, *args):
+        with inference_mode(False), enable_grad():
+            args = [
+                [_normal_tensor(t) for t in a] if isinstance(a, list) else a
+                for a in args
+            ]
+            return method(self, *args)
+
+    return wrapped
+
+
+def _normal_tensor(tensor: Tensor) -> Tensor:
+    """Return a tensor that autograd can use: a clone of one from inference mode.
+
+    Args:
+        tensor: A tensor.
+
+    Returns:
+        The tensor itself, or (if created in inference mode) a normal copy.
+    """
+    if is_compiling():  # dynamo cannot trace ``is_inference``
+        return tensor
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
 @contextmanager
 def _restored_running_stats(model):
     """Restore the running statistics of normalization layers in train mode.
@@ -688,8 +731,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             for X, y in data:
                 check_batch_input(X, self._batch_size_fn)
                 if isinstance(X, Tensor):
-                    X = X.to(self.device)
-                yield X, y.to(self.device) if isinstance(y, Tensor) else y
+                    X = _normal_tensor(X.to(self.device))
+                if isinstance(y, Tensor):
+                    y = _normal_tensor(y.to(self.device))
+                yield X, y
 
     def _batch_size(self, X: Tensor | MutableMapping) -> int:
         """Return the number of data points in a mini-batch input.
@@ -730,6 +775,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             return self._batch_size(X) / self._num_data
         return 1.0
 
+    @with_autograd
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Accumulate the weighted mini-batch products over the data.
 
@@ -773,6 +819,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             f"{type(self).__name__} must implement `_matmat_batch`."
         )
 
+    @with_autograd
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         """Evaluate the empirical risk and its gradient over all data.
 

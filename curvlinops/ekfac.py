@@ -8,6 +8,7 @@ from torch import Tensor, einsum
 from torch.linalg import eigh
 
 from curvlinops._kfac_base import _KFACBase
+from curvlinops._torch_base import with_autograd
 from curvlinops.kfac import _eigenbasis_matmat
 from curvlinops.kfac_utils import FisherType
 
@@ -103,6 +104,7 @@ class EKFACLinearOperator(_KFACBase):
         self._gradient_covariances_eigenvectors: dict[str, Tensor] = {}
         self._corrected_eigenvalues: dict[tuple[str, str], Tensor] = {}
 
+    @with_autograd
     def compute_kronecker_factors(self):
         """Compute KFAC's eigenbases and the corrected eigenvalues (two passes).
 
@@ -121,6 +123,7 @@ class EKFACLinearOperator(_KFACBase):
         self._input_covariances, self._gradient_covariances = {}, {}
         self.compute_eigenvalue_correction()
 
+    @with_autograd
     def compute_eigenvalue_correction(self):
         """Compute the corrected eigenvalues in the cached eigenbasis (one pass).
 

@@ -14,7 +14,11 @@ from curvlinops._distributed import (
     gather_rows,
     row_range,
 )
-from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
+from curvlinops._torch_base import (
+    CurvatureLinearOperator,
+    lazy_attribute,
+    with_autograd,
+)
 
 
 class _ModelJacobianLinearOperator(CurvatureLinearOperator):
@@ -224,6 +228,7 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         """
         return [self._stacked_output_shape]
 
+    @with_autograd
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the Jacobian onto columns, stacking the batches' products.
 
@@ -322,6 +327,7 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
         """
         return [self._stacked_output_shape]
 
+    @with_autograd
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the transposed Jacobian onto columns, batch by batch.
 

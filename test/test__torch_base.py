@@ -3,7 +3,19 @@
 import numpy
 import pytest
 from scipy.sparse.linalg import eigsh
-from torch import Tensor, cat, eye, float32, float64, manual_seed, rand, randn, zeros
+from torch import (
+    Tensor,
+    cat,
+    eye,
+    float32,
+    float64,
+    inference_mode,
+    manual_seed,
+    no_grad,
+    rand,
+    randn,
+    zeros,
+)
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 from torch.nn import BatchNorm1d, Dropout, Linear, MSELoss, Sequential, Tanh
@@ -12,9 +24,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from curvlinops import (
     CurvatureLinearOperator,
     EFLinearOperator,
+    EKFACLinearOperator,
+    FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACLinearOperator,
     PyTorchLinearOperator,
 )
 from curvlinops._algebra import (
@@ -369,3 +384,44 @@ def test_batchnorm_in_train_mode_uses_batch_statistics_and_is_left_unchanged():
     J = JacobianLinearOperator(model, params, data)
     compare_matmat(J, functorch_jacobian(stateless, reference_params, data))
     assert all(b.equal(saved) for b, saved in zip(model.buffers(), buffers))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, f, p, d: HessianLinearOperator(m, f, p, d),
+        lambda m, f, p, d: GGNLinearOperator(m, f, p, d),
+        lambda m, f, p, d: EFLinearOperator(m, f, p, d),
+        lambda m, f, p, d: FisherMCLinearOperator(m, f, p, d),
+        lambda m, f, p, d: JacobianLinearOperator(m, p, d),
+        lambda m, f, p, d: JacobianLinearOperator(m, p, d).adjoint(),
+        lambda m, f, p, d: KFACLinearOperator(m, f, p, d),
+        lambda m, f, p, d: EKFACLinearOperator(m, f, p, d),
+    ],
+    ids=[
+        "hessian",
+        "ggn",
+        "ef",
+        "mc_fisher",
+        "jacobian",
+        "jacobian_t",
+        "kfac",
+        "ekfac",
+    ],
+)
+def test_products_ignore_the_callers_grad_mode(make):
+    """Products under ``no_grad`` or ``inference_mode`` equal normal ones.
+
+    That includes an operator built in inference mode from data created there.
+    """
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    op = make(model, loss_func, params, data)
+    v = randn(op.shape[1], dtype=float64)
+    expected = op @ v
+    for mode in (no_grad, inference_mode):
+        with mode():
+            assert_close(op @ v, expected)
+    with inference_mode():
+        inference_data = [(X.clone(), y.clone()) for X, y in data]
+        inference_op = make(model, loss_func, params, inference_data)
+        assert_close(inference_op @ v, expected)

@@ -11,7 +11,7 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._torch_base import CurvatureLinearOperator
+from curvlinops._torch_base import CurvatureLinearOperator, with_autograd
 
 _IO_KINDS = ("input", "output")
 
@@ -188,6 +188,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
 
         return [r.movedim(0, -1) for r in self._modes(compute)]
 
+    @with_autograd
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         """Evaluate the loss on the mini-batch and its gradient w.r.t. the feature.
 
