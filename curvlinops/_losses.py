@@ -261,7 +261,7 @@ def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
             mass = targets.sum(-1, keepdim=True)
             return output_terms.softmax(-1) * mass - targets
         ignored = ignored_terms(loss_func, y_terms)
-        indices = y_terms.masked_fill(ignored, 0)
+        indices = y_terms.masked_fill(ignored, 0).long()  # also uint8 labels
         targets = one_hot(indices, output_terms.shape[-1]).to(output_terms.dtype)
         gradients = output_terms.softmax(-1) - targets
         return gradients.masked_fill(ignored.unsqueeze(-1), 0.0)  # ignored: zero

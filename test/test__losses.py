@@ -1,7 +1,7 @@
 """Tests for curvlinops._losses: closed forms against autograd and Monte-Carlo."""
 
 import pytest
-from torch import Generator, float64, manual_seed, rand, randint, randn, tensor
+from torch import Generator, float64, manual_seed, rand, randint, randn, tensor, uint8
 from torch.func import hessian, jacrev
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
@@ -66,6 +66,14 @@ def test_label_shapes_are_checked_against_the_output(loss):
         check_output_and_labels(loss_func, output, y[:1])
     with pytest.raises(TypeError, match="must return one tensor, got list"):
         check_output_and_labels(loss_func, [output], y)
+
+
+def test_term_gradients_take_byte_class_indices():
+    """Cross-entropy accepts uint8 class indices besides int64; so do the terms."""
+    loss_func, output, y = _problem("ce")
+    f, y_t = loss_terms(loss_func, output, y)
+    expected = term_gradients(loss_func, f, y_t)
+    assert_close(term_gradients(loss_func, f, y_t.to(uint8)), expected)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
