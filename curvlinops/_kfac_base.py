@@ -22,6 +22,7 @@ from curvlinops._autodiff import vjp
 from curvlinops._checks import check_params
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
 from curvlinops._distributed import all_reduce_sum, rank_seed
+from curvlinops._execution import with_autograd
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
     SUPPORTED_MODULES,
@@ -41,7 +42,7 @@ from curvlinops._losses import (
     check_output_and_labels,
     reduction_factor,
 )
-from curvlinops._torch_base import CurvatureLinearOperator, with_autograd
+from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.kfac_utils import (
     FisherType,
     FromCanonicalLinearOperator,

@@ -11,8 +11,6 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
-from contextlib import contextmanager
-from functools import cached_property, wraps
 from numbers import Real
 
 import numpy
@@ -23,9 +21,6 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
-    enable_grad,
-    inference_mode,
-    no_grad,
     randn,
     zeros,
     zeros_like,
@@ -33,9 +28,6 @@ from torch import (
 from torch import device as torch_device
 from torch import dtype as torch_dtype
 from torch.autograd import grad
-from torch.compiler import is_compiling
-from torch.nn import Module
-from torch.nn.modules.batchnorm import _NormBase
 from tqdm import tqdm
 
 from curvlinops._checks import (
@@ -56,6 +48,11 @@ from curvlinops._distributed import (
     check_process_group,
     first_error_over_ranks,
     sum_over_ranks,
+)
+from curvlinops._execution import (
+    normal_tensor,
+    restored_running_stats,
+    with_autograd,
 )
 from curvlinops.utils import allclose_report
 
@@ -485,95 +482,6 @@ def _flatten_columns(M: list[Tensor]) -> Tensor:
     return cat([m.reshape(-1, m.shape[-1]) for m in M])
 
 
-def with_autograd(method: Callable) -> Callable:
-    """Run a method with autograd on, also inside ``no_grad`` or ``inference_mode``.
-
-    Curvature products differentiate the model; a caller's ``torch.no_grad()``
-    would otherwise make them wrong or fail. Tensor-list arguments created in
-    inference mode are cloned into normal tensors.
-
-    Args:
-        method: A method whose computation needs autograd.
-
-    Returns:
-        The wrapped method.
-    """
-
-    @wraps(method)
-    def wrapped(self, *args):
-        with inference_mode(False), enable_grad():
-            args = [
-                [_normal_tensor(t) for t in a] if isinstance(a, list) else a
-                for a in args
-            ]
-            return method(self, *args)
-
-    return wrapped
-
-
-def _normal_tensor(tensor: Tensor) -> Tensor:
-    """Return a tensor that autograd can use: a clone of one from inference mode.
-
-    Args:
-        tensor: A tensor.
-
-    Returns:
-        The tensor itself, or (if created in inference mode) a normal copy.
-    """
-    if is_compiling():  # dynamo cannot trace ``is_inference``
-        return tensor
-    return tensor.clone() if tensor.is_inference() else tensor
-
-
-@contextmanager
-def _restored_running_stats(model):
-    """Restore the running statistics of normalization layers in train mode.
-
-    Args:
-        model: The model; anything but a ``torch.nn.Module`` has none.
-
-    Yields:
-        Nothing.
-    """
-    modules = model.modules() if isinstance(model, Module) else []
-    layers = [m for m in modules if isinstance(m, _NormBase) and m.training]
-    saved = [
-        (buffer, buffer.clone())
-        for layer in layers
-        for buffer in layer.buffers(recurse=False)
-    ]
-    try:
-        yield
-    finally:
-        with no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-class lazy_attribute(cached_property):  # noqa: N801 (used like a decorator)
-    """:func:`functools.cached_property` without the lock of Python 3.11.
-
-    Python 3.12 dropped that lock; ``torch.compile`` cannot trace it and breaks
-    the graph on the first access inside a compiled function.
-    """
-
-    def __get__(self, instance, owner=None):
-        """Compute the value once and store it on the instance.
-
-        Args:
-            instance: The object, or ``None`` for access through the class.
-            owner: The class.
-
-        Returns:
-            The value (the descriptor itself for access through the class).
-        """
-        if instance is None:
-            return self
-        value = self.func(instance)
-        instance.__dict__[self.attrname] = value
-        return value
-
-
 class CurvatureLinearOperator(PyTorchLinearOperator):
     r"""Curvature matrix of an empirical risk, multiplied batch by batch.
 
@@ -727,13 +635,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             leave the model as they found it.
         """
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
-        with _restored_running_stats(self._model_func):
+        with restored_running_stats(self._model_func):
             for X, y in data:
                 check_batch_input(X, self._batch_size_fn)
                 if isinstance(X, Tensor):
-                    X = _normal_tensor(X.to(self.device))
+                    X = normal_tensor(X.to(self.device))
                 if isinstance(y, Tensor):
-                    y = _normal_tensor(y.to(self.device))
+                    y = normal_tensor(y.to(self.device))
                 yield X, y
 
     def _batch_size(self, X: Tensor | MutableMapping) -> int:

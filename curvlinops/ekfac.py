@@ -7,8 +7,8 @@ from typing import Any
 from torch import Tensor, einsum
 from torch.linalg import eigh
 
+from curvlinops._execution import with_autograd
 from curvlinops._kfac_base import _KFACBase
-from curvlinops._torch_base import with_autograd
 from curvlinops.kfac import _eigenbasis_matmat
 from curvlinops.kfac_utils import FisherType
 

@@ -8,13 +8,14 @@ from torch import Tensor
 from torch.autograd import grad
 
 from curvlinops._autodiff import ModelJacobian, vjp
+from curvlinops._execution import lazy_attribute
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_output_and_labels,
     hessian_matmat,
     unsupported_options,
 )
-from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
+from curvlinops._torch_base import CurvatureLinearOperator
 
 
 class _JacobianSandwichLinearOperator(CurvatureLinearOperator):

@@ -7,7 +7,8 @@ from collections.abc import MutableMapping
 from torch import Tensor
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._torch_base import CurvatureLinearOperator, lazy_attribute
+from curvlinops._execution import lazy_attribute
+from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import split_list
 
 

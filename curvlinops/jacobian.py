@@ -14,11 +14,8 @@ from curvlinops._distributed import (
     gather_rows,
     row_range,
 )
-from curvlinops._torch_base import (
-    CurvatureLinearOperator,
-    lazy_attribute,
-    with_autograd,
-)
+from curvlinops._execution import lazy_attribute, with_autograd
+from curvlinops._torch_base import CurvatureLinearOperator
 
 
 class _ModelJacobianLinearOperator(CurvatureLinearOperator):

@@ -11,7 +11,8 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._torch_base import CurvatureLinearOperator, with_autograd
+from curvlinops._execution import with_autograd
+from curvlinops._torch_base import CurvatureLinearOperator
 
 _IO_KINDS = ("input", "output")
 
