@@ -412,18 +412,30 @@ class NeumannInverseLinearOperator(_InverseLinearOperator):
 
         Raises:
             RuntimeError: If ``check_nan`` and the result is not finite.
+
+        Warns:
+            UserWarning: If the last term is larger than the first, i.e. the series
+                diverges (in either case).
         """
         term, result = B, B.clone()
         for _ in range(self._num_terms):
             term = term - self._scale * (self._A @ term)
             result = result + term
         result = self._scale * result
+        advice = (
+            "It converges if 0 < scale * eigenvalue < 2 for every eigenvalue of the "
+            f"operator: decrease `scale` (now {self._scale}) below 2 / (largest "
+            "eigenvalue), or use CGInverseLinearOperator."
+        )
         if self._check_nan and not isfinite(result).all():
             raise RuntimeError(
-                "The Neumann series diverged to non-finite values. It converges if "
-                "0 < scale * eigenvalue < 2 for every eigenvalue of the operator: "
-                f"decrease `scale` (now {self._scale}) below 2 / (largest "
-                "eigenvalue), or use CGInverseLinearOperator."
+                f"The Neumann series diverged to non-finite values. {advice}"
+            )
+        if not term.norm() <= B.norm():  # growing (or non-finite) terms: diverging
+            warnings.warn(
+                f"The Neumann series diverges (its last term outgrew the first). "
+                f"{advice}",
+                stacklevel=2,
             )
         return result
 
