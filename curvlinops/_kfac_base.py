@@ -273,7 +273,6 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         if not self._factors_ready:
             self.compute_kronecker_factors()
 
-    @with_autograd
     def _data_pass(
         self,
         on_input: Callable[[str, Tensor], None],

@@ -77,9 +77,8 @@ def has_ignored_labels(loss_func, y: Tensor) -> bool:
         Whether some terms are ignored (never for other losses or class
         probabilities).
     """
-    if not isinstance(loss_func, CrossEntropyLoss) or y.is_floating_point():
-        return False
-    return bool((y == loss_func.ignore_index).any())
+    ignored = ignored_terms(loss_func, y)
+    return ignored is not None and bool(ignored.any())
 
 
 def check_loss_options(loss_func, who: str):
@@ -195,15 +194,15 @@ def terms_to_output(loss_func, terms: Tensor, output_shape: Size) -> Tensor:
 
 
 def reduction_factor(
-    loss_func, output_terms: Tensor, y_terms: Tensor | None = None
+    loss_func, output_terms: Tensor, ignored: Tensor | None = None
 ) -> float | Tensor:
     """Return the factor :math:`R` by which the loss divides the sum of its terms.
 
     Args:
         loss_func: The loss function.
         output_terms: Outputs in rows, ``[T, C]``.
-        y_terms: Labels in rows. If given, cross-entropy averages only over the
-            terms whose label is not ``ignore_index``.
+        ignored: Mask of the terms cross-entropy ignores (see
+            :func:`ignored_terms`). If given, only the others are averaged.
 
     Returns:
         ``1`` for ``reduction='sum'``; the number of averaged entries otherwise (a
@@ -214,7 +213,6 @@ def reduction_factor(
     num_terms, num_outputs = output_terms.shape
     if not isinstance(loss_func, CrossEntropyLoss):
         return float(num_terms * num_outputs)
-    ignored = ignored_terms(loss_func, y_terms)
     return float(num_terms) if ignored is None else (~ignored).sum().to(output_terms)
 
 
@@ -358,15 +356,17 @@ def hessian_matmat(
     output = output.detach()
     is_ce = isinstance(loss_func, CrossEntropyLoss)
     num_outputs = output.shape[1 if is_ce else -1]
-    y_terms = None if y is None or not is_ce else y.reshape(-1)
-    scale = 1.0 / reduction_factor(loss_func, output.reshape(-1, num_outputs), y_terms)
+    ignored = None if y is None else ignored_terms(loss_func, y)
+    num_terms = output.numel() // num_outputs
+    scale = 1.0 / reduction_factor(
+        loss_func, output.reshape(num_terms, num_outputs), ignored
+    )
     if isinstance(loss_func, MSELoss):
         return (2 * scale) * M
     if isinstance(loss_func, BCEWithLogitsLoss):
         p = sigmoid(output)
         return (scale * p * (1 - p)) * M
     p = output.softmax(1)
-    ignored = ignored_terms(loss_func, y)
     if ignored is not None:  # [B, *] -> [B, 1, *]
         p = p.masked_fill(ignored.unsqueeze(1), 0.0)
     pM = p * M

@@ -144,10 +144,8 @@ class GGNLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             Loss Hessian times ``M``, of shape ``[K, *output.shape]``.
         """
-        closed_form = isinstance(self._loss_func, SUPPORTED_LOSSES) and not (
-            unsupported_options(self._loss_func)
-        )
-        if closed_form:
+        loss = self._loss_func
+        if isinstance(loss, SUPPORTED_LOSSES) and not unsupported_options(loss):
             return hessian_matmat(self._loss_func, output, M, y)
         output.requires_grad_(True)
         (gradient,) = grad(self._loss_func(output, y), output, create_graph=True)

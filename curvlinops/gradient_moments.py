@@ -9,6 +9,7 @@ from torch import Tensor, einsum
 from curvlinops._checks import check_supported_loss
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
+    ignored_terms,
     loss_terms,
     reduction_factor,
     term_gradients,
@@ -180,5 +181,6 @@ def _gradient_outer_product_matmat(
     else:  # cheaper to form the per-term C x C matrices first
         per_term = einsum("stc,std->tcd", gradients, gradients)
         result = einsum("ktc,tcd->ktd", M_terms, per_term)
-    scale = 1.0 / (num_samples * reduction_factor(loss_func, M_terms[0], y_terms))
+    ignored = ignored_terms(loss_func, y_terms)
+    scale = 1.0 / (num_samples * reduction_factor(loss_func, M_terms[0], ignored))
     return terms_to_output(loss_func, result.mul_(scale), M.shape[1:])
