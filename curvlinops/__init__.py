@@ -1,6 +1,7 @@
 """curvlinops: curvature matrices of neural networks as matrix-free linear operators."""
 
 from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
+from curvlinops._version import __version__ as __version__
 from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xdiag
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.fisher import FisherMCLinearOperator
@@ -30,8 +31,6 @@ from curvlinops.trace import (
     hutchpp_trace,
     xtrace,
 )
-
-__version__ = "3.0.0"
 
 __all__ = [
     # Base classes
