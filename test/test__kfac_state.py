@@ -38,7 +38,7 @@ def test_state_dict_round_trip(cls, separate):
     assert fresh._separate_weight_and_bias == separate
     v = rand(op.shape[1], dtype=float64)
     assert_close(fresh @ v, dense @ v)
-    loaded = cls.from_state_dict(state, model, loss_func, params, data)
+    loaded = cls.from_state_dict(state, model, params, data)
     assert_close(loaded @ v, dense @ v)
 
 

@@ -88,6 +88,8 @@ def parse_parameters(signature: str) -> list[tuple[str, str | None]]:
     parameters = []
     for part in _split_top_level(text, ","):
         declaration, *default = _split_top_level(part.strip(), " = ")
+        if not default and ":" not in declaration:  # unannotated: name=default
+            declaration, *default = _split_top_level(declaration, "=")
         name = _split_top_level(declaration, ":")[0].strip()
         parameters.append((name, default[0].strip() if default else None))
     return parameters
@@ -239,6 +241,12 @@ def test_api_file_parsed():
         ("b", "(1, 2)"),
         ("*", None),
         ("c", "<E.A: 'a'>"),
+    ]
+    assert parse_parameters("(cls, *, boundary=None, **kwds)") == [
+        ("cls", None),
+        ("*", None),
+        ("boundary", "None"),
+        ("**kwds", None),
     ]
 
 
