@@ -96,11 +96,13 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         *,
         loss_average: str | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         r"""Set up the operator; the factors are computed when first needed.
 
         The arguments up to ``batch_size_fn`` are those of curvlinops 3.0.1, in its
-        order; ``loss_average`` and ``process_group`` are keyword-only additions.
+        order; ``loss_average``, ``process_group`` and ``shape`` are keyword-only
+        additions.
 
         Args:
             model_func: The neural network, a ``torch.nn.Module``.
@@ -140,13 +142,16 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 :math:`r` samples labels with seed :math:`(\mathrm{seed} + r \cdot
                 \mathtt{0x9E3779B9}) \bmod 2^{64}` (rank 0 with ``seed``). ``None``
                 (default): single process.
+            shape: Expected shape ``(D, D)`` of the operator (spec 003), checked
+                against the parameters' total size :math:`D`. ``None`` (default):
+                no check.
 
         Raises:
             TypeError: If ``model_func`` is not a ``torch.nn.Module``.
             ValueError: If the loss function, ``fisher_type``, ``kfac_approx``,
                 ``loss_average``, ``mc_samples`` or ``num_per_example_loss_terms``
                 is not supported, or ``loss_average`` averages although the loss's
-                reduction is ``'sum'``.
+                reduction is ``'sum'``, or ``shape`` does not match.
             NotImplementedError: If a parameter lives in an unsupported layer.
             RuntimeError: If the determinism check fails.
         """
@@ -174,6 +179,10 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             batch_size_fn=batch_size_fn,
             process_group=process_group,
         )
+        if shape is not None and tuple(shape) != self.shape:
+            raise ValueError(
+                f"{type(self).__name__} has shape {self.shape}, got `shape={shape}`."
+            )
         self._setup_canonical_form()
         if check_deterministic:
             self._check_deterministic()

@@ -208,7 +208,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
                 self._exact_inverse(A_factor, G)
                 for A_factor, G in self._A._factor_pairs()
             ]
-        A_inv, G_inv = self._inverse_factors()
+        A_inv, G_inv = self._kept_inverse_factors()
         matmats = []
         for layer, kind in self._A._block_keys:
             left = G_inv[layer]
@@ -220,8 +220,24 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             matmats.append(lambda m, L=left, R=right: _kronecker_matmat(m, L, R))
         return matmats
 
+    def _kept_inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Return the cached or loaded inverted factors, else compute them.
+
+        Computed factors are kept if ``cache``.
+
+        Returns:
+            See :meth:`_inverse_factors`.
+        """
+        if self._inverse_gradient_covariances:
+            return self._inverse_input_covariances, self._inverse_gradient_covariances
+        A_inv, G_inv = self._inverse_factors()
+        if self._cache:
+            self._inverse_input_covariances = A_inv
+            self._inverse_gradient_covariances = G_inv
+        return A_inv, G_inv
+
     def _inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Return the inverted damped factors of every layer (cached if ``cache``).
+        """Invert the damped factors of every layer.
 
         The factors of a layer's weight (or joint weight and bias) block; a
         separate bias block shares the inverted gradient covariance, except with
@@ -231,8 +247,6 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             Inverted input covariances (layers whose weight is a parameter) and
             inverted gradient covariances (all layers), by layer name.
         """
-        if self._inverse_gradient_covariances:
-            return self._inverse_input_covariances, self._inverse_gradient_covariances
         self._A._ensure_factors()
         A_inv, G_inv = {}, {}
         for layer in self._A._mapping:
@@ -242,9 +256,6 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             if A is not None:
                 A_inv[layer] = self._damped_inverse(A, damping_A)
             G_inv[layer] = self._damped_inverse(G, damping_G)
-        if self._cache:
-            self._inverse_input_covariances = A_inv
-            self._inverse_gradient_covariances = G_inv
         return A_inv, G_inv
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,7 +274,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """
         inverses = ({}, {})
         if self._damps_factors() and self._cache:
-            inverses = self._inverse_factors()
+            inverses = self._kept_inverse_factors()
         return {
             "A": self._A.state_dict(),
             "damping": self._damping,

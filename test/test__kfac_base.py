@@ -141,3 +141,13 @@ def test_parameter_order_is_free():
     perm = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in order])
     dense = kfac_dense(K)
     assert_close(kfac_dense(K_perm), dense[perm][:, perm])
+
+
+def test_shape_is_checked():
+    """Spec 003's ``shape`` keyword: the expected ``(D, D)``."""
+    model, loss_func, params, data = _mlp()
+    num_params = sum(p.numel() for p in params)
+    K = KFACLinearOperator(model, loss_func, params, data, shape=(num_params,) * 2)
+    assert K.shape == (num_params, num_params)
+    with pytest.raises(ValueError, match="shape"):
+        KFACLinearOperator(model, loss_func, params, data, shape=(num_params, 1))
