@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, as_tensor
 from torch.nn import Module
 
 from curvlinops._kfac_interface import MATRIX_FUNCTIONS
@@ -203,16 +203,16 @@ class _KFACStateMixin:
             factors = _layers_to_blocks(factors, self._block_keys, key)
         return {k: self._to_operator(v) for k, v in factors.items()}
 
-    def _to_operator(self, tensor: Tensor) -> Tensor:
-        """Move a saved tensor to the operator's device and dtype.
+    def _to_operator(self, value: Tensor | float) -> Tensor:
+        """Move a saved tensor (or number) to the operator's device and dtype.
 
         Args:
-            tensor: The tensor.
+            value: The tensor or number.
 
         Returns:
-            The moved tensor.
+            The tensor on the operator's device, with its dtype.
         """
-        return tensor.to(self.device, self.dtype)
+        return as_tensor(value, device=self.device, dtype=self.dtype)
 
     def _supported(self) -> dict[str, tuple]:
         """Return the allowed values of ``fisher_type`` and ``kfac_approx``.
