@@ -1,4 +1,4 @@
-r"""Helpers for KFAC: option enums, Conv2d patches, and the canonical parameter form.
+r"""Helpers for KFAC: option enums, loss Hessian roots, Conv2d patches, canonical form.
 
 KFAC and EKFAC treat each supported layer's weight :math:`\mathbf{W} \in
 \mathbb{R}^{D_\text{out} \times D_\text{in}}` (a Conv2d kernel flattened over its
@@ -11,6 +11,11 @@ row-major flattening is the *canonical form*, on which a Kronecker factor pair
 \mathbf{A}`. :class:`ToCanonicalLinearOperator` and
 :class:`FromCanonicalLinearOperator` translate between the parameter-list format and
 this form.
+
+The enums :class:`FisherType` and :class:`KFACType` (with metaclass
+:class:`MetaEnum`) are defined here and also importable from ``curvlinops`` and
+``curvlinops.kfac``, whose name they carry (``__module__``), so that pickled KFAC
+state dicts name them as curvlinops 3.x does.
 """
 
 from __future__ import annotations
