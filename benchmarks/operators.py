@@ -74,5 +74,5 @@ PRECOMPUTE: dict[str, Callable[[object], None]] = {
     # factors, their eigendecompositions, and a second pass for the correction
     "ekfac": lambda op: op.compute_kronecker_factors(),
     # inverting the (damped) factors
-    "kfac_inverse": lambda op: op._inverse_block_matmats(),
+    "kfac_inverse": lambda op: op._inverse_factors(),
 }

@@ -15,7 +15,7 @@ from curvlinops.inverse import (
     NeumannInverseLinearOperator,
 )
 from curvlinops.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
-from curvlinops.kfac import KFACLinearOperator
+from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
 from curvlinops.norm import hutchinson_squared_fro
 from curvlinops.papyan2020traces import (
     LanczosApproximateLogSpectrumCached,
@@ -46,6 +46,8 @@ __all__ = [
     # Kronecker-factored approximations
     "KFACLinearOperator",
     "EKFACLinearOperator",
+    "FisherType",
+    "KFACType",
     # Algorithms on any operator: inverses, sub-matrices
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",

@@ -4,7 +4,8 @@ r"""Machinery shared by KFAC and EKFAC: arguments, data pass, factors.
 the canonical form (:mod:`curvlinops.kfac_utils`), computes the Kronecker factors
 in one pass over the data (forward hooks collect the layers' inputs; one batched
 backward pass of the loss-specific vectors gives the gradients w.r.t. the layer
-outputs); saving and loading its state comes from :mod:`curvlinops._kfac_state`.
+outputs); saving and loading its state comes from :mod:`curvlinops._kfac_state`,
+the rest of curvlinops 3.x's interface from :mod:`curvlinops._kfac_interface`.
 Subclasses define what the factors are used for
 (:class:`curvlinops.KFACLinearOperator`, :class:`curvlinops.EKFACLinearOperator`).
 """
@@ -21,8 +22,9 @@ from torch.nn import Module
 from curvlinops._autodiff import vjp
 from curvlinops._checks import check_params
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
-from curvlinops._distributed import all_reduce_sum, rank_seed
+from curvlinops._distributed import all_reduce_sum
 from curvlinops._execution import with_autograd
+from curvlinops._kfac_interface import _KFACInterfaceMixin
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
     SUPPORTED_MODULES,
@@ -31,11 +33,10 @@ from curvlinops._kfac_pass import (
     check_kfac_arguments,
     layer_input_rows,
     layer_output_grad_rows,
-    loss_average_correction,
     record_layers,
-    supported_layer_mapping,
+    terms_per_datum,
 )
-from curvlinops._kfac_state import _HYPERPARAMETERS, _KFACStateMixin
+from curvlinops._kfac_state import _KFACStateMixin
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_no_ignored_labels,
@@ -52,23 +53,28 @@ from curvlinops.kfac_utils import (
 from curvlinops.utils import allclose_report
 
 
-class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
+class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
     """Kronecker factors of the supported layers, computed in one pass over the data.
 
-    Subclasses implement ``_matmat`` and the matrix functions, may extend
-    :meth:`compute_kronecker_factors`, and list what they save in
-    ``_FACTOR_STATE`` (see :class:`~curvlinops._kfac_state._KFACStateMixin`).
+    Subclasses implement ``_matmat`` and the matrix-function properties (cached
+    with ``_cached``, see :mod:`curvlinops._kfac_interface`), may extend
+    :meth:`compute_kronecker_factors`, and list further factors to save in
+    ``_EXTRA_STATE`` (see :class:`~curvlinops._kfac_state._KFACStateMixin`).
 
     Attributes:
         SELF_ADJOINT: ``True``.
         _SUPPORTED_LOSSES: The supported loss functions.
         _SUPPORTED_MODULES: The supported layers.
+        _SUPPORTED_FISHER_TYPE: The supported values of ``fisher_type``.
+        _SUPPORTED_KFAC_APPROX: The supported values of ``kfac_approx``.
         _SUPPORTED_LOSS_AVERAGE: The supported values of ``loss_average``.
     """
 
     SELF_ADJOINT: bool = True
     _SUPPORTED_LOSSES = SUPPORTED_LOSSES
     _SUPPORTED_MODULES = SUPPORTED_MODULES
+    _SUPPORTED_FISHER_TYPE: tuple[FisherType, ...] = tuple(FisherType)
+    _SUPPORTED_KFAC_APPROX: tuple[KFACType, ...] = tuple(KFACType)
     _SUPPORTED_LOSS_AVERAGE = LOSS_AVERAGES
 
     def __init__(
@@ -83,14 +89,20 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         fisher_type: str = FisherType.MC,
         mc_samples: int = 1,
         kfac_approx: str = KFACType.EXPAND,
-        loss_average: str | None = "batch",
         num_per_example_loss_terms: int | None = None,
         separate_weight_and_bias: bool = True,
         num_data: int | None = None,
-        batch_size_fn: Callable[[MutableMapping], int] | None = None,
+        batch_size_fn: Callable[[MutableMapping | Tensor], int] | None = None,
+        *,
+        loss_average: str | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         r"""Set up the operator; the factors are computed when first needed.
+
+        The arguments up to ``batch_size_fn`` are those of curvlinops 3.0.1, in its
+        order; ``loss_average``, ``process_group`` and ``shape`` are keyword-only
+        additions.
 
         Args:
             model_func: The neural network, a ``torch.nn.Module``.
@@ -106,12 +118,6 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             mc_samples: Labels drawn per loss term for ``'mc'``; must be ``1``
                 otherwise.
             kfac_approx: ``'expand'`` or ``'reduce'`` for weight-shared layers.
-            loss_average: What the loss averages over: ``'batch'`` (the data points;
-                each data point's loss is the mean over its
-                ``num_per_example_loss_terms`` terms, which scales the approximation
-                by their inverse), ``'batch+sequence'`` (all loss terms, e.g. the
-                tokens of sequences), or ``None`` (a sum; ``reduction='sum'``).
-                With one loss term per data point, both averages coincide.
             num_per_example_loss_terms: Number of loss terms per data point (e.g.
                 tokens per sequence). Inferred from the model outputs if ``None``;
                 if given, it is checked against them.
@@ -119,6 +125,16 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
                 blocks instead of one joint block.
             num_data: Number of data points; inferred with one pass if ``None``.
             batch_size_fn: Batch size of a ``MutableMapping`` input.
+            loss_average: How the approximation is scaled. ``None`` (default):
+                as the loss's reduction implies, like curvlinops 3.0.1 -- for
+                ``'sum'`` no averaging, for ``'mean'`` the average over the data
+                points and over all loss terms of each (e.g. the tokens of
+                sequences), exactly as the loss averages. Explicit values (only
+                with ``reduction='mean'``): ``'batch+sequence'`` (the same average)
+                or ``'batch'`` (the loss is a mean over data points of per-datum
+                losses that *sum* their ``num_per_example_loss_terms`` terms'
+                means, which divides the approximation by that number). With one
+                loss term per data point, all three coincide.
             process_group: A ``torch.distributed`` process group: each rank passes
                 its shard of the data, the factors are summed over the ranks (one
                 all-reduce per pass), and every rank holds the operator of all
@@ -126,22 +142,31 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
                 :math:`r` samples labels with seed :math:`(\mathrm{seed} + r \cdot
                 \mathtt{0x9E3779B9}) \bmod 2^{64}` (rank 0 with ``seed``). ``None``
                 (default): single process.
+            shape: Expected shape ``(D, D)`` of the operator (spec 003), checked
+                against the parameters' total size :math:`D`. ``None`` (default):
+                no check.
 
         Raises:
             TypeError: If ``model_func`` is not a ``torch.nn.Module``.
             ValueError: If the loss function, ``fisher_type``, ``kfac_approx``,
                 ``loss_average``, ``mc_samples`` or ``num_per_example_loss_terms``
-                is not supported, or ``loss_average`` does not fit the loss's
-                reduction (``None`` requires ``'sum'``, the others ``'mean'``).
+                is not supported, or ``loss_average`` averages although the loss's
+                reduction is ``'sum'``, or ``shape`` does not match.
             NotImplementedError: If a parameter lives in an unsupported layer.
             RuntimeError: If the determinism check fails.
         """
-        values = (seed, fisher_type, mc_samples, kfac_approx, loss_average)
-        values += (num_per_example_loss_terms, separate_weight_and_bias)
-        hyperparameters = dict(zip(_HYPERPARAMETERS, values))
-        check_kfac_arguments(loss_func, hyperparameters)
+        hyperparameters = {
+            "seed": seed,
+            "fisher_type": fisher_type,
+            "mc_samples": mc_samples,
+            "kfac_approx": kfac_approx,
+            "loss_average": loss_average,
+            "num_per_example_loss_terms": num_per_example_loss_terms,
+            "separate_weight_and_bias": separate_weight_and_bias,
+        }
+        check_kfac_arguments(loss_func, hyperparameters, self._supported())
         check_params(params)
-        self._mapping = supported_layer_mapping(model_func, params)
+        self._mapping = self.compute_parameter_mapping(params, model_func)
         self._set_hyperparameters(hyperparameters)
         super().__init__(
             model_func,
@@ -154,6 +179,10 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             batch_size_fn=batch_size_fn,
             process_group=process_group,
         )
+        if shape is not None and tuple(shape) != self.shape:
+            raise ValueError(
+                f"{type(self).__name__} has shape {self.shape}, got `shape={shape}`."
+            )
         self._setup_canonical_form()
         if check_deterministic:
             self._check_deterministic()
@@ -162,7 +191,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         """Store the hyperparameters as attributes and forget computed factors.
 
         Args:
-            hyperparameters: Values keyed by the names in ``_HYPERPARAMETERS``.
+            hyperparameters: Values keyed by argument name.
         """
         for name, value in hyperparameters.items():
             setattr(self, f"_{name}", value)
@@ -171,12 +200,15 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         self._factors_ready = False
         self._input_covariances: dict[str, Tensor] = {}
         self._gradient_covariances: dict[str, Tensor] = {}
+        self._seen_terms_per_datum: set[int] = set()
+        self._generator: Generator | None = None
+        self._forget_matrix_functions()
 
     def _setup_canonical_form(self):
         """Group the parameters into blocks and build the canonical converters."""
         joint = [layer for layer in self._mapping if self._has_joint_bias(layer)]
         self._block_keys, shapes, groups = canonical_groups(
-            self._model_func, self._mapping, self._params, joint
+            self._mapping, self._params, joint
         )
         args = (shapes, groups, self.device, self.dtype)
         self._to_canonical = ToCanonicalLinearOperator(*args)
@@ -238,7 +270,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             d_out = len(modules[layer].weight)
             if self._fisher_type == FisherType.FORWARD_ONLY:
                 G[layer] = eye(d_out, device=self.device, dtype=self.dtype)
-            if "W" in roles and layer not in A:
+            if "weight" in roles and layer not in A:
                 d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
                 A[layer] = self._zeros(d_in, d_in)
             G.setdefault(layer, self._zeros(d_out, d_out))
@@ -286,10 +318,11 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             on_output_grad: Receives a layer's name and its output-gradient rows
                 ``[K, B, P, D_out]`` (not called for ``'forward-only'``).
         """
+        self._forget_matrix_functions()
+        self._seen_terms_per_datum.clear()
         generator = None
         if self._fisher_type == FisherType.MC:
-            seed = rank_seed(self._seed, self._process_group)
-            generator = Generator(device=self.device).manual_seed(seed)
+            generator = self._generator = self._seeded_generator()
         for X, y in self._loop_over_data(desc=type(self).__name__):
             self._batch_pass(X, y, generator, on_input, on_output_grad)
 
@@ -307,7 +340,7 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
         backward = self._fisher_type != FisherType.FORWARD_ONLY
 
         def input_rows(layer: str, module: Module, x: Tensor):
-            if "W" in self._mapping[layer]:
+            if "weight" in self._mapping[layer]:
                 joint = self._has_joint_bias(layer)
                 rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
                 on_input(layer, rows)
@@ -318,6 +351,11 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
                 output = self._model_func(X)
         check_output_and_labels(self._loss_func, output, y)
         check_no_ignored_labels(self._loss_func, y, type(self).__name__)
+        self._seen_terms_per_datum.add(
+            terms_per_datum(
+                self._loss_func, output, batch_size, self._num_per_example_loss_terms
+            )
+        )
         if not backward or not probes:
             return
         output_terms, V = self._scaled_vectors(X, output, y, generator)
@@ -332,8 +370,8 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
 
         A mini-batch with weight :math:`w` in the empirical risk whose loss divides
         the sum of its terms by :math:`R` contributes :math:`w/R` times the terms'
-        outer products (divided by the number of MC samples, and multiplied by
-        ``loss_average``'s correction).
+        outer products (divided by the number of MC samples, and by the number of
+        loss terms per data point for ``loss_average='batch'``).
 
         Args:
             X: Mini-batch input.
@@ -348,12 +386,8 @@ class _KFACBase(_KFACStateMixin, CurvatureLinearOperator):
             self._loss_func, self._fisher_type, output, y, self._mc_samples, generator
         )
         scale = self._batch_weight(X) / reduction_factor(self._loss_func, output_terms)
-        scale *= loss_average_correction(
-            output_terms.shape[0],
-            self._batch_size(X),
-            self._loss_average,
-            self._num_per_example_loss_terms,
-        )
+        if self._loss_average == "batch":
+            scale *= 1.0 / (output_terms.shape[0] // self._batch_size(X))
         return output_terms, V * sqrt(scale / self._mc_samples)
 
     def _check_deterministic(self):

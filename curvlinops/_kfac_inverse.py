@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from math import sqrt
+from typing import Any, TypeVar
 
 from torch import Tensor, eye, float64
 from torch.linalg import cholesky_ex, eigh
@@ -14,6 +15,18 @@ from torch.linalg import cholesky_ex, eigh
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.kfac import KFACLinearOperator, _eigenbasis_matmat, _kronecker_matmat
+
+_OPTIONS = (
+    "damping",
+    "use_heuristic_damping",
+    "min_damping",
+    "use_exact_damping",
+    "cache",
+    "retry_double_precision",
+)
+
+#: The type of a cached inverted Kronecker factor (curvlinops 3.x's name).
+KFACInvType = TypeVar("KFACInvType", Tensor, dict[str, Tensor])
 
 
 class KFACInverseLinearOperator(PyTorchLinearOperator):
@@ -65,7 +78,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
     def __init__(
         self,
         A: KFACLinearOperator | EKFACLinearOperator,
-        damping: float = 0.0,
+        damping: float | tuple[float, float] = 0.0,
         use_heuristic_damping: bool = False,
         min_damping: float = 1e-8,
         use_exact_damping: bool = False,
@@ -76,7 +89,10 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
 
         Args:
             A: The KFAC or EKFAC operator.
-            damping: Damping :math:`\delta \ge 0`.
+            damping: Damping :math:`\delta \ge 0`, or a pair
+                :math:`(\delta_\mathbf{A}, \delta_\mathbf{G})` of dampings for the
+                two factors (factor damping of KFAC only; bias blocks take
+                :math:`\delta_\mathbf{G}`).
             use_heuristic_damping: Distribute the damping over the two factors
                 with the :math:`\pi`-heuristic (KFAC only).
             min_damping: Lower bound of each factor's damping with the heuristic.
@@ -88,36 +104,77 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
 
         Raises:
             TypeError: If ``A`` is neither a KFAC nor an EKFAC operator.
-            ValueError: If a damping is negative or the damping options conflict.
         """
         if not isinstance(A, (KFACLinearOperator, EKFACLinearOperator)):
             raise TypeError(
                 "Expected a KFACLinearOperator or EKFACLinearOperator, got "
                 f"{type(A).__name__}."
             )
-        if damping < 0 or min_damping < 0:
+        self._A = A
+        self._configure(
+            damping,
+            use_heuristic_damping,
+            min_damping,
+            use_exact_damping,
+            cache,
+            retry_double_precision,
+        )
+        super().__init__(A._in_shape, A._out_shape, A.device, A.dtype)
+
+    def _configure(
+        self,
+        damping: float | tuple[float, float],
+        use_heuristic_damping: bool,
+        min_damping: float,
+        use_exact_damping: bool,
+        cache: bool,
+        retry_double_precision: bool,
+    ):
+        """Check and store the damping options; forget inverted factors.
+
+        Args:
+            damping: See the constructor.
+            use_heuristic_damping: See the constructor.
+            min_damping: See the constructor.
+            use_exact_damping: See the constructor.
+            cache: See the constructor.
+            retry_double_precision: See the constructor.
+
+        Raises:
+            ValueError: If a damping is negative or the damping options conflict.
+        """
+        pair = isinstance(damping, (tuple, list))
+        dampings = tuple(damping) if pair else (damping, damping)
+        if len(dampings) != 2 or min(*dampings, min_damping) < 0:
             raise ValueError(
-                f"Dampings must be non-negative, got {damping=} and {min_damping=}."
+                "Dampings must be a non-negative number or pair, got "
+                f"{damping=} and {min_damping=}."
             )
-        if use_heuristic_damping and (
-            use_exact_damping or isinstance(A, EKFACLinearOperator)
-        ):
+        ekfac = isinstance(self._A, EKFACLinearOperator)
+        if use_heuristic_damping and (use_exact_damping or ekfac):
             raise ValueError(
                 "Heuristic damping applies to KFAC's two factors; it cannot be "
                 "combined with exact damping or EKFAC."
             )
-        self._A, self._damping, self._min_damping = A, damping, min_damping
+        if pair and (use_heuristic_damping or use_exact_damping or ekfac):
+            raise ValueError(
+                "A pair of dampings applies to KFAC's two factors; it cannot be "
+                "combined with heuristic or exact damping or EKFAC."
+            )
+        self._damping, self._min_damping = damping, min_damping
+        self._damping_A, self._damping_G = dampings
         self._use_heuristic_damping = use_heuristic_damping
         self._use_exact_damping = use_exact_damping
         self._cache, self._retry = cache, retry_double_precision
         self._cached_matmats: list[Callable[[Tensor], Tensor]] | None = None
-        super().__init__(A._in_shape, A._out_shape, A.device, A.dtype)
+        self._inverse_input_covariances: dict[str, Tensor] = {}
+        self._inverse_gradient_covariances: dict[str, Tensor] = {}
 
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         """Multiply the block-diagonal inverse onto a matrix.
 
         Args:
-            M: Tensors ``[*param.shape, K]``.
+            X: Tensors ``[*param.shape, K]``.
 
         Returns:
             The product, tensors ``[*param.shape, K]``.
@@ -125,7 +182,15 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         matmats = self._cached_matmats or self._inverse_block_matmats()
         if self._cache:
             self._cached_matmats = matmats
-        return self._A._blockwise(M, matmats)
+        return self._A._blockwise(X, matmats)
+
+    def _damps_factors(self) -> bool:
+        """Return whether the damping goes to KFAC's two factors.
+
+        Returns:
+            Whether the inverse is built from inverted (damped) factors.
+        """
+        return not (self._use_exact_damping or isinstance(self._A, EKFACLinearOperator))
 
     def _inverse_block_matmats(self) -> list[Callable[[Tensor], Tensor]]:
         """Invert every block and return the functions that apply the inverses.
@@ -143,9 +208,124 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
                 self._exact_inverse(A_factor, G)
                 for A_factor, G in self._A._factor_pairs()
             ]
-        return [
-            self._factor_inverse(A_factor, G) for A_factor, G in self._A._factor_pairs()
-        ]
+        A_inv, G_inv = self._kept_inverse_factors()
+        matmats = []
+        for layer, kind in self._A._block_keys:
+            left = G_inv[layer]
+            if kind == "b" and self._use_heuristic_damping and layer in A_inv:
+                # the heuristic damped the weight's G; a bias block takes `damping`
+                G = self._A._gradient_covariances[layer]
+                left = self._damped_inverse(G, self._damping_G)
+            right = None if kind == "b" else A_inv[layer]
+            matmats.append(lambda m, L=left, R=right: _kronecker_matmat(m, L, R))
+        return matmats
+
+    def _kept_inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Return the cached or loaded inverted factors, else compute them.
+
+        Computed factors are kept if ``cache``.
+
+        Returns:
+            See :meth:`_inverse_factors`.
+        """
+        if self._inverse_gradient_covariances:
+            return self._inverse_input_covariances, self._inverse_gradient_covariances
+        A_inv, G_inv = self._inverse_factors()
+        if self._cache:
+            self._inverse_input_covariances = A_inv
+            self._inverse_gradient_covariances = G_inv
+        return A_inv, G_inv
+
+    def _inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Invert the damped factors of every layer.
+
+        The factors of a layer's weight (or joint weight and bias) block; a
+        separate bias block shares the inverted gradient covariance, except with
+        the heuristic, whose damping applies to weight blocks only.
+
+        Returns:
+            Inverted input covariances (layers whose weight is a parameter) and
+            inverted gradient covariances (all layers), by layer name.
+        """
+        self._A._ensure_factors()
+        A_inv, G_inv = {}, {}
+        for layer in self._A._mapping:
+            A = self._A._input_covariances.get(layer)
+            G = self._A._gradient_covariances[layer]
+            damping_A, damping_G = self._factor_dampings(A, G)
+            if A is not None:
+                A_inv[layer] = self._damped_inverse(A, damping_A)
+            G_inv[layer] = self._damped_inverse(G, damping_G)
+        return A_inv, G_inv
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state of ``A``, the damping options and the inverted factors.
+
+        The layout is that of curvlinops 3.0.1: ``A`` (the state dict of the
+        operator), ``damping``, ``use_heuristic_damping``, ``min_damping``,
+        ``use_exact_damping``, ``cache``, ``retry_double_precision``, and
+        ``inverse_input_covariances``, ``inverse_gradient_covariances`` (the
+        inverted damped factors by layer name, computed unless ``cache=False``;
+        empty for exact damping and EKFAC, whose inverses come from
+        eigendecompositions that are recomputed after loading).
+
+        Returns:
+            A dictionary for :meth:`load_state_dict` (and ``torch.save``).
+        """
+        inverses = ({}, {})
+        if self._damps_factors() and self._cache:
+            inverses = self._kept_inverse_factors()
+        return {
+            "A": self._A.state_dict(),
+            "damping": self._damping,
+            "use_heuristic_damping": self._use_heuristic_damping,
+            "min_damping": self._min_damping,
+            "use_exact_damping": self._use_exact_damping,
+            "cache": self._cache,
+            "retry_double_precision": self._retry,
+            "inverse_input_covariances": dict(inverses[0]),
+            "inverse_gradient_covariances": dict(inverses[1]),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]):
+        """Load ``A``'s state, the damping options and the inverted factors.
+
+        Accepts the state dicts of :meth:`state_dict` and of curvlinops 3.0.1.
+        Inverted factors that do not fit ``A``'s layers, or that exact damping and
+        EKFAC do not use, are ignored and recomputed when needed.
+
+        Args:
+            state_dict: The dictionary to load.
+        """
+        self._A.load_state_dict(state_dict["A"])
+        self._configure(*(state_dict[name] for name in _OPTIONS))
+        A_inv = state_dict["inverse_input_covariances"]
+        G_inv = state_dict["inverse_gradient_covariances"]
+        weights = self._A._factor_keys("weights")
+        fits = sorted(G_inv) == sorted(self._A._mapping) and sorted(A_inv) == sorted(
+            weights
+        )
+        if self._damps_factors() and self._cache and fits:
+            move = self._A._to_operator
+            self._inverse_input_covariances = {k: move(v) for k, v in A_inv.items()}
+            self._inverse_gradient_covariances = {k: move(v) for k, v in G_inv.items()}
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Any], A: KFACLinearOperator | EKFACLinearOperator
+    ) -> KFACInverseLinearOperator:
+        """Create the inverse from a state dict, loading ``A``'s state into ``A``.
+
+        Args:
+            state_dict: A state dict of :meth:`state_dict` or of curvlinops 3.0.1.
+            A: The KFAC or EKFAC operator (its state is loaded from the dict).
+
+        Returns:
+            The inverse operator.
+        """
+        inverse = cls(A, *(state_dict[name] for name in _OPTIONS))
+        inverse.load_state_dict(state_dict)
+        return inverse
 
     def _factor_dampings(self, A: Tensor | None, G: Tensor) -> tuple[float, float]:
         """Return the dampings of the two factors of a block.
@@ -158,27 +338,12 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             Dampings of ``A`` and ``G``.
         """
         if A is None or not self._use_heuristic_damping:
-            return self._damping, self._damping
+            return self._damping_A, self._damping_G
         mean_A = (A.trace() / len(A)).item()
         mean_G = (G.trace() / len(G)).item()
         pi = sqrt(mean_A / mean_G) if mean_A > 0 and mean_G > 0 else 1.0
         root = sqrt(self._damping)
         return max(pi * root, self._min_damping), max(root / pi, self._min_damping)
-
-    def _factor_inverse(self, A: Tensor | None, G: Tensor):
-        """Invert a block's damped factors.
-
-        Args:
-            A: Input covariance, or ``None`` for bias blocks.
-            G: Gradient covariance.
-
-        Returns:
-            Function that applies the block's inverse.
-        """
-        damping_A, damping_G = self._factor_dampings(A, G)
-        A_inv = None if A is None else self._damped_inverse(A, damping_A)
-        G_inv = self._damped_inverse(G, damping_G)
-        return lambda m: _kronecker_matmat(m, G_inv, A_inv)
 
     def _exact_inverse(self, A: Tensor | None, G: Tensor):
         """Invert a block's Kronecker product plus damping exactly.

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Generator, Size, Tensor, cat, ones, zeros_like
-from torch.nn import Conv2d, Linear, Module
+from torch.nn import Conv2d, CrossEntropyLoss, Linear, Module
 
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
@@ -40,12 +40,12 @@ from curvlinops.kfac_utils import (
 
 SUPPORTED_MODULES = (Linear, Conv2d)
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
-_ROLES = {"W": "weight", "b": "bias"}
+_ROLES = {"weight": "W", "bias": "b"}  # role -> key in the canonical blocks
 
 
 def supported_layer_mapping(
     model: Module, params: list[Tensor]
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, int]]:
     """Find the layer of every parameter and check KFAC supports it.
 
     Args:
@@ -54,8 +54,9 @@ def supported_layer_mapping(
 
     Returns:
         Names of the layers that hold parameters, mapped to dictionaries from role
-        (``'W'`` for the weight, ``'b'`` for the bias) to the full parameter name.
-        Layers follow the order of ``model.named_modules()``.
+        (``'weight'``, ``'bias'``, in this order) to the parameter's position in
+        ``params``, e.g. ``{'0': {'weight': 0, 'bias': 1}}``. Layers follow the
+        order of ``model.named_modules()``.
 
     Raises:
         TypeError: If ``model`` is not a ``torch.nn.Module``.
@@ -67,23 +68,24 @@ def supported_layer_mapping(
         raise TypeError(
             f"KFAC needs the model as torch.nn.Module, got {type(model).__name__}."
         )
-    wanted = {id(p) for p in params}
-    if len(wanted) != len(params):
+    position = {id(p): idx for idx, p in enumerate(params)}
+    if len(position) != len(params):
         raise ValueError("`params` contains a parameter more than once.")
     mapping, owner = {}, {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if id(param) not in wanted:
+            if id(param) not in position:
                 continue
-            full_name = f"{module_name}.{param_name}" if module_name else param_name
             _check_supported(module, module_name, param_name, owner.get(id(param)))
             owner[id(param)] = module_name
-            role = "W" if param_name == "weight" else "b"
-            mapping.setdefault(module_name, {})[role] = full_name
+            mapping.setdefault(module_name, {})[param_name] = position[id(param)]
     missing = [idx for idx, p in enumerate(params) if id(p) not in owner]
     if missing:
         raise ValueError(f"params{missing} are not parameters of the model.")
-    return mapping
+    return {
+        layer: {role: roles[role] for role in _ROLES if role in roles}
+        for layer, roles in mapping.items()
+    }
 
 
 def _check_supported(module: Module, name: str, param_name: str, other: str | None):
@@ -98,7 +100,7 @@ def _check_supported(module: Module, name: str, param_name: str, other: str | No
     Raises:
         NotImplementedError: If the layer or parameter is not supported.
     """
-    supported = isinstance(module, SUPPORTED_MODULES) and param_name in _ROLES.values()
+    supported = isinstance(module, SUPPORTED_MODULES) and param_name in _ROLES
     if not supported:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_MODULES)
         raise NotImplementedError(
@@ -266,65 +268,67 @@ def record_layers(
 
 
 def canonical_groups(
-    model: Module,
-    mapping: dict[str, dict[str, str]],
+    mapping: dict[str, dict[str, int]],
     params: list[Tensor],
     joint_layers: list[str],
 ) -> tuple[list[tuple[str, str]], dict[str, Size], list[dict[str, str]]]:
     """Group the parameters into KFAC's blocks (see ``kfac_utils``' canonical form).
 
     Args:
-        model: The neural network.
-        mapping: Layer names mapped to their parameters' roles and names.
+        mapping: Layer names mapped to their parameters' roles and positions.
         params: The parameters, in the order of the parameter-list format.
         joint_layers: Layers whose weight and bias share one block.
 
     Returns:
         One key ``(layer, 'W' | 'b' | 'Wb')`` per block, the parameters' shapes
-        keyed by name (in the order of ``params``), and the blocks' role-to-name
-        groups.
+        keyed by their names in the model (in the order of ``params``), and the
+        blocks' groups that map ``'W'`` and ``'b'`` to these names.
     """
+    names = {
+        position: f"{layer}.{role}" if layer else role
+        for layer, roles in mapping.items()
+        for role, position in roles.items()
+    }
     keys, groups = [], []
     for layer, roles in mapping.items():
-        joint = layer in joint_layers
-        for group in [roles] if joint else [{r: roles[r]} for r in roles]:
-            keys.append((layer, "".join(group)))
-            groups.append(group)
-    modules = dict(model.named_modules())
-    name_of = {
-        id(getattr(modules[layer], _ROLES[role])): name
-        for layer, roles in mapping.items()
-        for role, name in roles.items()
-    }
-    return keys, {name_of[id(p)]: p.shape for p in params}, groups
+        group = {_ROLES[role]: names[position] for role, position in roles.items()}
+        for block in (
+            [group] if layer in joint_layers else [{r: n} for r, n in group.items()]
+        ):
+            keys.append((layer, "".join(block)))
+            groups.append(block)
+    return keys, {names[idx]: p.shape for idx, p in enumerate(params)}, groups
 
 
-def loss_average_correction(
-    num_terms: int, batch_size: int, loss_average: str | None, expected: int | None
-) -> float:
-    """Return the factor by which ``loss_average`` rescales a batch's curvature.
+def terms_per_datum(
+    loss_func, output: Tensor, batch_size: int, expected: int | None
+) -> int:
+    """Count the loss terms of every data point in a mini-batch.
 
     Args:
-        num_terms: Number of loss terms in the mini-batch.
+        loss_func: The loss function.
+        output: Model output on the mini-batch (``[B, C, *]`` for cross-entropy,
+            else ``[B, *, C]``).
         batch_size: Number of data points in the mini-batch.
-        loss_average: ``None``, ``'batch'`` or ``'batch+sequence'``.
         expected: Expected number of loss terms per data point, or ``None``.
 
     Returns:
-        One over the number of loss terms per data point for ``'batch'``, else 1.
+        The number of loss terms per data point.
 
     Raises:
         ValueError: If the loss terms do not split evenly over the data points,
             or their number per data point differs from ``expected``.
     """
-    per_example, remainder = divmod(num_terms, batch_size)
-    if remainder != 0 or (expected is not None and per_example != expected):
+    num_outputs = output.shape[1 if isinstance(loss_func, CrossEntropyLoss) else -1]
+    num_terms = output.numel() // num_outputs
+    per_datum, remainder = divmod(num_terms, batch_size)
+    if remainder != 0 or (expected is not None and per_datum != expected):
         raise ValueError(
             f"A mini-batch of {batch_size} data points has {num_terms} loss terms; "
             f"expected {expected or 'the same number'} per data point "
             "(`num_per_example_loss_terms`)."
         )
-    return 1.0 / per_example if loss_average == "batch" else 1.0
+    return per_datum
 
 
 def backpropagated_vectors(
@@ -364,7 +368,11 @@ def backpropagated_vectors(
     return output_terms, term_gradients(loss_func, f, y_terms).unsqueeze(0)
 
 
-def check_kfac_arguments(loss_func, hyperparameters: dict[str, Any]):
+def check_kfac_arguments(
+    loss_func,
+    hyperparameters: dict[str, Any],
+    supported: dict[str, tuple] | None = None,
+):
     """Verify KFAC's hyperparameters and their consistency with the loss function.
 
     Args:
@@ -372,6 +380,8 @@ def check_kfac_arguments(loss_func, hyperparameters: dict[str, Any]):
         hyperparameters: Values of ``fisher_type``, ``mc_samples``,
             ``kfac_approx``, ``loss_average`` and ``num_per_example_loss_terms``
             (further entries are ignored).
+        supported: The allowed values of ``fisher_type`` and ``kfac_approx``;
+            default: all members of :class:`FisherType` and :class:`KFACType`.
 
     Raises:
         ValueError: If a value is invalid or inconsistent (see the messages).
@@ -382,10 +392,13 @@ def check_kfac_arguments(loss_func, hyperparameters: dict[str, Any]):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
         raise ValueError(f"KFAC supports {names}; got {type(loss_func).__name__}.")
     check_loss_options(loss_func, "KFAC")
-    for name, enum in [("fisher_type", FisherType), ("kfac_approx", KFACType)]:
-        if hyperparameters[name] not in enum:
+    supported = {"fisher_type": tuple(FisherType), "kfac_approx": tuple(KFACType)} | (
+        supported or {}
+    )
+    for name, allowed in supported.items():
+        if hyperparameters[name] not in allowed:
             raise ValueError(
-                f"`{name}` must be one of {[e.value for e in enum]}, got "
+                f"`{name}` must be one of {[e.value for e in allowed]}, got "
                 f"{hyperparameters[name]!r}."
             )
     loss_average = hyperparameters["loss_average"]
@@ -393,11 +406,10 @@ def check_kfac_arguments(loss_func, hyperparameters: dict[str, Any]):
         raise ValueError(
             f"`loss_average` must be in {LOSS_AVERAGES}, got {loss_average!r}."
         )
-    reduction = getattr(loss_func, "reduction", None)
-    if (loss_average is None) != (reduction == "sum"):
+    if loss_average is not None and loss_func.reduction == "sum":
         raise ValueError(
-            f"`loss_average={loss_average!r}` does not fit the loss's reduction "
-            f"{reduction!r}: use `loss_average=None` exactly for reduction='sum'."
+            f"`loss_average={loss_average!r}` averages, but the loss's reduction is "
+            "'sum'; use `loss_average=None` (the default: follow the reduction)."
         )
     _check_counts(hyperparameters)
 

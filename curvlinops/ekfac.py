@@ -10,7 +10,10 @@ from torch.linalg import eigh
 from curvlinops._execution import with_autograd
 from curvlinops._kfac_base import _KFACBase
 from curvlinops.kfac import _eigenbasis_matmat
-from curvlinops.kfac_utils import FisherType
+from curvlinops.kfac_utils import (
+    FisherType,
+    KFACType,  # noqa: F401 (importable here, as in 3.x)
+)
 
 
 class EKFACLinearOperator(_KFACBase):
@@ -67,16 +70,21 @@ class EKFACLinearOperator(_KFACBase):
         >>> E.shape == K.shape
         True
         >>> # same eigenbasis, different eigenvalues: the traces differ
-        >>> bool((E.trace() - K.trace()).abs() > 1e-6)
+        >>> bool((E.trace - K.trace).abs() > 1e-6)
         True
-        >>> E.trace().allclose((E @ eye(E.shape[1])).trace())
+        >>> E.trace.allclose((E @ eye(E.shape[1])).trace())
         True
 
     Attributes:
         SELF_ADJOINT: ``True``.
+        _SUPPORTED_FISHER_TYPE: The supported values of ``fisher_type`` (all but
+            ``'forward-only'``).
     """
 
-    _FACTOR_STATE = {
+    _SUPPORTED_FISHER_TYPE = tuple(
+        f for f in FisherType if f != FisherType.FORWARD_ONLY
+    )
+    _EXTRA_STATE = {
         "input_covariances_eigenvectors": (
             "_input_covariances_eigenvectors",
             "weights",
@@ -85,6 +93,7 @@ class EKFACLinearOperator(_KFACBase):
             "_gradient_covariances_eigenvectors",
             "layers",
         ),
+        "cached_activations": ("", "empty"),  # 3.0.1's key; nothing to cache here
         "corrected_eigenvalues": ("_corrected_eigenvalues", "blocks"),
     }
 
@@ -93,12 +102,7 @@ class EKFACLinearOperator(_KFACBase):
 
         Args:
             hyperparameters: Values keyed by hyperparameter name.
-
-        Raises:
-            ValueError: If ``fisher_type`` is ``'forward-only'``.
         """
-        if FisherType(hyperparameters["fisher_type"]) == FisherType.FORWARD_ONLY:
-            raise ValueError("EKFAC does not support fisher_type='forward-only'.")
         super()._set_hyperparameters(hyperparameters)
         self._input_covariances_eigenvectors: dict[str, Tensor] = {}
         self._gradient_covariances_eigenvectors: dict[str, Tensor] = {}
@@ -111,7 +115,8 @@ class EKFACLinearOperator(_KFACBase):
         Fills ``_input_covariances_eigenvectors`` and
         ``_gradient_covariances_eigenvectors`` (keyed by layer name) and
         ``_corrected_eigenvalues`` (keyed by ``(layer, block)`` with block ``'W'``,
-        ``'b'`` or ``'Wb'``); the covariances are not kept.
+        ``'b'`` or ``'Wb'``), and keeps KFAC's ``_input_covariances`` and
+        ``_gradient_covariances``.
         """
         super().compute_kronecker_factors()
         for source, target in [
@@ -120,7 +125,6 @@ class EKFACLinearOperator(_KFACBase):
         ]:
             target.clear()
             target.update({layer: eigh(C).eigenvectors for layer, C in source.items()})
-        self._input_covariances, self._gradient_covariances = {}, {}
         self.compute_eigenvalue_correction()
 
     @with_autograd
@@ -195,34 +199,45 @@ class EKFACLinearOperator(_KFACBase):
         ]
         return self._blockwise(M, matmats)
 
+    @property
     def trace(self) -> Tensor:
-        """Compute the trace, the sum of the corrected eigenvalues.
+        """The trace, the sum of the corrected eigenvalues (cached).
 
         Returns:
             The trace, a scalar tensor.
         """
-        return sum(E.sum() for _, _, E in self._eigen_blocks())
+        return self._cached(
+            "trace", lambda: sum(E.sum() for _, _, E in self._eigen_blocks())
+        )
 
+    @property
     def logdet(self) -> Tensor:
-        """Compute the log-determinant from the corrected eigenvalues.
+        """The log-determinant, from the corrected eigenvalues (cached).
 
         Returns:
             The log-determinant; ``-inf`` if an eigenvalue is zero.
         """
-        return sum(E.log().sum() for _, _, E in self._eigen_blocks())
+        return self._cached(
+            "logdet", lambda: sum(E.log().sum() for _, _, E in self._eigen_blocks())
+        )
 
+    @property
     def det(self) -> Tensor:
-        """Compute the determinant (via :meth:`logdet`).
+        """The determinant, via :attr:`logdet` (cached).
 
         Returns:
             The determinant, a scalar tensor.
         """
-        return self.logdet().exp()
+        return self._cached("det", lambda: self.logdet.exp())
 
+    @property
     def frobenius_norm(self) -> Tensor:
-        """Compute the Frobenius norm from the corrected eigenvalues.
+        """The Frobenius norm, from the corrected eigenvalues (cached).
 
         Returns:
             The Frobenius norm, a scalar tensor.
         """
-        return sum((E**2).sum() for _, _, E in self._eigen_blocks()).sqrt()
+        return self._cached(
+            "frobenius_norm",
+            lambda: sum((E**2).sum() for _, _, E in self._eigen_blocks()).sqrt(),
+        )

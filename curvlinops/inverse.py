@@ -19,7 +19,7 @@ import numpy
 from torch import Tensor, as_tensor, isfinite
 
 from curvlinops._adapter import adapt, adapt_square
-from curvlinops._kfac_inverse import KFACInverseLinearOperator
+from curvlinops._kfac_inverse import KFACInverseLinearOperator, KFACInvType
 from curvlinops._krylov import conjugate_gradients, lsmr
 from curvlinops._torch_base import (
     PyTorchLinearOperator,
@@ -455,4 +455,5 @@ __all__ = [
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "KFACInverseLinearOperator",
+    "KFACInvType",
 ]

@@ -2,10 +2,18 @@ r"""Kronecker-factored approximate curvature (KFAC) as a linear operator."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import Tensor, inf
 from torch.linalg import matrix_norm, slogdet
 
 from curvlinops._kfac_base import _KFACBase
+from curvlinops.kfac_utils import FisherType, KFACType, MetaEnum
+
+__all__ = ["KFACLinearOperator", "FisherType", "KFACType", "MetaEnum", "FactorType"]
+
+#: A Kronecker factor, or a dictionary of them (the type of KFAC's factor caches).
+FactorType = TypeVar("FactorType", Tensor, dict[str, Tensor])
 
 
 class KFACLinearOperator(_KFACBase):
@@ -41,10 +49,12 @@ class KFACLinearOperator(_KFACBase):
       \mathbf{y}_t)` (the empirical Fisher),
     - ``'forward-only'``: none; :math:`\mathbf{G} = \mathbf{I}`.
 
-    The vectors carry the loss's normalization (the batch weights of
-    ``reduction='mean'`` and the averaging over outputs of ``MSELoss`` and
-    ``BCEWithLogitsLoss``), so that ``'type-2'`` KFAC of a deep linear network with
-    square loss equals the GGN's diagonal blocks, at the GGN's scale. A bias
+    The vectors carry the loss's normalization, as in curvlinops 3.0.1: with
+    ``reduction='sum'`` none, with ``'mean'`` the average over the data points and
+    over all loss terms of each (sequence positions; the outputs of ``MSELoss`` and
+    ``BCEWithLogitsLoss``), exactly as the loss averages, so that ``'type-2'`` KFAC
+    of a deep linear network with square loss equals the GGN's diagonal blocks, at
+    the GGN's scale (``loss_average`` chooses another scaling). A bias
     either joins its weight's block (inputs :math:`(\mathbf{a}_m^\top, 1)^\top`)
     or forms a block :math:`\mathbf{G}` of its own
     (``separate_weight_and_bias=True``). For weights shared over positions
@@ -54,9 +64,15 @@ class KFACLinearOperator(_KFACBase):
 
     The factors are computed in one pass over the data, when first needed or by
     :meth:`compute_kronecker_factors`, and cached; create a new operator (or call
-    :meth:`compute_kronecker_factors` again) after the model changes. Products,
-    :meth:`trace`, :meth:`det`, :meth:`logdet` and :meth:`frobenius_norm` only use
-    the factors. The operator is self-adjoint.
+    :meth:`compute_kronecker_factors` again) after the model changes. Products and
+    the properties :attr:`trace`, :attr:`det`, :attr:`logdet` and
+    :attr:`frobenius_norm` (cached) only use the factors. :meth:`state_dict`,
+    :meth:`load_state_dict` and :meth:`from_state_dict` save and restore the
+    operator in curvlinops 3.0.1's layout. ``_mapping`` maps the name of every layer
+    with parameters to ``{'weight': i, 'bias': j}``, their positions in ``params``;
+    ``_input_covariances`` and ``_gradient_covariances`` hold the factors
+    :math:`\mathbf{A}` and :math:`\mathbf{G}` by layer name. The operator is
+    self-adjoint.
 
     Data-parallel (``process_group``), each rank passes its shard of the data and
     the factors are summed over the ranks with one all-reduce per pass, so that
@@ -80,19 +96,18 @@ class KFACLinearOperator(_KFACBase):
         >>> W0 = slice(0, 12)  # first layer's weight
         >>> (K @ eye(K.shape[1]))[W0, W0].allclose((G @ eye(G.shape[1]))[W0, W0])
         True
-        >>> K.trace().allclose((K @ eye(K.shape[1])).trace())
+        >>> K.trace.allclose((K @ eye(K.shape[1])).trace())
         True
+        >>> K._mapping
+        {'0': {'weight': 0, 'bias': 1}, '1': {'weight': 2, 'bias': 3}}
 
     Attributes:
         SELF_ADJOINT: ``True``.
         _SUPPORTED_LOSSES: The supported loss functions.
         _SUPPORTED_MODULES: The supported layers.
+        _SUPPORTED_FISHER_TYPE: The supported values of ``fisher_type``.
+        _SUPPORTED_KFAC_APPROX: The supported values of ``kfac_approx``.
     """
-
-    _FACTOR_STATE = {
-        "input_covariances": ("_input_covariances", "weights"),
-        "gradient_covariances": ("_gradient_covariances", "layers"),
-    }
 
     def _factor_pairs(self) -> list[tuple[Tensor | None, Tensor]]:
         """Return the Kronecker factors of every canonical block.
@@ -124,8 +139,9 @@ class KFACLinearOperator(_KFACBase):
         ]
         return self._blockwise(M, matmats)
 
+    @property
     def trace(self) -> Tensor:
-        r"""Compute the trace from the factors.
+        r"""The trace, from the factors (cached until they change).
 
         Per block, :math:`\mathrm{tr}(\mathbf{G} \otimes \mathbf{A}) =
         \mathrm{tr}(\mathbf{G}) \mathrm{tr}(\mathbf{A})`.
@@ -133,16 +149,28 @@ class KFACLinearOperator(_KFACBase):
         Returns:
             The trace, a scalar tensor.
         """
-        return sum(
-            G.trace() * (1.0 if A is None else A.trace())
-            for A, G in self._factor_pairs()
+        return self._cached(
+            "trace",
+            lambda: sum(
+                G.trace() * (1.0 if A is None else A.trace())
+                for A, G in self._factor_pairs()
+            ),
         )
 
+    @property
     def logdet(self) -> Tensor:
-        r"""Compute the log-determinant from the factors.
+        r"""The log-determinant, from the factors (cached until they change).
 
         Per block, :math:`\log\det(\mathbf{G} \otimes \mathbf{A}) = D_\mathbf{A}
         \log\det \mathbf{G} + D_\mathbf{G} \log\det \mathbf{A}`.
+
+        Returns:
+            The log-determinant; ``-inf`` if a factor is singular.
+        """
+        return self._cached("logdet", self._compute_logdet)
+
+    def _compute_logdet(self) -> Tensor:
+        """Compute the log-determinant from the factors.
 
         Returns:
             The log-determinant; ``-inf`` if a factor is singular.
@@ -154,16 +182,18 @@ class KFACLinearOperator(_KFACBase):
             result = result + (1 if A is None else len(A)) * _logdet_psd(G)
         return result
 
+    @property
     def det(self) -> Tensor:
-        """Compute the determinant from the factors (via :meth:`logdet`).
+        """The determinant, via :attr:`logdet` (cached until the factors change).
 
         Returns:
             The determinant, a scalar tensor.
         """
-        return self.logdet().exp()
+        return self._cached("det", lambda: self.logdet.exp())
 
+    @property
     def frobenius_norm(self) -> Tensor:
-        r"""Compute the Frobenius norm from the factors.
+        r"""The Frobenius norm, from the factors (cached until they change).
 
         Per block, :math:`\|\mathbf{G} \otimes \mathbf{A}\|_F = \|\mathbf{G}\|_F
         \|\mathbf{A}\|_F`.
@@ -171,11 +201,13 @@ class KFACLinearOperator(_KFACBase):
         Returns:
             The Frobenius norm, a scalar tensor.
         """
-        squares = [
-            matrix_norm(G) ** 2 * (1.0 if A is None else matrix_norm(A) ** 2)
-            for A, G in self._factor_pairs()
-        ]
-        return sum(squares).sqrt()
+        return self._cached(
+            "frobenius_norm",
+            lambda: sum(
+                matrix_norm(G) ** 2 * (1.0 if A is None else matrix_norm(A) ** 2)
+                for A, G in self._factor_pairs()
+            ).sqrt(),
+        )
 
 
 def _logdet_psd(matrix: Tensor) -> Tensor:

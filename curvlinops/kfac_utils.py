@@ -1,4 +1,4 @@
-r"""Helpers for KFAC: option enums, Conv2d patches, and the canonical parameter form.
+r"""Helpers for KFAC: option enums, loss Hessian roots, Conv2d patches, canonical form.
 
 KFAC and EKFAC treat each supported layer's weight :math:`\mathbf{W} \in
 \mathbb{R}^{D_\text{out} \times D_\text{in}}` (a Conv2d kernel flattened over its
@@ -11,25 +11,49 @@ row-major flattening is the *canonical form*, on which a Kronecker factor pair
 \mathbf{A}`. :class:`ToCanonicalLinearOperator` and
 :class:`FromCanonicalLinearOperator` translate between the parameter-list format and
 this form.
+
+The enums :class:`FisherType` and :class:`KFACType` (with metaclass
+:class:`MetaEnum`) are defined here and also importable from ``curvlinops`` and
+``curvlinops.kfac``, whose name they carry (``__module__``), so that pickled KFAC
+state dicts name them as curvlinops 3.x does.
 """
 
 from __future__ import annotations
 
 from enum import Enum, EnumMeta
+from math import sqrt
 
 from einconv import index_pattern
 from einconv.utils import get_conv_paddings
-from torch import Size, Tensor, cat, einsum
+from torch import Size, Tensor, cat, einsum, serialization
 from torch import device as torch_device
 from torch import dtype as torch_dtype
+from torch.nn import CrossEntropyLoss
 from torch.nn.functional import pad
 from torch.nn.modules.utils import _pair
 
+from curvlinops._losses import (
+    SUPPORTED_LOSSES,
+    check_loss_options,
+    check_no_ignored_labels,
+    check_output_and_labels,
+    hessian_sqrt,
+    loss_terms,
+    reduction_factor,
+)
 from curvlinops._torch_base import PyTorchLinearOperator
 
 
-class _ValueLookupEnumMeta(EnumMeta):
-    """Enum metaclass whose ``in`` operator also accepts the members' values."""
+class MetaEnum(EnumMeta):
+    """Enum metaclass whose ``in`` operator also accepts the members' values.
+
+    Example:
+        >>> from enum import Enum
+        >>> class Color(str, Enum, metaclass=MetaEnum):
+        ...     RED = "red"
+        >>> "red" in Color, Color.RED in Color, "blue" in Color
+        (True, True, False)
+    """
 
     def __contains__(cls, value) -> bool:
         """Return whether ``value`` is a member or the value of a member.
@@ -47,7 +71,7 @@ class _ValueLookupEnumMeta(EnumMeta):
         return True
 
 
-class FisherType(str, Enum, metaclass=_ValueLookupEnumMeta):
+class FisherType(str, Enum, metaclass=MetaEnum):
     """Which curvature KFAC's gradient covariance approximates.
 
     Example:
@@ -70,13 +94,15 @@ class FisherType(str, Enum, metaclass=_ValueLookupEnumMeta):
             <https://arxiv.org/abs/2305.00604>`_).
     """
 
+    __module__ = "curvlinops.kfac"  # pickles name the class as curvlinops 3.x does
+
     TYPE2 = "type-2"
     MC = "mc"
     EMPIRICAL = "empirical"
     FORWARD_ONLY = "forward-only"
 
 
-class KFACType(str, Enum, metaclass=_ValueLookupEnumMeta):
+class KFACType(str, Enum, metaclass=MetaEnum):
     """How KFAC treats layers whose weights are shared over extra input axes.
 
     Both variants are defined in `Eschenhagen et al., 2023
@@ -93,8 +119,86 @@ class KFACType(str, Enum, metaclass=_ValueLookupEnumMeta):
             the positions of each data point before forming the factors.
     """
 
+    __module__ = "curvlinops.kfac"  # pickles name the class as curvlinops 3.x does
+
     EXPAND = "expand"
     REDUCE = "reduce"
+
+
+# KFAC state dicts hold these enums; let ``torch.load`` (``weights_only=True``) rebuild
+# them. The registration exists since torch 2.4.
+if hasattr(serialization, "add_safe_globals"):
+    serialization.add_safe_globals([FisherType, KFACType])
+
+
+def loss_hessian_matrix_sqrt(
+    output_one_datum: Tensor, target_one_datum: Tensor, loss_func
+) -> Tensor:
+    r"""Factorize the loss Hessian w.r.t. the output of one datum into a square root.
+
+    For a datum with model output :math:`\mathbf{f} \in \mathbb{R}^C` and label
+    :math:`\mathbf{y}`, returns :math:`\mathbf{S} \in \mathbb{R}^{C \times C}` with
+
+    .. math::
+        \mathbf{S} \mathbf{S}^\top = \nabla^2_{\mathbf{f}}
+        \ell(\mathbf{f}, \mathbf{y}),
+
+    where :math:`\ell` is ``loss_func`` with its reduction (``'mean'`` divides the
+    square loss and BCE by :math:`C`). The closed forms are :math:`\sqrt{2 / R}\,
+    \mathbf{I}` (square loss), :math:`\sqrt{m}\,(\mathrm{diag}(\sqrt{\mathbf{p}}) -
+    \mathbf{p} \sqrt{\mathbf{p}}^\top)` with :math:`\mathbf{p} =
+    \mathrm{softmax}(\mathbf{f})` and label mass :math:`m = \sum_c y_c` (:math:`m =
+    1` for a class index; cross-entropy) and :math:`\mathrm{diag}(\sqrt{\mathbf{p}
+    (1 - \mathbf{p}) / R})` with :math:`\mathbf{p} = \sigma(\mathbf{f})` (BCE),
+    :math:`R` being :math:`C` for ``reduction='mean'`` and 1 otherwise. These are
+    the vectors that type-2 KFAC backpropagates.
+
+    Args:
+        output_one_datum: Model output of one datum, ``[1, C]`` or ``[C]``.
+        target_one_datum: Its label: a class index (``[1]`` or ``[]``) or class
+            probabilities (cross-entropy), else of the output's shape.
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+
+    Returns:
+        The square root :math:`\mathbf{S}`, ``[C, C]``.
+
+    Raises:
+        ValueError: If the loss is not supported or the output is not that of one
+            datum.
+        NotImplementedError: If the loss sets weights, ``pos_weight``, label
+            smoothing, or the label is cross-entropy's ``ignore_index``.
+
+    Example:
+        >>> from torch import allclose, manual_seed, rand, tensor
+        >>> from torch.func import hessian
+        >>> from torch.nn import CrossEntropyLoss
+        >>> _ = manual_seed(0)
+        >>> f, y, loss_func = rand(1, 4), tensor([2]), CrossEntropyLoss()
+        >>> S = loss_hessian_matrix_sqrt(f, y, loss_func)
+        >>> H = hessian(lambda f: loss_func(f, y))(f).reshape(4, 4)
+        >>> allclose(S @ S.T, H, atol=1e-7)
+        True
+    """
+    if not isinstance(loss_func, SUPPORTED_LOSSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise ValueError(f"Supported losses: {names}; got {type(loss_func).__name__}.")
+    check_loss_options(loss_func, "loss_hessian_matrix_sqrt")
+    output, target = output_one_datum.detach(), target_one_datum
+    if output.ndim == 1:  # the loss functions' layout without batch axis
+        output, target = output.unsqueeze(0), target.unsqueeze(0)
+    if output.ndim != 2 or len(output) != 1:
+        raise ValueError(
+            "Expected the output of one datum, of shape [1, C] or [C], got "
+            f"{list(output_one_datum.shape)}."
+        )
+    check_output_and_labels(loss_func, output, target)
+    check_no_ignored_labels(loss_func, target, "loss_hessian_matrix_sqrt")
+    output_terms, target_terms = loss_terms(loss_func, output, target)
+    S = hessian_sqrt(loss_func, output_terms)[0]
+    S = S / sqrt(reduction_factor(loss_func, output_terms))
+    if isinstance(loss_func, CrossEntropyLoss) and target.is_floating_point():
+        S = S * target_terms.sum().sqrt()  # the Hessian scales with the label mass
+    return S
 
 
 def _average_channel_groups(x: Tensor, groups: int) -> Tensor:

@@ -22,29 +22,27 @@ from torch.nn.functional import binary_cross_entropy_with_logits, cross_entropy
 
 from curvlinops._losses import loss_terms, reduction_factor
 from curvlinops.examples.functorch import _flat_model, _weighted_batches
-from curvlinops.utils import parameter_names
 from test.cases import Case
 
 
 def block_indices(op) -> list[tuple[str, str, Tensor]]:
     """Global parameter indices of every KFAC block, in canonical (row-major) order."""
-    names = parameter_names(op._model_func, op._params)
-    offsets, start = {}, 0
-    for name, p in zip(names, op._params):
-        offsets[name] = (start, p.shape)
+    offsets, start = [], 0
+    for p in op._params:
+        offsets.append((start, p.shape))
         start += p.numel()
 
-    def indices(name):
-        offset, shape = offsets[name]
+    def indices(position):
+        offset, shape = offsets[position]
         return (offset + arange(shape.numel())).reshape(shape[0], -1)
 
     blocks = []
-    for layer, roles in op._mapping.items():
+    for layer, roles in op._mapping.items():  # {'weight': position, 'bias': ...}
         joint = not op._separate_weight_and_bias and len(roles) == 2
         groups = (
             {"Wb": list(roles.values())}
             if joint
-            else {role: [name] for role, name in roles.items()}
+            else {role[0].replace("w", "W"): [pos] for role, pos in roles.items()}
         )
         for kind, members in groups.items():
             idx = cat([indices(m) for m in members], dim=1).flatten()

@@ -25,7 +25,6 @@ def _mlp(loss="ce", reduction="mean"):
         ({"fisher_type": "type-3"}, "fisher_type"),
         ({"kfac_approx": "shrink"}, "kfac_approx"),
         ({"loss_average": "sequence"}, "loss_average"),
-        ({"loss_average": None}, "reduction"),
         ({"mc_samples": 0}, "mc_samples"),
         ({"fisher_type": "type-2", "mc_samples": 2}, "mc_samples"),
         ({"num_per_example_loss_terms": 0}, "num_per_example_loss_terms"),
@@ -37,13 +36,12 @@ def test_invalid_arguments_raise_early(kwargs, match):
         KFACLinearOperator(model, loss_func, params, data, **kwargs)
 
 
-def test_sum_reduction_needs_loss_average_none():
+@pytest.mark.parametrize("average", ["batch", "batch+sequence"])
+def test_sum_reduction_rejects_an_average(average):
     model, _, params, data = _mlp()
+    loss_func = CrossEntropyLoss(reduction="sum")
     with pytest.raises(ValueError, match="reduction"):
-        KFACLinearOperator(model, CrossEntropyLoss(reduction="sum"), params, data)
-    KFACLinearOperator(
-        model, CrossEntropyLoss(reduction="sum"), params, data, loss_average=None
-    )
+        KFACLinearOperator(model, loss_func, params, data, loss_average=average)
 
 
 def test_unsupported_loss_and_model_raise():
@@ -85,7 +83,7 @@ def test_factors_are_computed_lazily_and_once(cls, monkeypatch):
     v = rand(op.shape[1], dtype=float64)
     op @ v
     op @ v
-    op.trace()
+    assert op.trace.isfinite()
     assert len(calls) == (1 if cls is KFACLinearOperator else 2)
 
 
@@ -143,3 +141,13 @@ def test_parameter_order_is_free():
     perm = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in order])
     dense = kfac_dense(K)
     assert_close(kfac_dense(K_perm), dense[perm][:, perm])
+
+
+def test_shape_is_checked():
+    """Spec 003's ``shape`` keyword: the expected ``(D, D)``."""
+    model, loss_func, params, data = _mlp()
+    num_params = sum(p.numel() for p in params)
+    K = KFACLinearOperator(model, loss_func, params, data, shape=(num_params,) * 2)
+    assert K.shape == (num_params, num_params)
+    with pytest.raises(ValueError, match="shape"):
+        KFACLinearOperator(model, loss_func, params, data, shape=(num_params, 1))

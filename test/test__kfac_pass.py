@@ -38,13 +38,14 @@ class TokenClassifier(Module):
         return self.head(self.norm(self.embed(tokens))).mean(1)
 
 
-def test_mapping_names_layers_and_roles():
+def test_mapping_names_layers_and_parameter_positions():
+    """As in curvlinops 3.x: layer name -> role -> position in ``params``."""
     model = Sequential(Linear(3, 2), Conv2d(1, 1, 1, bias=False))
     params = [model[1].weight, model[0].bias, model[0].weight]
-    assert supported_layer_mapping(model, params) == {
-        "0": {"W": "0.weight", "b": "0.bias"},
-        "1": {"W": "1.weight"},
-    }
+    expected = {"0": {"weight": 2, "bias": 1}, "1": {"weight": 0}}
+    assert supported_layer_mapping(model, params) == expected
+    assert list(expected["0"]) == ["weight", "bias"]  # roles in this order
+    assert KFACLinearOperator.compute_parameter_mapping(params, model) == expected
 
 
 @pytest.mark.parametrize("layer", ["norm", "embed"])

@@ -135,7 +135,7 @@ def test_ekfac_matrix_functions_match_dense(separate):
     data = [(X, randn(20, 3, dtype=float64))]
     E = _ekfac(model, loss_func, params, data, separate_weight_and_bias=separate)
     dense = E @ eye(E.shape[1], dtype=float64)
-    assert_close(E.trace(), dense.trace())
-    assert_close(E.logdet(), dense.slogdet()[1])
-    assert_close(E.det(), dense.det(), rtol=1e-6)
-    assert_close(E.frobenius_norm(), matrix_norm(dense))
+    assert_close(E.trace, dense.trace())
+    assert_close(E.logdet, dense.slogdet()[1])
+    assert_close(E.det, dense.det(), rtol=1e-6)
+    assert_close(E.frobenius_norm, matrix_norm(dense))

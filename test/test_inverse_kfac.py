@@ -148,3 +148,79 @@ def test_invalid_arguments_raise():
         KFACInverseLinearOperator(K, use_heuristic_damping=True, use_exact_damping=True)
     with pytest.raises(ValueError, match="exact damping or EKFAC"):
         KFACInverseLinearOperator(E, use_heuristic_damping=True)
+
+
+INVERSE_LAYOUT_3_0_1 = {  # the end of test/compat/curvlinops-3.0.1-api.txt
+    "A": dict,
+    "damping": float,
+    "use_heuristic_damping": bool,
+    "min_damping": float,
+    "use_exact_damping": bool,
+    "cache": bool,
+    "retry_double_precision": bool,
+    "inverse_input_covariances": dict,
+    "inverse_gradient_covariances": dict,
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"use_heuristic_damping": True}, {"use_exact_damping": True}]
+)
+def test_inverse_state_dict_round_trip(kwargs, monkeypatch):
+    op = _operator(Case("mlp", "ce"), separate_weight_and_bias=True)
+    op_inv = KFACInverseLinearOperator(op, damping=DAMPING, **kwargs)
+    state = op_inv.state_dict()
+    assert {key: type(value) for key, value in state.items()} == INVERSE_LAYOUT_3_0_1
+    inverses = [
+        state["inverse_input_covariances"],
+        state["inverse_gradient_covariances"],
+    ]
+    if kwargs.get("use_exact_damping"):
+        assert inverses == [{}, {}]  # eigendecompositions are recomputed after loading
+    else:
+        assert [list(d) for d in inverses] == [["0", "2"], ["0", "2"]]
+        A, G = op._input_covariances["0"], op._gradient_covariances["0"]
+        damping_A = op_inv._factor_dampings(A, G)[0]
+        assert_close(inverses[0]["0"], inv(A + damping_A * eye(len(A), dtype=A.dtype)))
+    expected = op_inv @ _identity(op)
+    fresh = _operator(Case("mlp", "ce"), check_deterministic=False)
+    fresh._data_pass = None  # loading computes no factors
+    if not kwargs.get("use_exact_damping"):  # nor inverts them
+        monkeypatch.setattr(KFACInverseLinearOperator, "_damped_inverse", None)
+    loaded = KFACInverseLinearOperator.from_state_dict(state, fresh)
+    assert loaded._use_heuristic_damping == kwargs.get("use_heuristic_damping", False)
+    if kwargs.get("use_heuristic_damping"):  # bias blocks invert their G anew
+        monkeypatch.undo()
+    assert_close(loaded @ _identity(op), expected)
+
+
+def test_inverse_loads_a_3_0_1_state_with_hand_made_inverses():
+    """Loaded inverted factors are used as they are (none computed)."""
+    op = _operator(Case("mlp", "ce"))
+    state = KFACInverseLinearOperator(op, damping=DAMPING).state_dict()
+    manual_seed(1)
+
+    def symmetric(like):
+        M = rand(*like.shape, dtype=float64)
+        return M @ M.T
+
+    A_inv = {k: symmetric(v) for k, v in op._input_covariances.items()}
+    G_inv = {k: symmetric(v) for k, v in op._gradient_covariances.items()}
+    state |= {"inverse_input_covariances": A_inv, "inverse_gradient_covariances": G_inv}
+    loaded = KFACInverseLinearOperator.from_state_dict(state, op)
+    dense = op._zeros(*op.shape)
+    for layer, kind, idx in block_indices(op):
+        block = G_inv[layer] if kind == "b" else kron(G_inv[layer], A_inv[layer])
+        dense[idx.unsqueeze(1), idx.unsqueeze(0)] = block
+    compare_matmat(loaded, dense)
+
+
+def test_a_pair_of_dampings_damps_each_factor():
+    op = _operator(Case("cnn", "mse", "sum"))
+    damping_A, damping_G = 1e-3, 1e-1
+    expected = _damped_factor_dense(op, lambda A, G: (damping_A, damping_G))
+    compare_matmat(op.inverse(damping=(damping_A, damping_G)), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="pair"):
+        op.inverse(damping=(damping_A, damping_G), use_exact_damping=True)
+    with pytest.raises(ValueError, match="non-negative"):
+        op.inverse(damping=(damping_A, -1.0))

@@ -1,15 +1,15 @@
 """Tests for curvlinops.kfac: exactness, conformance, MC, matrix functions."""
 
 import pytest
-from torch import cat, eye, float64, kron, manual_seed, rand, randn
+from torch import cat, eye, float64, kron, manual_seed, rand, randn, tensor
 from torch.linalg import matrix_norm, qr, slogdet
-from torch.nn import Linear, ReLU, Sequential
+from torch.nn import CrossEntropyLoss, Linear, ReLU, Sequential
 from torch.nn.functional import one_hot
 
 from curvlinops import KFACLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
 from curvlinops.kfac import _eigenbasis_matmat, _kronecker_matmat
-from test.cases import Case
+from test.cases import Case, Permute
 from test.kfac_references import (
     CONFORMANCE,
     exact_case,
@@ -164,17 +164,17 @@ def test_matrix_functions_match_dense(case, separate):
     dense = K @ eye(K.shape[1], dtype=float64)
     sign, logabsdet = slogdet(dense)
     assert sign > 0
-    assert_close(K.trace(), dense.trace())
-    assert_close(K.logdet(), logabsdet)
-    assert_close(K.det(), dense.det(), rtol=1e-6)
-    assert_close(K.frobenius_norm(), matrix_norm(dense))
+    assert_close(K.trace, dense.trace())
+    assert_close(K.logdet, logabsdet)
+    assert_close(K.det, dense.det(), rtol=1e-6)
+    assert_close(K.frobenius_norm, matrix_norm(dense))
 
 
 def test_singular_factors_give_minus_infinite_logdet():
     model, loss_func, params, data = Case("mlp", "mse").make()
     K = _kfac(model, loss_func, params, [(data[0][0][:1], data[0][1][:1])])
-    assert K.logdet().item() == float("-inf")
-    assert K.det().item() == 0.0
+    assert K.logdet.item() == float("-inf")
+    assert K.det.item() == 0.0
 
 
 def test_kronecker_and_eigenbasis_matmat_match_dense():
@@ -198,3 +198,57 @@ def test_empirical_kfac_takes_class_probabilities_as_labels():
     K_soft = _kfac(model, loss_func, params, one_hots, fisher_type="empirical")
     K = _kfac(model, loss_func, params, data, fisher_type="empirical")
     assert_close(kfac_dense(K_soft), kfac_dense(K))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_default_scaling_follows_the_reduction_on_sequences(reduction):
+    """As in curvlinops 3.0.1, without ``loss_average``: 4 sequences x 3 terms.
+
+    ``'mean'`` averages over all 12 terms (and the outputs), as the loss does;
+    ``'sum'`` does not average. Type-2 KFAC-expand of a deep linear network with
+    square loss then equals the GGN's blocks.
+    """
+    model, loss_func, params, data = exact_case("sequence", reduction, (4,))
+    K = KFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
+    ggn = functorch_ggn(model, loss_func, params, data)
+    compare_matmat(K, restrict_to_blocks(ggn, K))
+
+
+def test_default_scaling_of_cross_entropy_on_a_sequence():
+    """Cross-entropy over 3 positions of one datum whose positions see one input.
+
+    All positions share input and output Hessian, so KFAC-expand is exact; with
+    ``reduction='mean'`` the loss averages over the 3 positions.
+    """
+    manual_seed(0)
+    model = Sequential(Linear(4, 3), ReLU(), Linear(3, 5), Permute()).to(float64)
+    X = rand(1, 1, 4, dtype=float64).expand(1, 3, 4)  # [datum, position, feature]
+    data, loss_func = [(X, tensor([[0, 3, 4]]))], CrossEntropyLoss()
+    params = list(model.parameters())
+    K = KFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
+    ggn = functorch_ggn(model, loss_func, params, data)
+    compare_matmat(K, restrict_to_blocks(ggn, K))
+
+
+def test_explicit_loss_average_keeps_its_meaning():
+    """``'batch+sequence'`` is the default for a mean; ``'batch'`` divides by 3."""
+    model, loss_func, params, data = exact_case("sequence", "mean", (4,))
+    dense = kfac_dense(KFACLinearOperator(model, loss_func, params, data))
+    for average, factor in [("batch+sequence", 1.0), ("batch", 1 / 3)]:
+        K = KFACLinearOperator(model, loss_func, params, data, loss_average=average)
+        assert_close(kfac_dense(K), factor * dense)
+
+
+def test_positional_arguments_bind_as_in_3_0_1():
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    args = (False, False, 3, "empirical", 1, "reduce", None, False, 5, None)
+    K = KFACLinearOperator(model, loss_func, params, data, *args)
+    assert (K._progressbar, K._seed, K._fisher_type, K._kfac_approx) == (
+        False,
+        3,
+        "empirical",
+        "reduce",
+    )
+    assert not K._separate_weight_and_bias and K._num_data == 5
+    with pytest.raises(TypeError):  # our additions are keyword-only
+        KFACLinearOperator(model, loss_func, params, data, *args, "batch")

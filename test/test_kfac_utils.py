@@ -1,16 +1,20 @@
 """Tests for curvlinops.kfac_utils: enums, Conv2d patches, canonical converters."""
 
 import pytest
-from torch import Size, arange, cat, eye, float64, manual_seed, rand
+from torch import Size, arange, cat, eye, float64, manual_seed, rand, tensor
+from torch.func import hessian
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss
 from torch.nn.functional import conv2d, unfold
 
 from curvlinops.kfac_utils import (
     FisherType,
     FromCanonicalLinearOperator,
     KFACType,
+    MetaEnum,
     ToCanonicalLinearOperator,
     extract_averaged_patches,
     extract_patches,
+    loss_hessian_matrix_sqrt,
 )
 from test.utils import assert_close, compare_matmat
 
@@ -112,3 +116,49 @@ def test_joint_canonical_block_appends_bias_column():
 def test_invalid_groups_raise(groups, match):
     with pytest.raises(ValueError, match=match):
         _converters(groups)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "ce_probabilities", "bce"])
+@pytest.mark.parametrize("batched", [True, False], ids=["1xC", "C"])
+def test_loss_hessian_matrix_sqrt_factorizes_the_loss_hessian(loss, reduction, batched):
+    manual_seed(0)
+    output = rand(1, 4, dtype=float64)
+    targets = {
+        "mse": rand(1, 4, dtype=float64),
+        "ce": tensor([2]),
+        "ce_probabilities": rand(1, 4, dtype=float64),  # mass != 1 scales the Hessian
+        "bce": rand(1, 4, dtype=float64),
+    }
+    losses = {"mse": MSELoss, "bce": BCEWithLogitsLoss}
+    loss_func = losses.get(loss, CrossEntropyLoss)(reduction=reduction)
+    target = targets[loss]
+    if not batched:
+        output, target = output[0], target[0]
+    S = loss_hessian_matrix_sqrt(output, target, loss_func)
+    H = hessian(lambda f: loss_func(f, target))(output).reshape(4, 4)
+    assert S.shape == (4, 4)
+    assert_close(S @ S.T, H)
+
+
+def test_loss_hessian_matrix_sqrt_rejects_bad_input():
+    f = rand(2, 3)
+    with pytest.raises(ValueError, match="one datum"):
+        loss_hessian_matrix_sqrt(f, tensor([0, 1]), CrossEntropyLoss())
+    with pytest.raises(ValueError, match="L1Loss"):
+        loss_hessian_matrix_sqrt(f[:1], f[:1], L1Loss())
+    with pytest.raises(NotImplementedError, match="ignore_index"):
+        loss_hessian_matrix_sqrt(f[:1], tensor([-100]), CrossEntropyLoss())
+
+
+def test_meta_enum_and_the_enums_home():
+    """The enums live in ``curvlinops.kfac`` for pickles, as in curvlinops 3.x."""
+    import curvlinops
+    import curvlinops.ekfac
+    import curvlinops.kfac
+
+    for enum in (FisherType, KFACType):
+        assert type(enum) is MetaEnum and enum.__module__ == "curvlinops.kfac"
+        for module in (curvlinops, curvlinops.kfac, curvlinops.ekfac):
+            assert getattr(module, enum.__name__) is enum
+    assert curvlinops.kfac.MetaEnum is MetaEnum

@@ -224,7 +224,7 @@ assert error < 0.05
 
 K = KFACLinearOperator(model, loss_func, params, loader, fisher_type="type-2", **kwargs)
 K_dense = K @ identity
-print(f"trace of KFAC: {K.trace():.4f}, of the GGN: {G.trace():.4f}")
+print(f"trace of KFAC: {K.trace:.4f}, of the GGN: {G.trace():.4f}")
 
 # %%
 # For the bias of a linear layer, whose "input" is always one, the Kronecker

@@ -306,9 +306,9 @@ assert kfac_one.allclose(ggn_one * block_mask)
 
 K_op = KFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
 EK_op = EKFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
-print(f"trace: GGN {G.trace():.6f}, EKFAC {EK_op.trace():.6f}, KFAC {K_op.trace():.6f}")
-assert EK_op.trace().allclose(G.trace())
-assert not K_op.trace().allclose(G.trace())
+print(f"trace: GGN {G.trace():.6f}, EKFAC {EK_op.trace:.6f}, KFAC {K_op.trace:.6f}")
+assert EK_op.trace.allclose(G.trace())
+assert not K_op.trace.allclose(G.trace())
 
 # %%
 # Among all matrices with KFAC's eigenvectors, EKFAC is the closest to the GGN's

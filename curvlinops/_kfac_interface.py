@@ -1,0 +1,124 @@
+r"""The part of KFAC's interface beyond products that curvlinops 3.x users rely on.
+
+:class:`_KFACInterfaceMixin` gives KFAC-type operators the parameter mapping
+(``compute_parameter_mapping``, saved as ``_mapping``), label sampling
+(``draw_label``), the number of loss terms per datum seen in the data, and the cache
+behind the matrix-function properties ``trace``, ``det``, ``logdet`` and
+``frobenius_norm``, which is cleared whenever the factors change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Generator, Tensor
+from torch.nn import CrossEntropyLoss, Module
+
+from curvlinops._distributed import rank_seed
+from curvlinops._kfac_pass import supported_layer_mapping
+from curvlinops._losses import loss_terms, sample_labels
+
+MATRIX_FUNCTIONS = ("trace", "det", "logdet", "frobenius_norm")
+
+
+class _KFACInterfaceMixin:
+    """Parameter mapping, label sampling and matrix-function cache of KFAC.
+
+    The operator provides ``_loss_func``, ``_seed``, ``_process_group``, ``device``,
+    ``_num_per_example_loss_terms`` and ``_seen_terms_per_datum`` (the numbers of
+    loss terms per datum seen in the last pass), and sets ``_generator``.
+    """
+
+    @classmethod
+    def compute_parameter_mapping(
+        cls, params: list[Tensor], model_func: Module
+    ) -> dict[str, dict[str, int]]:
+        """Find the supported layer of every parameter.
+
+        Args:
+            params: Parameters of ``Linear`` and ``Conv2d`` layers of the model.
+            model_func: The neural network.
+
+        Returns:
+            Layer names mapped to ``{'weight': i, 'bias': j}`` (the roles present),
+            with the parameters' positions in ``params``; layers in the order of
+            ``model_func.named_modules()``. Saved as ``_mapping``.
+
+        Raises:
+            TypeError: If ``model_func`` is not a ``torch.nn.Module``.
+            NotImplementedError: If a parameter lives in an unsupported layer.
+            ValueError: If a parameter is not part of the model or listed twice.
+        """
+        return supported_layer_mapping(model_func, params)
+
+    def _observed_terms_per_datum(self) -> int | None:
+        """Return the number of loss terms per data point, given or seen in the data.
+
+        Returns:
+            ``num_per_example_loss_terms`` if given, else the number seen in the
+            last pass over the data if it was the same for all batches, else
+            ``None``.
+        """
+        if self._num_per_example_loss_terms is not None:
+            return self._num_per_example_loss_terms
+        seen = self._seen_terms_per_datum
+        return next(iter(seen)) if len(seen) == 1 else None
+
+    def _seeded_generator(self) -> Generator:
+        """Return a new random number generator seeded with this rank's seed.
+
+        Returns:
+            The generator, on the operator's device.
+        """
+        seed = rank_seed(self._seed, self._process_group)
+        return Generator(device=self.device).manual_seed(seed)
+
+    def draw_label(self, output: Tensor) -> Tensor:
+        r"""Draw a label for every loss term from the model's predictive distribution.
+
+        The distributions are :math:`\mathcal{N}(\mathbf{f}, \frac{1}{2}
+        \mathbf{I})` (square loss), :math:`\mathrm{Cat}(\mathrm{softmax}(
+        \mathbf{f}))` (cross-entropy) and :math:`\mathrm{Bernoulli}(\sigma(
+        \mathbf{f}))` (BCE), as for ``fisher_type='mc'``. Uses the operator's
+        generator, seeded with ``seed`` at the start of every pass over the data
+        with ``'mc'`` (or on first use).
+
+        Args:
+            output: Model output on a mini-batch (``[B, C, *]`` for cross-entropy,
+                else ``[B, *, C]``).
+
+        Returns:
+            Labels: class indices ``[B, *]`` for cross-entropy, else of the
+            output's shape.
+        """
+        if self._generator is None:
+            self._generator = self._seeded_generator()
+        output = output.detach()
+        output_terms, _ = loss_terms(self._loss_func, output, output)  # labels unused
+        labels = sample_labels(self._loss_func, output_terms, 1, self._generator)[0]
+        if isinstance(self._loss_func, CrossEntropyLoss):
+            return labels.reshape(output.movedim(1, -1).shape[:-1])
+        return labels.reshape(output.shape)
+
+    def _cached(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """Return a cached matrix function, computing it if needed.
+
+        The caches are cleared whenever the factors change.
+
+        Args:
+            name: One of ``MATRIX_FUNCTIONS``.
+            compute: Computes the value from the factors.
+
+        Returns:
+            The value.
+        """
+        value = getattr(self, f"_{name}", None)
+        if value is None:
+            value = compute()  # may compute the factors, which clears the caches
+            setattr(self, f"_{name}", value)
+        return value
+
+    def _forget_matrix_functions(self):
+        """Clear the cached matrix functions."""
+        for name in MATRIX_FUNCTIONS:
+            setattr(self, f"_{name}", None)
