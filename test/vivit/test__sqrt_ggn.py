@@ -43,6 +43,7 @@ from test.vivit.utils import (
     CASES,
     SUBSAMPLING_IDS,
     SUBSAMPLINGS,
+    BranchedCase,
     Problem,
     dense_ggn,
     extended_problem,
@@ -84,7 +85,9 @@ def test_factor_squares_to_ggn(case: Case, subsampling):
 
 
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+@pytest.mark.parametrize(
+    "case", [*CASES[:3], BranchedCase("resnet")], ids=[*CASE_IDS[:3], "resnet"]
+)
 def test_mc_factor_matches_backpack(case: Case, subsampling):
     """With the same seed, the MC factor is BackPACK's (rescaled to the sub-batch)."""
     problem = make_problem(case)
@@ -98,9 +101,12 @@ def test_mc_factor_matches_backpack(case: Case, subsampling):
     assert_close(ours, theirs, atol=1e-12)
 
 
-def test_mc_factor_converges():
+@pytest.mark.parametrize(
+    "case", [Case("mlp", "ce"), BranchedCase("parallel")], ids=["mlp", "parallel"]
+)
+def test_mc_factor_converges(case):
     """The MC GGN approaches the exact GGN as the number of samples grows."""
-    problem = make_problem(Case("mlp", "ce"))
+    problem = make_problem(case)
     G = full_ggn(problem)
     errors = []
     for mc_samples in [4, 64, 1024]:

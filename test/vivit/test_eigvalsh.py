@@ -10,11 +10,10 @@ from curvlinops.vivit import EigvalshComputation
 from test.cases import Case
 from test.utils import assert_close
 from test.vivit.utils import (
-    CASE_IDS,
-    CASES,
-    GROUPINGS,
     SUBSAMPLING_IDS,
     SUBSAMPLINGS,
+    BranchedCase,
+    case_grid,
     dense_ggn,
     make_groups,
     make_problem,
@@ -24,9 +23,9 @@ from test.vivit.utils import (
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
-@pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "case, grouping, subsampling", case_grid(SUBSAMPLINGS, SUBSAMPLING_IDS)
+)
 def test_eigvalsh_matches_dense(case: Case, grouping: str, subsampling):
     """Gram eigenvalues = GGN block eigenvalues, padded with zeros to N * C."""
     problem = make_problem(case)
@@ -63,9 +62,12 @@ def test_eigvalsh_agrees_with_lanczos_on_ggn_operator():
         assert_close(top, from_numpy(lanczos).sort().values, rtol=1e-8, atol=1e-12)
 
 
-def test_mc_eigvalsh_sizes_and_reproducibility():
+@pytest.mark.parametrize(
+    "case", [Case("cnn", "ce"), BranchedCase("resnet")], ids=["cnn", "resnet"]
+)
+def test_mc_eigvalsh_sizes_and_reproducibility(case):
     """MC Gram matrices are [N M, N M]; the same seed gives the same eigenvalues."""
-    problem = make_problem(Case("cnn", "ce"))
+    problem = make_problem(case)
     group = {"params": problem.params}
     results = []
     for _ in range(2):
