@@ -99,15 +99,20 @@ class FactorRule(ModuleExtension):
             g_out: Gradients w.r.t. the module output.
 
         Raises:
-            AssertionError: If a layer's output has no factor (it does not lead to
-                the loss through modules with rules).
+            NotImplementedError: If no factor arrived at a layer's output: it reaches
+                the loss only through operations outside modules.
         """
         self.check_hyperparameters_module_extension(ext, module, g_inp, g_out)
         output = module.output
         keep = output.grad_fn is None or getattr(output, "retains_grad", False)
         factor = ext.saved_quantities.retrieve_quantity(tensor_key(output), not keep)
         if factor is None and not is_loss(module):
-            raise AssertionError(f"No GGN factor arrived at the output of {module}.")
+            raise NotImplementedError(
+                f"No GGN factor arrived at the output of {module}: it reaches the "
+                "loss through operations that are not modules (e.g. torch.tanh or + "
+                "in forward()), which BackPACK does not see. Use modules, or "
+                "backpack.extend(model, use_converter=True)."
+            )
         for name in self.param_names:
             param = getattr(module, name)
             if param is not None and param.requires_grad:

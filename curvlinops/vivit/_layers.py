@@ -5,13 +5,14 @@ output, :math:`\mathbf{S}_{\mathbf{z}}` (``[V, N, *z.shape[1:]]``), to the facto
 w.r.t. its input, :math:`\mathbf{J}_{\mathbf{x}} \mathbf{z}^\top
 \mathbf{S}_{\mathbf{z}}`, and stores the factor of each parameter,
 :math:`\mathbf{J}_{\mathbf{w}} \mathbf{z}^\top \mathbf{S}_{\mathbf{z}}` per sample.
-Both products come from BackPACK's derivative objects, which cover every layer of
-BackPACK's second-order extensions (``SqrtGGNExact``, ``SqrtGGNMC``, ``DiagGGN``):
-those of :mod:`torch.nn` listed in :data:`LAYERS` and BackPACK's custom modules for
-branching (``Parallel`` with ``SumModule``), scaling, slicing, padding and
-permuting, which ``backpack.extend(model, use_converter=True)`` inserts for skip
-connections and tensor operations. Containers (``Sequential``, ``Parallel``,
-``ReduceTuple``, ...) perform no operation and need no rule.
+Both products come from BackPACK's derivative objects (for ``Pad``, a variant that
+also crops). They cover every layer of BackPACK's second-order extensions
+(``SqrtGGN*``, ``DiagGGN*``, ``DiagHessian``, ``KFAC``, ``KFLR``, ``KFRA``): those of
+:mod:`torch.nn` listed in :data:`LAYERS` and BackPACK's custom modules for branching
+(``Parallel`` with ``SumModule``), scaling, slicing, padding and permuting, which
+``backpack.extend(model, use_converter=True)`` inserts for skip connections and
+tensor operations. Containers (``Sequential``, ``Parallel``, ``ReduceTuple``, ...)
+perform no operation and need no rule.
 """
 
 from __future__ import annotations
@@ -164,10 +165,16 @@ def unsupported_message(module: nn.Module, supported: list[type]) -> str:
         The message.
     """
     names = ", ".join(sorted({f"{c.__module__}.{c.__name__}" for c in supported}))
+    if next(module.children(), None) is None:
+        what = f"{module.__class__} ({module}): BackPACK has no derivatives for it."
+    else:
+        what = (
+            f"{module.__class__}: it is a container whose forward() BackPACK cannot "
+            "see through (only torch.nn.Sequential and BackPACK's containers are)."
+        )
     return (
-        f"ViViT cannot backpropagate the GGN factor through {module.__class__} "
-        f"({module}): BackPACK has no derivatives for it. Models built from these "
-        f"modules work: {names}; combined with torch.nn.Sequential, "
+        f"ViViT cannot backpropagate the GGN factor through {what} Models built "
+        f"from these modules work: {names}; combined with torch.nn.Sequential, "
         "backpack.custom_module's Parallel (branches merged by SumModule), or "
         "backpack.extend(model, use_converter=True) for skip connections, "
         "additions, scalings, flattening and permutations written in forward()."

@@ -3,9 +3,9 @@
 from math import sqrt
 
 import pytest
-from backpack import backpack, extend
+from backpack import extend
 from backpack.extensions import SqrtGGNMC
-from torch import Tensor, cat, float64, manual_seed, rand, randint
+from torch import Tensor, float64, manual_seed, rand, randint
 from torch.nn import (
     ELU,
     SELU,
@@ -45,26 +45,14 @@ from test.vivit.utils import (
     SUBSAMPLINGS,
     BranchedCase,
     Problem,
+    backward,
     dense_ggn,
     extended_problem,
+    factor_matrix,
     make_problem,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-
-
-def factor_matrix(params: list[Tensor], savefield: str) -> Tensor:
-    """Concatenate the stored factors to V, of shape [D, V * N]."""
-    factors = [getattr(p, savefield) for p in params]
-    factors = [f if isinstance(f, Tensor) else f.to_tensor() for f in factors]
-    factors = [f.flatten(end_dim=1) for f in factors]
-    return cat([f.flatten(start_dim=1) for f in factors], dim=1).T
-
-
-def backward(problem: Problem, *extensions, seed: int = 0):
-    manual_seed(seed)
-    with backpack(*extensions):
-        problem.loss_func(problem.model(problem.X), problem.y).backward()
 
 
 def full_ggn(problem: Problem, subsampling=None) -> Tensor:

@@ -15,7 +15,8 @@ from backpack.custom_module.branching import Parallel
 from backpack.custom_module.pad import Pad
 from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.slicing import Slicing
-from torch import Tensor, cat, float64, manual_seed, rand, randint, randn, stack
+from torch import Tensor, cat, float64, manual_seed, rand, randint, randn, stack, zeros
+from torch.linalg import eigvalsh
 from torch.nn import (
     BatchNorm2d,
     Conv2d,
@@ -32,6 +33,7 @@ from torch.nn import (
 from curvlinops.examples.functorch import functorch_ggn, functorch_gradient_and_loss
 from curvlinops.vivit import EighComputation
 from test.cases import Case
+from test.utils import assert_close
 
 
 class ResidualNet(Module):
@@ -226,6 +228,21 @@ def run(problem: Problem, computation, groups: list[dict], seed: int = 0):
         problem.loss_func(problem.model(problem.X), problem.y).backward()
 
 
+def backward(problem: Problem, *extensions, seed: int = 0):
+    """Run the backward pass with BackPACK extensions (no hook)."""
+    manual_seed(seed)
+    with backpack(*extensions):
+        problem.loss_func(problem.model(problem.X), problem.y).backward()
+
+
+def factor_matrix(params: list[Tensor], savefield: str) -> Tensor:
+    """Concatenate the factors stored on parameters to V, of shape [D, V * N]."""
+    factors = [getattr(p, savefield) for p in params]
+    factors = [f if isinstance(f, Tensor) else f.to_tensor() for f in factors]
+    factors = [f.flatten(end_dim=1) for f in factors]
+    return cat([f.flatten(start_dim=1) for f in factors], dim=1).T
+
+
 def _cached(problem: Problem, func, subsampling):
     """Evaluate a dense reference on the active samples once per problem."""
     key = (func.__name__, None if subsampling is None else tuple(subsampling))
@@ -256,6 +273,20 @@ def per_sample(func, problem: Problem, group: dict, subsampling=None) -> Tensor:
     """Stack a dense quantity over single samples (the per-sample loss ℓₙ)."""
     idx = range(problem.X.shape[0]) if subsampling is None else subsampling
     return stack([func(problem, group, [n]) for n in idx])
+
+
+def assert_same_spectrum(evals: Tensor, G: Tensor):
+    """Gram eigenvalues are the GGN block's, padded with zeros to the larger size.
+
+    Both matrices have the same non-zero eigenvalues; compare relative to the
+    largest one.
+    """
+    expected = eigvalsh(G)
+    scale = max(expected.abs().max().item(), 1e-3)
+    padding = evals.numel() - expected.numel()
+    if padding > 0:
+        expected = cat([zeros(padding, dtype=expected.dtype), expected])
+    assert_close(evals, expected[-evals.numel() :], atol=1e-10 * scale)
 
 
 def top_three(evals: Tensor) -> list[int]:
