@@ -14,91 +14,26 @@ Hessian's factors :math:`\mathbf{S}_n` (exact, or a Monte-Carlo estimate) and
 multiplies them with transposed Jacobians layer by layer, which yields the columns
 of :math:`\mathbf{V}` with :math:`\mathbf{G} = \mathbf{V} \mathbf{V}^\top`
 (Dangel et al., 2022, ViViT: Curvature access through the generalized Gauss-Newton's
-low-rank structure, TMLR). :class:`PerSampleGradients` stores per-sample gradients
-under a separate attribute.
+low-rank structure, TMLR). The rules for the layers live in
+:mod:`curvlinops.vivit._layers`; this module adds the loss functions and the
+extension.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from math import sqrt
 
-from backpack.core.derivatives.avgpool1d import AvgPool1DDerivatives
-from backpack.core.derivatives.avgpool2d import AvgPool2DDerivatives
-from backpack.core.derivatives.avgpool3d import AvgPool3DDerivatives
 from backpack.core.derivatives.basederivatives import BaseDerivatives
-from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
 from backpack.core.derivatives.bcewithlogitsloss import BCELossWithLogitsDerivatives
-from backpack.core.derivatives.conv1d import Conv1DDerivatives
-from backpack.core.derivatives.conv2d import Conv2DDerivatives
-from backpack.core.derivatives.conv3d import Conv3DDerivatives
-from backpack.core.derivatives.conv_transpose1d import ConvTranspose1DDerivatives
-from backpack.core.derivatives.conv_transpose2d import ConvTranspose2DDerivatives
-from backpack.core.derivatives.conv_transpose3d import ConvTranspose3DDerivatives
 from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
-from backpack.core.derivatives.dropout import DropoutDerivatives
-from backpack.core.derivatives.elu import ELUDerivatives
-from backpack.core.derivatives.embedding import EmbeddingDerivatives
-from backpack.core.derivatives.flatten import FlattenDerivatives
-from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
-from backpack.core.derivatives.linear import LinearDerivatives
-from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
-from backpack.core.derivatives.maxpool1d import MaxPool1DDerivatives
-from backpack.core.derivatives.maxpool2d import MaxPool2DDerivatives
-from backpack.core.derivatives.maxpool3d import MaxPool3DDerivatives
 from backpack.core.derivatives.mseloss import MSELossDerivatives
-from backpack.core.derivatives.relu import ReLUDerivatives
-from backpack.core.derivatives.scale_module import ScaleModuleDerivatives
-from backpack.core.derivatives.selu import SELUDerivatives
-from backpack.core.derivatives.sigmoid import SigmoidDerivatives
-from backpack.core.derivatives.sum_module import SumModuleDerivatives
-from backpack.core.derivatives.tanh import TanhDerivatives
-from backpack.core.derivatives.zeropad2d import ZeroPad2dDerivatives
-from backpack.custom_module.branching import SumModule
-from backpack.custom_module.scale_module import ScaleModule
 from backpack.extensions.backprop_extension import BackpropExtension
-from backpack.extensions.module_extension import ModuleExtension
-from backpack.utils.subsampling import subsample
-from torch import Tensor, dtype, get_default_dtype, nn, set_default_dtype
+from torch import Tensor, nn
 
 from curvlinops._losses import check_no_ignored_labels
-from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
+from curvlinops.vivit._backprop import FactorRule
+from curvlinops.vivit._layers import LAYERS, layer_extensions, unsupported_message
 
-# Module class -> (derivatives, names of the parameters whose factor is stored)
-_LAYERS: dict[type[nn.Module], tuple[type[BaseDerivatives], tuple[str, ...]]] = {
-    nn.Linear: (LinearDerivatives, ("weight", "bias")),
-    nn.Conv1d: (Conv1DDerivatives, ("weight", "bias")),
-    nn.Conv2d: (Conv2DDerivatives, ("weight", "bias")),
-    nn.Conv3d: (Conv3DDerivatives, ("weight", "bias")),
-    nn.ConvTranspose1d: (ConvTranspose1DDerivatives, ("weight", "bias")),
-    nn.ConvTranspose2d: (ConvTranspose2DDerivatives, ("weight", "bias")),
-    nn.ConvTranspose3d: (ConvTranspose3DDerivatives, ("weight", "bias")),
-    nn.BatchNorm1d: (BatchNormNdDerivatives, ("weight", "bias")),
-    nn.BatchNorm2d: (BatchNormNdDerivatives, ("weight", "bias")),
-    nn.BatchNorm3d: (BatchNormNdDerivatives, ("weight", "bias")),
-    nn.Embedding: (EmbeddingDerivatives, ("weight",)),
-    nn.ReLU: (ReLUDerivatives, ()),
-    nn.Sigmoid: (SigmoidDerivatives, ()),
-    nn.Tanh: (TanhDerivatives, ()),
-    nn.LeakyReLU: (LeakyReLUDerivatives, ()),
-    nn.LogSigmoid: (LogSigmoidDerivatives, ()),
-    nn.ELU: (ELUDerivatives, ()),
-    nn.SELU: (SELUDerivatives, ()),
-    nn.Dropout: (DropoutDerivatives, ()),
-    nn.Flatten: (FlattenDerivatives, ()),
-    nn.MaxPool1d: (MaxPool1DDerivatives, ()),
-    nn.MaxPool2d: (MaxPool2DDerivatives, ()),
-    nn.MaxPool3d: (MaxPool3DDerivatives, ()),
-    nn.AvgPool1d: (AvgPool1DDerivatives, ()),
-    nn.AvgPool2d: (AvgPool2DDerivatives, ()),
-    nn.AvgPool3d: (AvgPool3DDerivatives, ()),
-    nn.ZeroPad2d: (ZeroPad2dDerivatives, ()),
-    nn.Identity: (ScaleModuleDerivatives, ()),
-    ScaleModule: (ScaleModuleDerivatives, ()),
-    SumModule: (SumModuleDerivatives, ()),
-}
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LOSSES: dict[type[nn.Module], type[BaseDerivatives]] = {
     nn.MSELoss: MSELossDerivatives,
     nn.CrossEntropyLoss: CrossEntropyLossDerivatives,
@@ -106,148 +41,7 @@ _LOSSES: dict[type[nn.Module], type[BaseDerivatives]] = {
 }
 
 
-@contextmanager
-def _default_dtype(new: dtype) -> Iterator[None]:
-    """Temporarily change PyTorch's default floating point type.
-
-    Some of BackPACK's derivatives (average pooling, embedding) create helper tensors
-    in the default type; running them under the factor's type makes float64 work.
-
-    Args:
-        new: The default type inside the context.
-
-    Yields:
-        Nothing.
-    """
-    previous = get_default_dtype()
-    set_default_dtype(new)
-    try:
-        yield
-    finally:
-        set_default_dtype(previous)
-
-
-class _LayerFactor(ModuleExtension):
-    """Backpropagate the factor through a layer; store it for the layer's parameters.
-
-    The factor arrives as ``[V, N, *output.shape[1:]]`` (``V`` columns per sample,
-    ``N`` active samples) and leaves as ``[V, N, *input.shape[1:]]``. A parameter's
-    factor, ``[V, N, *param.shape]``, is the transposed-Jacobian product without the
-    sum over samples.
-    """
-
-    def __init__(self, derivatives: BaseDerivatives, params: tuple[str, ...]):
-        """Store the layer's derivatives and the names of its parameters.
-
-        Args:
-            derivatives: BackPACK derivatives of the layer.
-            params: Names of the layer's parameters.
-        """
-        self.derivatives = derivatives
-        for name in params:  # the base class looks these methods up by name
-            if not hasattr(self, name):
-                setattr(self, name, self._make_param_factor(name))
-        super().__init__(params=list(params))
-
-    def _make_param_factor(self, name: str):
-        def param_factor(ext, module, g_inp, g_out, backproped: Tensor) -> DenseFactor:
-            return self._dense_factor(name, ext, module, g_inp, g_out, backproped)
-
-        return param_factor
-
-    def _dense_factor(
-        self, name: str, ext, module, g_inp, g_out, backproped: Tensor
-    ) -> DenseFactor:
-        """Multiply the factor with the transposed Jacobian w.r.t. a parameter.
-
-        Args:
-            name: Name of the parameter in the layer.
-            ext: The running extension.
-            module: The layer.
-            g_inp: Gradients w.r.t. the layer inputs.
-            g_out: Gradients w.r.t. the layer output.
-            backproped: Factor w.r.t. the layer output.
-
-        Returns:
-            The parameter's factor, ``[V, N, *param.shape]``, without sum over
-            samples.
-        """
-        with _default_dtype(backproped.dtype):
-            rows = self.derivatives.param_mjp(
-                name,
-                module,
-                g_inp,
-                g_out,
-                backproped,
-                sum_batch=False,
-                subsampling=ext.get_subsampling(),
-            )
-        return DenseFactor(rows)
-
-    def backpropagate(self, ext, module, g_inp, g_out, backproped: Tensor) -> Tensor:
-        """Multiply the factor with the transposed Jacobian w.r.t. the layer input.
-
-        Args:
-            ext: The running extension.
-            module: The layer.
-            g_inp: Gradients w.r.t. the layer inputs.
-            g_out: Gradients w.r.t. the layer output.
-            backproped: Factor w.r.t. the layer output.
-
-        Returns:
-            Factor w.r.t. the layer input.
-        """
-        with _default_dtype(backproped.dtype):
-            return self.derivatives.jac_t_mat_prod(
-                module, g_inp, g_out, backproped, subsampling=ext.get_subsampling()
-            )
-
-
-class _LinearFactor(_LayerFactor):
-    """Linear layer: on ``[N, d_in]`` inputs, the weight's rows are outer products."""
-
-    def weight(self, ext, module, g_inp, g_out, backproped: Tensor):
-        """Represent the weight's factor without forming it, if possible.
-
-        Args:
-            ext: The running extension.
-            module: The layer.
-            g_inp: Gradients w.r.t. the layer inputs.
-            g_out: Gradients w.r.t. the layer output.
-            backproped: Factor w.r.t. the layer output.
-
-        Returns:
-            The weight's factor.
-        """
-        if module.input0.dim() != 2:  # extra axes: sums of outer products
-            return self._dense_factor("weight", ext, module, g_inp, g_out, backproped)
-        inputs = subsample(module.input0, subsampling=ext.get_subsampling())
-        return LinearWeightFactor(backproped, inputs)
-
-
-class _BatchNormFactor(_LayerFactor):
-    """Batch normalization, only in evaluation mode (train mode couples samples)."""
-
-    def check_hyperparameters_module_extension(self, ext, module, g_inp, g_out):
-        """Verify that the layer normalizes with its running statistics.
-
-        Args:
-            ext: The running extension.
-            module: The batch normalization layer.
-            g_inp: Gradients w.r.t. the layer inputs.
-            g_out: Gradients w.r.t. the layer output.
-
-        Raises:
-            NotImplementedError: If the layer is in training mode.
-        """
-        if module.training:
-            raise NotImplementedError(
-                f"{module} is in training mode, which couples the samples of a "
-                "mini-batch so that the GGN has no per-sample factor. Call .eval()."
-            )
-
-
-class _LossFactor(ModuleExtension):
+class _LossFactor(FactorRule):
     """Start the factor at the loss: a (sampled) square root of the loss Hessian."""
 
     def __init__(self, derivatives: BaseDerivatives):
@@ -291,22 +85,13 @@ class _LossFactor(ModuleExtension):
         return factor
 
 
-_SPECIAL = {
-    nn.Linear: _LinearFactor,
-    **{batch_norm: _BatchNormFactor for batch_norm in _BATCH_NORMS},
-}
-
-
-def _module_extensions() -> dict[type[nn.Module], ModuleExtension]:
+def _module_extensions() -> dict[type[nn.Module], FactorRule]:
     """Create the module extensions of :class:`SqrtGGN`.
 
     Returns:
-        Mapping from module classes to their module extensions.
+        Mapping from module classes (layers and losses) to their module extensions.
     """
-    exts = {}
-    for layer, (derivatives, params) in _LAYERS.items():
-        factor_class = _SPECIAL.get(layer, _LayerFactor)
-        exts[layer] = factor_class(derivatives(), params)
+    exts = layer_extensions()
     exts.update({loss: _LossFactor(d()) for loss, d in _LOSSES.items()})
     return exts
 
@@ -350,6 +135,22 @@ class SqrtGGN(BackpropExtension):
         """Set up the module extensions, the Hessian approximation and sub-sampling."""
         self.mc_samples = mc_samples
         super().__init__(savefield, _module_extensions(), subsampling=subsampling)
+
+    def __call__(self, module: nn.Module, g_inp, g_out):
+        """Run the rule of a module; refuse modules without one with a clear error.
+
+        Args:
+            module: A module of the extended model or the loss function.
+            g_inp: Gradients w.r.t. the module inputs.
+            g_out: Gradients w.r.t. the module output.
+
+        Raises:
+            NotImplementedError: If the module has no rule.
+        """
+        if type(module) not in LAYERS and type(module) not in _LOSSES:
+            supported = [*LAYERS, *_LOSSES]
+            raise NotImplementedError(unsupported_message(module, supported))
+        super().__call__(module, g_inp, g_out)
 
     def expects_backpropagation_quantities(self) -> bool:
         """Return that the factor is backpropagated.

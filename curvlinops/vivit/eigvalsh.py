@@ -36,8 +36,11 @@ class EigvalshComputation(ViViTComputation):
     raises a ``ValueError``). Supported are the layers of BackPACK's second-order
     extensions (``Linear``, ``Conv{1,2,3}d``, ``ConvTranspose{1,2,3}d``, pooling,
     padding, ``Flatten``, ``Dropout``, ``BatchNorm`` in evaluation mode,
-    ``Embedding``, element-wise activations) and the losses ``MSELoss``,
-    ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``.
+    ``Embedding``, ``RNN``, ``LSTM``, element-wise activations, and the custom
+    modules of :mod:`backpack.custom_module` for branches, skip connections,
+    scaling, slicing, padding and permuting; ``backpack.extend(model,
+    use_converter=True)`` inserts them for operations written in ``forward()``) and
+    the losses ``MSELoss``, ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``.
 
     Args:
         subsampling: Indices of the samples that enter the GGN. ``None`` (default)

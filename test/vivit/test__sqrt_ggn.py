@@ -3,9 +3,9 @@
 from math import sqrt
 
 import pytest
-from backpack import backpack, extend
+from backpack import extend
 from backpack.extensions import SqrtGGNMC
-from torch import Tensor, cat, float64, manual_seed, rand, randint
+from torch import Tensor, float64, manual_seed, rand, randint
 from torch.nn import (
     ELU,
     SELU,
@@ -43,27 +43,16 @@ from test.vivit.utils import (
     CASES,
     SUBSAMPLING_IDS,
     SUBSAMPLINGS,
+    BranchedCase,
     Problem,
+    backward,
     dense_ggn,
     extended_problem,
+    factor_matrix,
     make_problem,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-
-
-def factor_matrix(params: list[Tensor], savefield: str) -> Tensor:
-    """Concatenate the stored factors to V, of shape [D, V * N]."""
-    factors = [getattr(p, savefield) for p in params]
-    factors = [f if isinstance(f, Tensor) else f.to_tensor() for f in factors]
-    factors = [f.flatten(end_dim=1) for f in factors]
-    return cat([f.flatten(start_dim=1) for f in factors], dim=1).T
-
-
-def backward(problem: Problem, *extensions, seed: int = 0):
-    manual_seed(seed)
-    with backpack(*extensions):
-        problem.loss_func(problem.model(problem.X), problem.y).backward()
 
 
 def full_ggn(problem: Problem, subsampling=None) -> Tensor:
@@ -84,7 +73,9 @@ def test_factor_squares_to_ggn(case: Case, subsampling):
 
 
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+@pytest.mark.parametrize(
+    "case", [*CASES[:3], BranchedCase("resnet")], ids=[*CASE_IDS[:3], "resnet"]
+)
 def test_mc_factor_matches_backpack(case: Case, subsampling):
     """With the same seed, the MC factor is BackPACK's (rescaled to the sub-batch)."""
     problem = make_problem(case)
@@ -98,9 +89,12 @@ def test_mc_factor_matches_backpack(case: Case, subsampling):
     assert_close(ours, theirs, atol=1e-12)
 
 
-def test_mc_factor_converges():
+@pytest.mark.parametrize(
+    "case", [Case("mlp", "ce"), BranchedCase("parallel")], ids=["mlp", "parallel"]
+)
+def test_mc_factor_converges(case):
     """The MC GGN approaches the exact GGN as the number of samples grows."""
-    problem = make_problem(Case("mlp", "ce"))
+    problem = make_problem(case)
     G = full_ggn(problem)
     errors = []
     for mc_samples in [4, 64, 1024]:

@@ -7,9 +7,8 @@ from curvlinops.vivit import DirectionalDampedNewtonComputation
 from test.cases import Case
 from test.utils import assert_close
 from test.vivit.utils import (
-    CASE_IDS,
-    CASES,
-    GROUPINGS,
+    BRANCHED_CASES,
+    case_grid,
     dense_ggn,
     dense_gradient,
     eigenvectors,
@@ -42,9 +41,9 @@ def recording_damping(idx: int, received: dict):
     return wrapped
 
 
-@pytest.mark.parametrize("subsamplings", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "case, grouping, subsamplings", case_grid(SUBSAMPLINGS, SUBSAMPLING_IDS)
+)
 def test_damped_newton_matches_dense(case: Case, grouping: str, subsamplings):
     """The step is -Σₖ (gᵀeₖ) / (eₖᵀ G eₖ + δₖ) eₖ with dense gradient and GGN."""
     sub_grad, sub_ggn = subsamplings
@@ -79,6 +78,32 @@ def test_damped_newton_matches_dense(case: Case, grouping: str, subsamplings):
         shapes = [(K,), (num_classes * n_ggn, K), (n_grad, K), (n_ggn, K)]
         assert [tuple(a.shape) for a in args] == shapes
         assert_close(args[0], evals)
+
+
+@pytest.mark.parametrize("case", BRANCHED_CASES, ids=["resnet", "parallel"])
+def test_mc_damped_newton(case):
+    """With MC, the step is built from the MC GGN's eigenpairs.
+
+    The directions are EighComputation's with the same seed, the slopes those of the
+    exact gradient, and the curvatures the MC eigenvalues.
+    """
+    problem = make_problem(case)
+    groups = make_groups(problem.params, "interleaved", criterion=top_three)
+    for group in groups:
+        group["damping"] = damping
+    computation = DirectionalDampedNewtonComputation(
+        subsampling_ggn=[1, 2, 4], mc_samples_ggn=2, warn_small_eigvals=0.0
+    )
+    run(problem, computation, groups, seed=5)
+    results = eigenvectors(problem, groups, [1, 2, 4], mc_samples=2, seed=5)
+    for group, (evals, E) in zip(groups, results):
+        step = flatten_vectors([s.unsqueeze(0) for s in computation.get_result(group)])
+        slopes = dense_gradient(problem, group) @ E
+        expected = E @ (-slopes / (evals + damping(evals, None, None, None)))
+        assert_close(step[:, 0], expected)
+        # not the exact GGN's step: the MC eigenvalues differ from the exact ones
+        exact_evals, _ = eigenvectors(problem, [group], [1, 2, 4])[0]
+        assert not evals.allclose(exact_evals)
 
 
 def test_undamped_newton_step_solves_linear_least_squares():

@@ -7,9 +7,8 @@ from curvlinops.vivit import DirectionalDerivativesComputation
 from test.cases import Case
 from test.utils import assert_close
 from test.vivit.utils import (
-    CASE_IDS,
-    CASES,
-    GROUPINGS,
+    BRANCHED_CASES,
+    case_grid,
     dense_ggn,
     dense_gradient,
     eigenvectors,
@@ -25,11 +24,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 # (subsampling_grad, subsampling_ggn)
 SUBSAMPLINGS = [(None, None), ([1, 4], [0, 2, 3]), ([3, 0, 2], None)]
 SUBSAMPLING_IDS = ["all", "both_sub", "grad_sub"]
+MC_CASES = [Case("cnn", "ce"), *BRANCHED_CASES]
+MC_IDS = ["cnn", "resnet", "parallel"]
 
 
-@pytest.mark.parametrize("subsamplings", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "case, grouping, subsamplings", case_grid(SUBSAMPLINGS, SUBSAMPLING_IDS)
+)
 def test_directional_derivatives_match_dense(case: Case, grouping: str, subsamplings):
     """γₙₖ = ∇ℓₙᵀ eₖ and λₙₖ = eₖᵀ Gₙ eₖ for the per-sample losses ℓₙ."""
     sub_grad, sub_ggn = subsamplings
@@ -52,13 +53,14 @@ def test_directional_derivatives_match_dense(case: Case, grouping: str, subsampl
         assert_close(lambdas.mean(0), evals, atol=1e-8)
 
 
-def test_mc_directional_derivatives():
+@pytest.mark.parametrize("case", MC_CASES, ids=MC_IDS)
+def test_mc_directional_derivatives(case):
     """With MC, the directions are MC GGN eigenvectors (same seed as EighComputation).
 
     The slopes still match per-sample gradients, and the curvatures average to the
     MC GGN's eigenvalues.
     """
-    problem = make_problem(Case("cnn", "ce"))
+    problem = make_problem(case)
     groups = make_groups(problem.params, "interleaved", criterion=top_three)
     computation = DirectionalDerivativesComputation(mc_samples_ggn=3)
     run(problem, computation, groups, seed=4)

@@ -10,11 +10,10 @@ from curvlinops.vivit import EighComputation
 from test.cases import Case
 from test.utils import assert_close
 from test.vivit.utils import (
-    CASE_IDS,
-    CASES,
-    GROUPINGS,
     SUBSAMPLING_IDS,
     SUBSAMPLINGS,
+    BranchedCase,
+    case_grid,
     dense_ggn,
     flatten_vectors,
     make_groups,
@@ -26,9 +25,9 @@ from test.vivit.utils import (
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
-@pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
-@pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "case, grouping, subsampling", case_grid(SUBSAMPLINGS, SUBSAMPLING_IDS)
+)
 def test_eigh_matches_dense(case: Case, grouping: str, subsampling):
     """Eigenpairs satisfy G e = λ e, are orthonormal, and cover the spectrum."""
     problem = make_problem(case)
@@ -58,9 +57,12 @@ def test_eigh_matches_dense(case: Case, grouping: str, subsampling):
         assert (evals.diff() >= 0).all()
 
 
-def test_mc_eigh_is_eigendecomposition_of_mc_ggn():
+@pytest.mark.parametrize(
+    "case", [Case("mlp", "ce"), BranchedCase("parallel")], ids=["mlp", "parallel"]
+)
+def test_mc_eigh_is_eigendecomposition_of_mc_ggn(case):
     """With MC, the eigenpairs decompose the MC GGN, which converges to the GGN."""
-    problem = make_problem(Case("mlp", "ce"))
+    problem = make_problem(case)
     G = dense_ggn(problem, {"params": problem.params}, [0, 1])
     errors = []
     for mc_samples in [2, 32, 512]:

@@ -9,25 +9,132 @@ from __future__ import annotations
 from copy import deepcopy
 from dataclasses import dataclass, field
 
+import pytest
 from backpack import backpack, extend
-from torch import Tensor, cat, manual_seed, stack
-from torch.nn import Module
+from backpack.custom_module.branching import Parallel
+from backpack.custom_module.pad import Pad
+from backpack.custom_module.scale_module import ScaleModule
+from backpack.custom_module.slicing import Slicing
+from torch import Tensor, cat, float64, manual_seed, rand, randint, randn, stack, zeros
+from torch.linalg import eigvalsh
+from torch.nn import (
+    BatchNorm2d,
+    Conv2d,
+    CrossEntropyLoss,
+    Identity,
+    Linear,
+    Module,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Tanh,
+)
 
 from curvlinops.examples.functorch import functorch_ggn, functorch_gradient_and_loss
 from curvlinops.vivit import EighComputation
 from test.cases import Case
+from test.utils import assert_close
 
+
+class ResidualNet(Module):
+    """A ResNet-style block with a skip connection, written with tensor operations.
+
+    ``backpack.extend(..., use_converter=True)`` turns the ``+``, the ``*`` and the
+    ``flatten`` into BackPACK's ``SumModule``, ``ScaleModule`` and ``Flatten``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = Conv2d(1, 2, 2)
+        self.conv1, self.bn, self.relu1 = (
+            Conv2d(2, 2, 3, padding=1),
+            BatchNorm2d(2),
+            ReLU(),
+        )
+        self.conv2, self.relu2 = Conv2d(2, 2, 3, padding=1), ReLU()
+        self.head = Linear(2 * 3 * 3, 3)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        h = self.conv2(self.relu1(self.bn(self.conv1(x))))
+        return self.head((0.5 * self.relu2(h + x)).flatten(1))
+
+
+def _parallel_net() -> Module:
+    """Branches of BackPACK's custom modules, merged by ``Parallel``'s ``SumModule``.
+
+    The slices, one of which starts at its input's address, get padded or mapped
+    back to the input width; the third branch scales.
+    """
+    return Sequential(
+        Linear(4, 6),
+        Parallel(
+            Sequential(Slicing((slice(None), slice(0, 4))), Pad((1, 1)), Tanh()),
+            Sequential(Slicing((slice(None), slice(2, 6))), Linear(4, 6)),
+            Sequential(ScaleModule(0.5), Identity()),
+        ),
+        Tanh(),
+        Linear(6, 3),
+    )
+
+
+@dataclass(frozen=True)
+class BranchedCase:
+    """A seeded problem on a branched model (one batch of 5 samples, float64)."""
+
+    architecture: str
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.architecture}-branched"
+
+    @property
+    def use_converter(self) -> bool:
+        return self.architecture == "resnet"
+
+    def make(self) -> tuple[Module, Module, list[Tensor], list]:
+        """Build model, loss function, parameters, and data, as :meth:`Case.make`."""
+        manual_seed(self.seed)
+        if self.architecture == "resnet":
+            model, X = ResidualNet().eval(), rand(5, 1, 4, 4)
+            loss_func, y = CrossEntropyLoss(), randint(0, 3, (5,))
+        else:
+            model, X = _parallel_net(), randn(8, 4)
+            loss_func, y = MSELoss(), randn(8, 3)
+        model = model.to(float64)
+        return model, loss_func, list(model.parameters()), [(X.to(float64), y)]
+
+
+BRANCHED_CASES = [BranchedCase("resnet"), BranchedCase("parallel")]
 CASES = [
     Case("mlp", "mse"),
     Case("mlp", "ce"),
     Case("cnn", "ce"),
     Case("cnn", "mse"),
     Case("batchnorm_eval", "ce"),
+    *BRANCHED_CASES,
 ]
 CASE_IDS = [case.id for case in CASES]
 GROUPINGS = ["full", "per_param", "interleaved"]
 SUBSAMPLINGS = [None, [0, 3]]
 SUBSAMPLING_IDS = ["all", "sub"]
+
+
+def case_grid(subsamplings: list, subsampling_ids: list[str]) -> list:
+    """Parameters ``(case, grouping, sub-sampling)`` for tests against dense references.
+
+    The branched models test the graph structure; to keep the suite fast they run
+    with the grouping whose blocks span several layers only.
+    """
+    return [
+        pytest.param(case, grouping, sub, id=f"{case.id}-{grouping}-{sub_id}")
+        for case in CASES
+        for grouping in (["interleaved"] if case in BRANCHED_CASES else GROUPINGS)
+        for sub, sub_id in zip(subsamplings, subsampling_ids)
+    ]
 
 
 @dataclass
@@ -41,11 +148,8 @@ class Problem:
     y: Tensor
     reference: Module
     reference_loss: Module
+    reference_params: list[Tensor]
     cache: dict = field(default_factory=dict)
-
-    @property
-    def reference_params(self) -> list[Tensor]:
-        return list(self.reference.parameters())
 
     def offsets(self, group: dict) -> list[int]:
         """Flat indices of a group's parameters in the full parameter vector."""
@@ -66,19 +170,38 @@ class Problem:
         return [(self.X[idx], self.y[idx])]
 
 
-def make_problem(case: Case) -> Problem:
+def make_problem(case: Case | BranchedCase) -> Problem:
     """Merge a case's batches into one and extend model and loss."""
     model, loss_func, _, data = case.make()
     X, y = cat([X for X, _ in data]), cat([y for _, y in data])
-    return extended_problem(model, loss_func, X, y)
+    use_converter = getattr(case, "use_converter", False)
+    return extended_problem(model, loss_func, X, y, use_converter)
 
 
-def extended_problem(model: Module, loss_func: Module, X: Tensor, y: Tensor):
-    """Extend model and loss, keeping unextended copies for the references."""
+def extended_problem(
+    model: Module, loss_func: Module, X: Tensor, y: Tensor, use_converter=False
+) -> Problem:
+    """Extend model and loss, keeping unextended copies for the references.
+
+    BackPACK's converter may reorder the parameters; the reference parameters follow
+    the order of the extended model (matched by name).
+    """
     reference, reference_loss = deepcopy(model), deepcopy(loss_func)
-    model, loss_func = extend(model), extend(loss_func)
-    params = list(model.parameters())
-    return Problem(model, loss_func, params, X, y, reference, reference_loss)
+    model = extend(model, use_converter=use_converter)
+    loss_func = extend(loss_func)
+    names, params = zip(*model.named_parameters())
+    by_name = dict(reference.named_parameters())
+    reference_params = [by_name[name] for name in names]
+    return Problem(
+        model,
+        loss_func,
+        list(params),
+        X,
+        y,
+        reference,
+        reference_loss,
+        reference_params,
+    )
 
 
 def make_groups(params: list[Tensor], grouping: str, **keys) -> list[dict]:
@@ -103,6 +226,21 @@ def run(problem: Problem, computation, groups: list[dict], seed: int = 0):
     manual_seed(seed)
     with backpack(*extensions, extension_hook=hook):
         problem.loss_func(problem.model(problem.X), problem.y).backward()
+
+
+def backward(problem: Problem, *extensions, seed: int = 0):
+    """Run the backward pass with BackPACK extensions (no hook)."""
+    manual_seed(seed)
+    with backpack(*extensions):
+        problem.loss_func(problem.model(problem.X), problem.y).backward()
+
+
+def factor_matrix(params: list[Tensor], savefield: str) -> Tensor:
+    """Concatenate the factors stored on parameters to V, of shape [D, V * N]."""
+    factors = [getattr(p, savefield) for p in params]
+    factors = [f if isinstance(f, Tensor) else f.to_tensor() for f in factors]
+    factors = [f.flatten(end_dim=1) for f in factors]
+    return cat([f.flatten(start_dim=1) for f in factors], dim=1).T
 
 
 def _cached(problem: Problem, func, subsampling):
@@ -135,6 +273,20 @@ def per_sample(func, problem: Problem, group: dict, subsampling=None) -> Tensor:
     """Stack a dense quantity over single samples (the per-sample loss ℓₙ)."""
     idx = range(problem.X.shape[0]) if subsampling is None else subsampling
     return stack([func(problem, group, [n]) for n in idx])
+
+
+def assert_same_spectrum(evals: Tensor, G: Tensor):
+    """Gram eigenvalues are the GGN block's, padded with zeros to the larger size.
+
+    Both matrices have the same non-zero eigenvalues; compare relative to the
+    largest one.
+    """
+    expected = eigvalsh(G)
+    scale = max(expected.abs().max().item(), 1e-3)
+    padding = evals.numel() - expected.numel()
+    if padding > 0:
+        expected = cat([zeros(padding, dtype=expected.dtype), expected])
+    assert_close(evals, expected[-evals.numel() :], atol=1e-10 * scale)
 
 
 def top_three(evals: Tensor) -> list[int]:
