@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
-
 from functools import partial
 
 from torch import Generator, Tensor

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
-
 from functools import partial
 
 from torch import Tensor, einsum
@@ -169,7 +168,7 @@ def make_batch_ef_matrix_product(
     params: tuple[Tensor, ...],
     block_sizes: list[int] | None = None,
 ) -> Callable[..., tuple[Tensor, ...]]:
-    r"""Build the function that multiplies a mini-batch's empirical Fisher onto a matrix.
+    r"""Build the function that multiplies a mini-batch's EF onto a matrix.
 
     For a mini-batch whose loss :math:`\frac{1}{R} \sum_t \ell_t` has terms
     :math:`\ell_t` (one per datum and position of extra output axes) and reduction
@@ -212,8 +211,9 @@ def make_batch_ef_matrix_product(
         True
     """
     check_supported_loss(loss_func, SUPPORTED_LOSSES, "make_batch_ef_matrix_product")
+    output_matmat = partial(_ef_output_matmat, loss_func)
     product = _make_batch_sandwich_product(
-        model_func, loss_func, params, partial(_ef_output_matmat, loss_func), block_sizes
+        model_func, loss_func, params, output_matmat, block_sizes
     )
 
     def batch_ef_matrix_product(X, y, *M) -> tuple[Tensor, ...]:

@@ -45,16 +45,16 @@ class _InverseLinearOperator(PyTorchLinearOperator):
             self._A._out_shape, self._A._in_shape, self._A.device, self._A.dtype
         )
 
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         """Solve for all columns at once.
 
         Args:
-            M: Right-hand sides in tensor-list format with trailing column axis.
+            X: Right-hand sides in tensor-list format with trailing column axis.
 
         Returns:
             The solutions in tensor-list format.
         """
-        return _split_columns(self._solve(_flatten_columns(M)), self._out_shape)
+        return _split_columns(self._solve(_flatten_columns(X)), self._out_shape)
 
     def _solve(self, B: Tensor) -> Tensor:
         """Multiply the approximate inverse onto a matrix.

@@ -85,7 +85,7 @@ def allclose_report(
 
 
 def assert_is_square(A) -> int:
-    """Verify that an operator or matrix is square and return its dimension.
+    r"""Verify that an operator or matrix is square and return its dimension.
 
     Args:
         A: Anything with a ``shape`` attribute, e.g. a
