@@ -507,7 +507,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     Subclasses implement :meth:`_matmat_batch`, which multiplies the mini-batch
     matrix :math:`\mathbf{C}_{\mathcal{B}}` (of the batch loss, with its reduction)
     onto a matrix in tensor-list format, and set ``SELF_ADJOINT`` or implement
-    ``_adjoint``.
+    ``_adjoint``. As in curvlinops 3.x, they may override the hooks
+    ``_get_in_shape`` and ``_get_out_shape`` (the tensor shapes of domain and
+    range; default: the parameters') and ``_get_normalization_factor(X, y)`` (the
+    weight :math:`|\mathcal{B}|/N` or 1 of a mini-batch).
 
     Normalization layers in train mode (e.g. ``BatchNorm2d``) normalize with the
     statistics of each mini-batch, which couples the data points of a batch; the
@@ -518,10 +521,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         SELF_ADJOINT: Whether the operator is symmetric. Default: ``False``.
         SUPPORTS_BLOCKS: Whether the operator supports a block-diagonal approximation
             via ``block_sizes``. Default: ``False``.
+        FIXED_DATA_ORDER: Whether products need the mini-batches in the same order
+            on every pass (Jacobians, the Monte-Carlo Fisher). Default: ``False``.
     """
 
     SUPPORTS_BLOCKS: bool = False
-    # Whether products need the batches in the same order on every pass.
     FIXED_DATA_ORDER: bool = False
 
     def __init__(
