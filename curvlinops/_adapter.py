@@ -24,10 +24,10 @@ from torch import Generator, Tensor, as_tensor, float64, from_numpy
 from torch import device as torch_device
 from torch import dtype as torch_dtype
 
-from curvlinops._checks import check_square
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.examples import TensorLinearOperator
 from curvlinops.sampling import random_array, random_tensor
+from curvlinops.utils import assert_is_square
 
 
 class _SciPyLinearOperator(PyTorchLinearOperator):
@@ -218,5 +218,5 @@ def adapt_square(
         The adapted operator.
     """
     A = adapt(A, device, dtype)
-    check_square(A)
+    assert_is_square(A)
     return A

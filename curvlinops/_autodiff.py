@@ -38,6 +38,31 @@ from torch.nn.modules.conv import _ConvNd
 from curvlinops.utils import make_functional_model_and_loss
 
 
+def unpack_columns(M: tuple) -> list[Tensor]:
+    """Return the matrix a per-batch product function received, as a list.
+
+    The functions of the ``make_batch_*`` builders take the matrix unpacked,
+    ``mp(X, y, *M)``, or packed as one tuple or list, ``mp(X, y, M)``.
+
+    Args:
+        M: The positional arguments that hold the matrix.
+
+    Returns:
+        The tensors of the matrix in tensor-list format.
+
+    Raises:
+        TypeError: If the arguments are neither tensors nor one tuple of tensors.
+    """
+    if len(M) == 1 and isinstance(M[0], (tuple, list)):
+        M = M[0]
+    if not M or not all(isinstance(m, Tensor) for m in M):
+        raise TypeError(
+            "Expected the matrix as tensors (one per parameter, with a trailing "
+            f"column axis), got {[type(m).__name__ for m in M]}."
+        )
+    return list(M)
+
+
 def vjp(
     outputs: list[Tensor],
     inputs: list[Tensor],

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from torch import Tensor
 
 from curvlinops._losses import check_loss_options
+from curvlinops.utils import assert_divisible_by
 
 
 def check_params(params: list[Tensor]):
@@ -169,17 +170,21 @@ def check_batch_input(X, batch_size_fn: Callable | None):
         )
 
 
-def check_square(A):
-    """Verify that an operator is square.
+def check_shape(shape, inferred: tuple[int, int], who: str):
+    """Verify a matrix shape that the caller expects against the inferred one.
 
     Args:
-        A: Anything with a ``shape`` attribute of length two.
+        shape: The expected shape ``(rows, columns)``, or ``None`` for no check.
+        inferred: The shape the operator has.
+        who: Name of the operator for the error message.
 
     Raises:
-        ValueError: If ``A`` is not square.
+        ValueError: If ``shape`` is given and differs from ``inferred``.
     """
-    if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
-        raise ValueError(f"Expected a square operator, got shape {tuple(A.shape)}.")
+    if shape is not None and tuple(shape) != tuple(inferred):
+        raise ValueError(
+            f"`shape={tuple(shape)}` was given, but {who} has shape {inferred}."
+        )
 
 
 def check_num_matvecs(num_matvecs: int, multiple_of: int = 1, minimum: int = 1):
@@ -195,8 +200,8 @@ def check_num_matvecs(num_matvecs: int, multiple_of: int = 1, minimum: int = 1):
             multiple of ``multiple_of``.
     """
     is_int = isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool)
-    if not is_int or num_matvecs < minimum or num_matvecs % multiple_of != 0:
-        multiple = f" multiple of {multiple_of}" if multiple_of > 1 else "n integer"
+    if not is_int or num_matvecs < minimum:
         raise ValueError(
-            f"`num_matvecs` must be a{multiple} >= {minimum}, got {num_matvecs!r}."
+            f"`num_matvecs` must be an integer >= {minimum}, got {num_matvecs!r}."
         )
+    assert_divisible_by(num_matvecs, multiple_of, "num_matvecs")

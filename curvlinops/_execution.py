@@ -45,6 +45,29 @@ def with_autograd(method: Callable) -> Callable:
     return wrapped
 
 
+def autograd_enabled(function: Callable) -> Callable:
+    """Run a function with autograd on, also inside ``no_grad`` or ``inference_mode``.
+
+    The function counterpart of :func:`with_autograd`, for the per-batch product
+    functions that the ``make_batch_*`` builders return. Tensor arguments created
+    in inference mode are cloned into normal tensors.
+
+    Args:
+        function: A function whose computation needs autograd.
+
+    Returns:
+        The wrapped function.
+    """
+
+    @wraps(function)
+    def wrapped(*args, **kwargs):
+        with inference_mode(False), enable_grad():
+            args = [normal_tensor(a) if isinstance(a, Tensor) else a for a in args]
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
 def normal_tensor(tensor: Tensor) -> Tensor:
     """Return a tensor that autograd can use: a clone of one from inference mode.
 

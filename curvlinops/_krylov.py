@@ -13,11 +13,13 @@ from collections.abc import Callable
 
 from torch import (
     Tensor,
+    diag_embed,
     full_like,
     hypot,
     maximum,
     minimum,
     ones_like,
+    stack,
     where,
     zeros_like,
 )
@@ -48,13 +50,18 @@ def conjugate_gradients(
     maxiter: int,
     preconditioner: Matmat | None = None,
     callback: Callable[[Tensor], None] | None = None,
+    eps: float = 0.0,
+    stop: Callable[[int, Tensor], bool] | None = None,
+    record: list | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Solve :math:`\mathbf{A}\mathbf{X} = \mathbf{B}` for SPD :math:`\mathbf{A}`.
 
     Column :math:`k` has converged once :math:`\lVert \mathbf{b}_k - \mathbf{A}
     \mathbf{x}_k \rVert_2 \le \max(\mathrm{tol} \lVert \mathbf{b}_k \rVert_2,
     \mathrm{atol})`, the criterion of :func:`scipy.sparse.linalg.cg`. Converged
-    columns take steps of size zero.
+    columns take steps of size zero. With a preconditioner :math:`\mathbf{P}
+    \approx \mathbf{A}^{-1}`, this is preconditioned CG: the search directions
+    are built from :math:`\mathbf{P}\mathbf{r}` instead of the residuals.
 
     Args:
         matmat: Multiplies :math:`\mathbf{A}` onto a matrix ``[N, K]``.
@@ -66,9 +73,19 @@ def conjugate_gradients(
         preconditioner: Multiplies an SPD approximation of :math:`\mathbf{A}^{-1}`
             onto a matrix. ``None`` means no preconditioning.
         callback: Called with the current iterate ``[N, K]`` after each iteration.
+        eps: Guard of the divisions: a column whose denominator
+            :math:`\mathbf{p}^\top \mathbf{A} \mathbf{p}` (for the step) or
+            :math:`\mathbf{r}^\top \mathbf{P} \mathbf{r}` (for the next direction)
+            is below ``eps`` gets a zero coefficient. ``0`` (default): no guard.
+        stop: Optional extra stopping rule, called before each iteration with the
+            number of iterations done and the residual norms ``[K]``.
+        record: If a list, the step sizes :math:`\alpha` and direction
+            coefficients :math:`\beta` (each ``[K]``) of every iteration are
+            appended to it as pairs.
 
     Returns:
-        The solution ``[N, K]`` and a boolean vector ``[K]`` of converged columns.
+        The solution ``[N, K]``, a boolean vector ``[K]`` of converged columns, and
+        the residual norms ``[K]``.
     """
     precondition = (lambda R: R) if preconditioner is None else preconditioner
     X = zeros_like(B) if X0 is None else X0.clone()
@@ -76,20 +93,127 @@ def conjugate_gradients(
     threshold = (tol * vector_norm(B, dim=0)).clamp_min(atol)
     Z = precondition(R)
     P, rz = Z, (R * Z).sum(0)
-    for _ in range(maxiter):
-        done = vector_norm(R, dim=0) <= threshold
-        if done.all():
+    for iteration in range(maxiter):
+        norms = vector_norm(R, dim=0)
+        done = norms <= threshold
+        if done.all() or (stop is not None and stop(iteration, norms)):
             break
         AP = matmat(P)
-        alpha = where(done, 0.0, rz / (P * AP).sum(0))
+        pAp = (P * AP).sum(0)
+        alpha = where(done | ((pAp < eps) & (eps > 0)), 0.0, rz / pAp)
         X, R = X + alpha * P, R - alpha * AP
         if callback is not None:
             callback(X)
         Z = precondition(R)
         rz_new = (R * Z).sum(0)
-        P = Z + where(done, 0.0, rz_new / rz) * P
-        rz = rz_new
-    return X, vector_norm(R, dim=0) <= threshold
+        beta = where(done | ((rz < eps) & (eps > 0)), 0.0, rz_new / rz)
+        P, rz = Z + beta * P, rz_new
+        if record is not None:
+            record.append((alpha, beta))
+    norms = vector_norm(R, dim=0)
+    return X, norms <= threshold, norms
+
+
+def batched_conjugate_gradients(
+    matmat: Matmat,
+    B: Tensor,
+    X0: Tensor | None,
+    tolerance: float,
+    max_iter: int,
+    eps: float,
+    stop_updating_after: float,
+    preconditioner: Matmat | None = None,
+    n_tridiag: int = 0,
+    max_tridiag_iter: int = 20,
+) -> tuple[Tensor, bool, Tensor | None]:
+    r"""Solve SPD systems with the stopping rules of GPyTorch's batched CG.
+
+    The columns of :math:`\mathbf{B}` are normalized to unit norm, so residuals
+    are relative. A column stops updating once its residual norm falls below
+    ``stop_updating_after``; all stop once the *mean* residual norm is below
+    ``tolerance`` after at least :math:`\min(11, \text{max\_iter})` iterations
+    (and, for ``n_tridiag > 0``, enough iterations for the tridiagonal matrices).
+    The tridiagonal matrices are those of the Lanczos process that CG runs
+    implicitly on the first ``n_tridiag`` columns (Saad, 2003, Section 6.7.3):
+    :math:`T_{jj} = 1/\alpha_j + \beta_{j-1}/\alpha_{j-1}`, :math:`T_{j,j+1} =
+    \sqrt{\beta_j}/\alpha_j`.
+
+    - Gardner, J. R., Pleiss, G., Bindel, D., Weinberger, K. Q., & Wilson, A. G.
+      (2018). GPyTorch: Blackbox matrix-matrix Gaussian process inference with
+      GPU acceleration. NeurIPS.
+    - Saad, Y. (2003). Iterative methods for sparse linear systems. SIAM.
+
+    Args:
+        matmat: Multiplies :math:`\mathbf{A}` onto a matrix ``[N, K]``.
+        B: Right-hand sides ``[N, K]``.
+        X0: Initial guess ``[N, K]``, or ``None`` for zeros.
+        tolerance: Bound on the mean relative residual norm.
+        max_iter: Maximum number of iterations.
+        eps: Denominators below ``eps`` give zero coefficients.
+        stop_updating_after: Relative residual norm below which a column freezes.
+        preconditioner: Multiplies an approximation of :math:`\mathbf{A}^{-1}`
+            onto a matrix, or ``None``.
+        n_tridiag: Number of leading columns whose tridiagonal matrices to return.
+        max_tridiag_iter: Largest size of the tridiagonal matrices.
+
+    Returns:
+        The solution ``[N, K]``, whether the mean residual norm met ``tolerance``,
+        and the tridiagonal matrices ``[n_tridiag, m, m]`` (``None`` if
+        ``n_tridiag == 0``).
+    """
+    norms = vector_norm(B, dim=0)
+    scale = where(norms > 0, norms, ones_like(norms))
+    X0 = None if X0 is None else X0 / scale
+    num_tridiag_iter = min(max_tridiag_iter, B.shape[0])
+    min_iter = min(11, max_iter)
+    if n_tridiag:
+        min_iter = max(min_iter, min(num_tridiag_iter, max_iter))
+
+    def stop(iteration: int, residual_norms: Tensor) -> bool:
+        return iteration >= min_iter and bool(residual_norms.mean() < tolerance)
+
+    record = []
+    X, _, residual_norms = conjugate_gradients(
+        matmat,
+        B / scale,
+        X0,
+        0.0,
+        stop_updating_after,
+        max_iter,
+        preconditioner,
+        eps=eps,
+        stop=stop,
+        record=record,
+    )
+    tridiag = None
+    if n_tridiag:
+        steps = record[:num_tridiag_iter]
+        tridiag = _cg_tridiagonal(
+            [a[:n_tridiag] for a, _ in steps], [b[:n_tridiag] for _, b in steps]
+        )
+    return X * scale, bool(residual_norms.mean() < tolerance), tridiag
+
+
+def _cg_tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
+    """Assemble the Lanczos tridiagonal matrices from CG's coefficients.
+
+    Args:
+        alphas: Step sizes of the iterations, each ``[n]`` (zero once frozen).
+        betas: Direction coefficients of the iterations, each ``[n]``.
+
+    Returns:
+        The matrices ``[n, m, m]`` for ``m`` iterations.
+    """
+    alpha, beta = stack(alphas, dim=-1), stack(betas, dim=-1)  # [n, m]
+    inverse = where(alpha != 0, 1 / where(alpha != 0, alpha, ones_like(alpha)), 0.0)
+    diagonal = inverse.clone()
+    diagonal[:, 1:] += beta[:, :-1] * inverse[:, :-1]
+    off_diagonal = beta[:, :-1].clamp_min(0).sqrt() * inverse[:, :-1]
+    return (
+        diag_embed(diagonal)
+        + diag_embed(off_diagonal, 1)
+        + diag_embed(off_diagonal, -1)
+    )
 
 
 def _rotation(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,6 +241,7 @@ def lsmr(
     btol: float,
     conlim: float,
     maxiter: int,
+    show: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Solve damped least-squares problems, one per column, with LSMR.
 
@@ -145,6 +270,9 @@ def lsmr(
         btol: Tolerance of rule 1.
         conlim: Limit of the condition number estimate; ``0`` disables rule 3.
         maxiter: Maximum number of iterations.
+        show: Print one line per iteration: the number of columns still running and
+            the largest estimates of :math:`\lVert \mathbf{r} \rVert` and of
+            the condition number among them.
 
     Returns:
         The solution ``[N, K]`` and a boolean vector ``[K]`` of the columns that met
@@ -154,9 +282,11 @@ def lsmr(
     v, alpha = _normalize(rmatmat(u))
     state = _LSMRState(alpha, beta, v)
     done = alpha * beta == 0  # x = 0 solves these columns
-    for _ in range(maxiter):
+    for iteration in range(maxiter):
         if done.all():
             break
+        if show:
+            _show_lsmr_iteration(iteration, state, done)
         u, beta = _normalize(matmat(v) - alpha * u)
         v, alpha = _normalize(rmatmat(u) - beta * v)
         X_new = state.step(alpha, beta, v, damp)
@@ -165,7 +295,25 @@ def lsmr(
         done = done | stop
         # finished columns multiply zeros from now on, so they cannot produce NaNs
         u, v = where(done, 0.0, u), where(done, 0.0, v)
+    if show:
+        print(f"LSMR: {int(done.sum())} of {done.numel()} columns met a stopping rule.")
     return state.X, done
+
+
+def _show_lsmr_iteration(iteration: int, state: _LSMRState, done: Tensor):
+    """Print the progress of LSMR's running columns.
+
+    Args:
+        iteration: Number of iterations done.
+        state: The recurrences.
+        done: Boolean vector ``[K]`` of finished columns.
+    """
+    running = ~done
+    normr, condA = state.normr[running].max(), state.condA[running].max()
+    print(
+        f"LSMR iteration {iteration}: {int(running.sum())} columns running, "
+        f"max ||r|| = {normr.item():.4e}, max cond(A) = {condA.item():.2e}"
+    )
 
 
 class _LSMRState:

@@ -164,15 +164,38 @@ def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         Outputs ``[T, C]`` and labels (``[T]`` for class indices, else ``[T, C]``).
     """
+    return output_rows(loss_func, output), label_rows(loss_func, y)
+
+
+def output_rows(loss_func, output: Tensor) -> Tensor:
+    """Rearrange a model output into one row per loss term.
+
+    Args:
+        loss_func: The loss function.
+        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``.
+
+    Returns:
+        Outputs ``[T, C]``; unchanged if already of that form.
+    """
     if isinstance(loss_func, CrossEntropyLoss):
         output = output.movedim(1, -1)
-        num_classes = output.shape[-1]
-        if y.is_floating_point():  # class probabilities, laid out like the output
-            return output.reshape(-1, num_classes), y.movedim(1, -1).reshape(
-                -1, num_classes
-            )
-        return output.reshape(-1, num_classes), y.reshape(-1)
-    return output.reshape(-1, output.shape[-1]), y.reshape(-1, y.shape[-1])
+    return output.reshape(-1, output.shape[-1])
+
+
+def label_rows(loss_func, y: Tensor) -> Tensor:
+    """Rearrange labels like :func:`output_rows` rearranges the output.
+
+    Args:
+        loss_func: The loss function.
+        y: Labels; ``[B, *]`` class indices or ``[B, C, *]`` class probabilities
+            for cross-entropy, else of the output's shape.
+
+    Returns:
+        Labels ``[T]`` (class indices) or ``[T, C]``; unchanged if already in rows.
+    """
+    if isinstance(loss_func, CrossEntropyLoss) and not y.is_floating_point():
+        return y.reshape(-1)
+    return output_rows(loss_func, y)
 
 
 def terms_to_output(loss_func, terms: Tensor, output_shape: Size) -> Tensor:

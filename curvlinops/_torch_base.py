@@ -10,7 +10,7 @@ that model and data are deterministic. Concrete operators only supply products.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from numbers import Real
 
 import numpy
@@ -21,6 +21,8 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
+    enable_grad,
+    inference_mode,
     randn,
     zeros,
     zeros_like,
@@ -36,6 +38,7 @@ from curvlinops._checks import (
     check_data,
     check_params,
     check_reduction,
+    check_shape,
 )
 from curvlinops._determinism import (
     DETERMINISM_ATOL,
@@ -120,10 +123,10 @@ class PyTorchLinearOperator:
         self._dtype = dtype
         self._in_shape = [Size(s) for s in in_shape]
         self._out_shape = [Size(s) for s in out_shape]
-        self.shape = (
-            sum(s.numel() for s in self._out_shape),
-            sum(s.numel() for s in self._in_shape),
-        )
+        # flattened sizes of the tensors, as in curvlinops 3.x
+        self._in_shape_flat = [s.numel() for s in self._in_shape]
+        self._out_shape_flat = [s.numel() for s in self._out_shape]
+        self.shape = (sum(self._out_shape_flat), sum(self._in_shape_flat))
 
     @property
     def device(self) -> torch_device:
@@ -504,7 +507,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     Subclasses implement :meth:`_matmat_batch`, which multiplies the mini-batch
     matrix :math:`\mathbf{C}_{\mathcal{B}}` (of the batch loss, with its reduction)
     onto a matrix in tensor-list format, and set ``SELF_ADJOINT`` or implement
-    ``_adjoint``.
+    ``_adjoint``. As in curvlinops 3.x, they may override the hooks
+    ``_get_in_shape`` and ``_get_out_shape`` (the tensor shapes of domain and
+    range; default: the parameters') and ``_get_normalization_factor(X, y)`` (the
+    weight :math:`|\mathcal{B}|/N` or 1 of a mini-batch).
 
     Normalization layers in train mode (e.g. ``BatchNorm2d``) normalize with the
     statistics of each mini-batch, which couples the data points of a batch; the
@@ -515,9 +521,12 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         SELF_ADJOINT: Whether the operator is symmetric. Default: ``False``.
         SUPPORTS_BLOCKS: Whether the operator supports a block-diagonal approximation
             via ``block_sizes``. Default: ``False``.
+        FIXED_DATA_ORDER: Whether products need the mini-batches in the same order
+            on every pass (Jacobians, the Monte-Carlo Fisher). Default: ``False``.
     """
 
     SUPPORTS_BLOCKS: bool = False
+    FIXED_DATA_ORDER: bool = False
 
     def __init__(
         self,
@@ -528,9 +537,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         progressbar: bool = False,
         check_deterministic: bool = True,
         num_data: int | None = None,
-        batch_size_fn: Callable[[MutableMapping], int] | None = None,
         block_sizes: list[int] | None = None,
+        batch_size_fn: Callable[[MutableMapping], int] | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         """Set up the operator and, by default, probe that it is deterministic.
 
@@ -550,15 +560,18 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             check_deterministic: Probe at construction that two passes over data and
                 model agree. Turn off only if you know both are deterministic.
             num_data: Number of data points. Inferred with one pass if ``None``.
-            batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             block_sizes: Numbers of consecutive parameters that form the diagonal
                 blocks of a block-diagonal approximation. ``None`` means one block.
                 Only for operators with ``SUPPORTS_BLOCKS``.
+            batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             process_group: A ``torch.distributed`` process group (e.g.
                 ``torch.distributed.group.WORLD``) to compute products data-parallel:
                 every rank passes its own shard of the data, and every product (and
                 ``num_data``, ``gradient_and_loss``) is that of the union of all
                 shards, available on every rank. ``None`` (default): single process.
+            shape: Expected shape ``(rows, columns)`` of the represented matrix
+                (spec 003); checked against the shape the operator infers. ``None``
+                (default): no check.
 
         Raises:
             ValueError: If an argument is invalid (see the messages).
@@ -582,20 +595,43 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._num_data = self._count_data() if num_data is None else num_data
         if self._num_data <= 0:
             raise ValueError(f"`num_data` must be positive, got {self._num_data}.")
-        super().__init__(self._infer_in_shape(), self._infer_out_shape())
+        super().__init__(self._get_in_shape(), self._get_out_shape())
+        check_shape(shape, self.shape, type(self).__name__)
         if check_deterministic:
             self._check_deterministic()
 
-    def _infer_in_shape(self) -> list[Size]:
+    @property
+    def _N_data(self) -> int:  # noqa: N802 (curvlinops 3.x's name)
+        """Return the number of data points (curvlinops 3.x's name of ``_num_data``).
+
+        Returns:
+            The number of data points.
+        """
+        return self._num_data
+
+    @_N_data.setter
+    def _N_data(self, value: int):  # noqa: N802
+        """Set the number of data points.
+
+        Args:
+            value: The number of data points.
+        """
+        self._num_data = value
+
+    def _get_in_shape(self) -> list[Size]:
         """Return the domain's tensor shapes (default: those of the parameters).
+
+        Subclasses override this hook to act on other tensor lists.
 
         Returns:
             Tensor shapes.
         """
         return [p.shape for p in self._params]
 
-    def _infer_out_shape(self) -> list[Size]:
+    def _get_out_shape(self) -> list[Size]:
         """Return the range's tensor shapes (default: those of the parameters).
+
+        Subclasses override this hook to produce other tensor lists.
 
         Returns:
             Tensor shapes.
@@ -683,6 +719,22 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             return self._batch_size(X) / self._num_data
         return 1.0
 
+    def _get_normalization_factor(self, X: Tensor | MutableMapping, y: Tensor) -> float:
+        """Return the factor by which a mini-batch's product enters the data set's.
+
+        Products, losses and gradients of every mini-batch are scaled by it. The
+        default is :meth:`_batch_weight`; subclasses override this hook to change
+        the scaling.
+
+        Args:
+            X: Mini-batch input.
+            y: Mini-batch labels.
+
+        Returns:
+            ``|B| / N`` for ``reduction='mean'``, else ``1``.
+        """
+        return self._batch_weight(X)
+
     @with_autograd
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Accumulate the weighted mini-batch products over the data.
@@ -695,7 +747,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         """
         result = None
         for X, y in self._loop_over_data(desc="matmat"):
-            weight = self._batch_weight(X)
+            weight = self._get_normalization_factor(X, y)
             products = self._matmat_batch(X, y, M)
             if result is None:  # out of place: a product may alias ``M``
                 result = [p * weight for p in products]
@@ -727,7 +779,35 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             f"{type(self).__name__} must implement `_matmat_batch`."
         )
 
-    @with_autograd
+    def data_prediction_loss_gradient(
+        self, desc: str = "batch_prediction_loss_gradient"
+    ) -> Iterator[tuple[tuple[Tensor | MutableMapping, Tensor], Tensor, Tensor, list]]:
+        """Yield each mini-batch with the model's prediction, loss and gradient.
+
+        Loss and gradient are those of the mini-batch's share of the empirical risk
+        (scaled by :meth:`_get_normalization_factor`), so that they sum to the
+        risk and its gradient over the data. Autograd is switched on for the pass.
+
+        Args:
+            desc: Label of the progress bar. Default:
+                ``'batch_prediction_loss_gradient'``.
+
+        Yields:
+            ``((X, y), prediction, loss, gradient)`` per mini-batch; the tensors are
+            detached, and loss and gradient (a list with the parameters' shapes) are
+            ``None`` for operators without a loss function.
+        """
+        for X, y in self._loop_over_data(desc=desc):
+            loss, gradient = None, None
+            with inference_mode(False), enable_grad():
+                prediction = self._model_func(X)
+                if self._loss_func is not None:
+                    weight = self._get_normalization_factor(X, y)
+                    loss = self._loss_func(prediction, y) * weight
+                    gradient = [g.detach() for g in grad(loss, self._params)]
+                    loss = loss.detach()
+            yield (X, y), prediction.detach(), loss, gradient
+
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         """Evaluate the empirical risk and its gradient over all data.
 
@@ -742,12 +822,12 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             raise ValueError(f"{type(self).__name__} has no loss function.")
         loss = zeros((), device=self.device, dtype=self.dtype)
         gradient = [zeros_like(p) for p in self._params]
-        for X, y in self._loop_over_data(desc="gradient_and_loss"):
-            weight = self._batch_weight(X)
-            batch_loss = self._loss_func(self._model_func(X), y)
-            for g, g_batch in zip(gradient, grad(batch_loss, self._params)):
-                g.add_(g_batch, alpha=weight)
-            loss.add_(batch_loss.detach(), alpha=weight)
+        for _, _, batch_loss, batch_gradient in self.data_prediction_loss_gradient(
+            desc="gradient_and_loss"
+        ):
+            for g, g_batch in zip(gradient, batch_gradient):
+                g.add_(g_batch)
+            loss.add_(batch_loss)
         *gradient, loss = all_reduce_sum([*gradient, loss], self._process_group)
         return gradient, loss
 

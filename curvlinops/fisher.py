@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from functools import partial
 
 from torch import Generator, Tensor
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
+from curvlinops._autodiff import unpack_columns
 from curvlinops._checks import check_supported_loss
 from curvlinops._distributed import rank_seed
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
-    ignored_terms,
-    loss_terms,
+    label_rows,
+    output_rows,
     sample_labels,
-    term_gradients,
+    terms_to_output,
 )
-from curvlinops.ggn import _JacobianSandwichLinearOperator
-from curvlinops.gradient_moments import _gradient_outer_product_matmat
+from curvlinops.ggn import _JacobianSandwichLinearOperator, _make_batch_sandwich_product
+from curvlinops.gradient_moments import (
+    gradient_outer_product_matmat,
+    scaled_term_gradients,
+)
 
 
 class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
@@ -99,7 +105,13 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
 
     Attributes:
         SELF_ADJOINT: ``True``.
+        FIXED_DATA_ORDER: ``True``: labels are drawn batch by batch in data order.
+        supported_losses: The supported loss classes.
     """
+
+    FIXED_DATA_ORDER: bool = True
+    SUPPORTS_BLOCKS: bool = False
+    supported_losses = SUPPORTED_LOSSES
 
     def __init__(
         self,
@@ -114,6 +126,7 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         """Set up the Monte-Carlo Fisher and, by default, probe determinism.
 
@@ -142,17 +155,15 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
                 labels of its shard from its own generator, seeded from ``seed``
                 and its rank (rank 0 with ``seed`` itself, see the class
                 description). ``None`` (default): single process.
+            shape: Expected shape of the matrix (checked). ``None``: no check.
 
         Raises:
             NotImplementedError: If the loss function is not supported.
             ValueError: If ``mc_samples`` is not a positive integer or ``seed`` not
                 an integer.
         """
-        check_supported_loss(loss_func, SUPPORTED_LOSSES, type(self).__name__)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
-            raise ValueError(f"`mc_samples` must be an integer, got {mc_samples!r}.")
-        if mc_samples < 1:
-            raise ValueError(f"`mc_samples` must be positive, got {mc_samples}.")
+        check_supported_loss(loss_func, self.supported_losses, type(self).__name__)
+        check_mc_samples(mc_samples)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self._seed, self._mc_samples = seed, mc_samples
@@ -166,6 +177,17 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=process_group,
+            shape=shape,
+        )
+
+    def _make_mp(self) -> Callable[..., tuple[Tensor, ...]]:
+        """Build the per-batch product with :func:`make_batch_fmc_matrix_product`.
+
+        Returns:
+            ``mp(X, y, *M, mc_samples, generator) -> tuple``.
+        """
+        return make_batch_fmc_matrix_product(
+            self._model_func, self._loss_func, self._params
         )
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
@@ -184,7 +206,7 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
     def _matmat_batch(
         self, X: Tensor | MutableMapping, y: Tensor, M: list[Tensor]
     ) -> list[Tensor]:
-        """Remember the generator's state, then multiply the mini-batch matrix.
+        """Multiply the mini-batch's MC Fisher, drawing labels from the generator.
 
         Args:
             X: Mini-batch input.
@@ -194,29 +216,172 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         Returns:
             The product, tensors of shape ``[*param.shape, K]``.
         """
-        self._batch_state = self._generator.get_state()
-        return super()._matmat_batch(X, y, M)
+        return list(self._mp(X, y, *M, self._mc_samples, self._generator))
 
-    def _output_matmat(self, output: Tensor, y: Tensor, M: Tensor) -> Tensor:
-        """Multiply the sampled gradients' outer products onto columns.
 
-        Args:
-            output: Detached model output on the mini-batch.
-            y: Mini-batch labels (only used for their layout).
-            M: Columns ``[K, *output.shape]``.
+def check_mc_samples(mc_samples: int):
+    """Verify a number of Monte-Carlo samples.
 
-        Returns:
-            The product, of shape ``[K, *output.shape]``.
-        """
-        # Should a fallback differentiation mode re-run this batch, it must draw the
-        # same labels, so that the first product equals all later ones.
-        self._generator.set_state(self._batch_state)
-        output_terms, y_terms = loss_terms(self._loss_func, output, y)
-        labels = sample_labels(
-            self._loss_func, output_terms, self._mc_samples, self._generator
-        )
-        gradients = term_gradients(self._loss_func, output_terms, labels)
-        ignored = ignored_terms(self._loss_func, y_terms)
-        if ignored is not None:  # terms that cross-entropy ignores do not count
-            gradients = gradients.masked_fill(ignored.unsqueeze(-1), 0.0)
-        return _gradient_outer_product_matmat(self._loss_func, y, gradients, M)
+    Args:
+        mc_samples: The number of samples.
+
+    Raises:
+        ValueError: If it is not a positive integer.
+    """
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
+        raise ValueError(f"`mc_samples` must be an integer, got {mc_samples!r}.")
+    if mc_samples < 1:
+        raise ValueError(f"`mc_samples` must be positive, got {mc_samples}.")
+
+
+def make_grad_output_sampler(
+    loss_func: MSELoss | CrossEntropyLoss | BCEWithLogitsLoss,
+) -> Callable[[Tensor, int, Tensor, Generator], Tensor]:
+    r"""Build a sampler of loss gradients w.r.t. the model output at sampled labels.
+
+    For a mini-batch loss :math:`\frac{1}{R} \sum_t \ell_t(\mathbf{f}_t,
+    \mathbf{y}_t)` with reduction factor :math:`R` (``1`` for ``'sum'``; terms are
+    data points and positions of extra output axes), the sampler draws labels
+    :math:`\tilde{\mathbf{y}}_t \sim q(\cdot \mid \mathbf{f}_t)` from the model's
+    predictive distribution and returns :math:`\mathbf{g}_t = \nabla_{\mathbf{f}_t}
+    \ell_t(\mathbf{f}_t, \tilde{\mathbf{y}}_t) / \sqrt{R}`, laid out like the
+    output. Then :math:`\mathbb{E}[\mathbf{g}_t \mathbf{g}_t^\top] =
+    \nabla^2_{\mathbf{f}_t} \ell_t / R`: the outer products of the sampled gradients
+    of each term estimate the loss's Hessian w.r.t. that term's output (the Fisher
+    in output space). Cross-entropy terms labeled ``ignore_index`` get zero.
+
+    Args:
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+
+    Returns:
+        ``sample(output, num_samples, y, generator) -> [num_samples, *output.shape]``
+        for a model output (``[B, C, *]`` for cross-entropy, else ``[B, *, C]``),
+        the number of samples per term, the true labels (only for their layout and
+        ignored terms; may be ``None``) and a random number generator (or
+        ``None`` for PyTorch's global one).
+
+    Raises:
+        NotImplementedError: If the loss function is not supported.
+
+    Example:
+        >>> from torch import Generator, eye, float64, manual_seed, rand
+        >>> from torch.nn import MSELoss
+        >>> _ = manual_seed(0)
+        >>> sample = make_grad_output_sampler(MSELoss(reduction="sum"))
+        >>> output = rand(1, 3, dtype=float64)
+        >>> g = sample(output, 100_000, None, Generator().manual_seed(0))
+        >>> g.shape
+        torch.Size([100000, 1, 3])
+        >>> fisher = (g[:, 0].T @ g[:, 0]) / 100_000  # ≈ Hessian 2 I of the loss
+        >>> bool((fisher - 2 * eye(3, dtype=float64)).abs().max() < 0.05)
+        True
+    """
+    check_supported_loss(loss_func, SUPPORTED_LOSSES, "make_grad_output_sampler")
+
+    def sample_grad_output(
+        output: Tensor, num_samples: int, y: Tensor | None, generator: Generator
+    ) -> Tensor:
+        check_mc_samples(num_samples)
+        output_terms = output_rows(loss_func, output.detach())
+        y_terms = None if y is None else label_rows(loss_func, y)
+        labels = sample_labels(loss_func, output_terms, num_samples, generator)
+        gradients = scaled_term_gradients(loss_func, output_terms, labels, y_terms)
+        return terms_to_output(loss_func, gradients, output.shape)
+
+    return sample_grad_output
+
+
+def make_batch_fmc_matrix_product(
+    model_func: Callable[[Tensor | MutableMapping], Tensor],
+    loss_func: MSELoss | CrossEntropyLoss | BCEWithLogitsLoss,
+    params: tuple[Tensor, ...],
+) -> Callable[..., tuple[Tensor, ...]]:
+    r"""Build the function that multiplies a mini-batch's MC Fisher onto a matrix.
+
+    The function draws ``mc_samples`` labels per loss term with
+    :func:`make_grad_output_sampler` from ``generator`` and computes
+    :math:`\mathbf{J}^\top (\frac{1}{S} \sum_{s} \sum_t \mathbf{g}_{s,t}
+    \mathbf{g}_{s,t}^\top) \mathbf{J} \mathbf{M}` for the mini-batch (per-term
+    outer products of the sampled output gradients :math:`\mathbf{g}_{s,t}`, which
+    already carry the loss's reduction): one forward pass carrying the columns as
+    tangents and one batched backward pass. It is the per-batch product of
+    :class:`FisherMCLinearOperator`, which seeds one generator per product and
+    passes the batches in order. Should a differentiation mode fall back, the
+    labels are drawn again from the same generator state.
+
+    Args:
+        model_func: Maps a mini-batch input to predictions (a module or a function).
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        params: Parameters (requiring grad) that define the rows and columns.
+
+    Returns:
+        ``mp(X, y, *M, mc_samples, generator) -> tuple`` that takes the matrix as
+        one tensor per parameter of shape ``[*param.shape, K]`` (or as one tuple of
+        them), the number of samples and the generator (also as keywords), and
+        returns the product in the matrix's format. Autograd is switched on inside.
+
+    Raises:
+        NotImplementedError: If the loss function is not supported.
+
+    Example:
+        >>> from torch import Generator, manual_seed, rand, randint
+        >>> from torch.nn import CrossEntropyLoss, Linear
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 4)
+        >>> X, y = rand(6, 3), randint(0, 4, (6,))
+        >>> mp = make_batch_fmc_matrix_product(
+        ...     model, CrossEntropyLoss(), tuple(model.parameters()))
+        >>> M = [rand(4, 3, 2), rand(4, 2)]  # two columns
+        >>> FM = mp(X, y, *M, 1, Generator().manual_seed(0))
+        >>> FM_again = mp(X, y, M, mc_samples=1, generator=Generator().manual_seed(0))
+        >>> [tuple(t.shape) for t in FM], FM[0].allclose(FM_again[0])
+        ([(4, 3, 2), (4, 2)], True)
+    """
+    sample = make_grad_output_sampler(loss_func)
+    product = _make_batch_sandwich_product(
+        model_func, loss_func, params, partial(_fmc_output_matmat, loss_func, sample)
+    )
+
+    def batch_fmc_matrix_product(
+        X, y, *args, mc_samples: int | None = None, generator: Generator | None = None
+    ) -> tuple[Tensor, ...]:
+        if mc_samples is None:
+            *args, mc_samples, generator = args
+        state = None if generator is None else generator.get_state()
+        return product(X, y, unpack_columns(args), mc_samples, generator, state)
+
+    return batch_fmc_matrix_product
+
+
+def _fmc_output_matmat(
+    loss_func,
+    sample: Callable,
+    output: Tensor,
+    y: Tensor,
+    M: Tensor,
+    mc_samples: int,
+    generator: Generator | None,
+    state: Tensor | None,
+) -> Tensor:
+    """Multiply the sampled gradients' per-term outer products onto columns.
+
+    Args:
+        loss_func: The loss function.
+        sample: The sampler from :func:`make_grad_output_sampler`.
+        output: Detached model output on the mini-batch.
+        y: Mini-batch labels (for their layout and ignored terms).
+        M: Columns ``[K, *output.shape]``.
+        mc_samples: Number of sampled labels per term.
+        generator: Random number generator.
+        state: The generator's state when the batch started; restored so that a
+            retried batch draws the same labels.
+
+    Returns:
+        The product, of shape ``[K, *output.shape]``.
+    """
+    if state is not None:
+        generator.set_state(state)
+    gradients = sample(output, mc_samples, y, generator)  # [S, *output.shape]
+    rows = output_rows(loss_func, gradients.flatten(end_dim=1))
+    gradients = rows.reshape(mc_samples, -1, rows.shape[-1])
+    return gradient_outer_product_matmat(loss_func, gradients, M)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 from torch import Tensor
 
-from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._execution import lazy_attribute
+from curvlinops._autodiff import DifferentiationModes, hvp, unpack_columns
+from curvlinops._checks import check_block_sizes
+from curvlinops._execution import autograd_enabled, lazy_attribute
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import split_list
 
@@ -61,13 +62,15 @@ class HessianLinearOperator(CurvatureLinearOperator):
     SUPPORTS_BLOCKS: bool = True
 
     @lazy_attribute
-    def _modes(self) -> DifferentiationModes:
-        """Differentiation modes: reverse-over-reverse, fused or composite attention.
+    def _mp(self) -> Callable[..., tuple[Tensor, ...]]:
+        """The per-batch product, from :func:`make_batch_hessian_matrix_product`.
 
         Returns:
-            Mode selector.
+            ``mp(X, y, *M) -> tuple`` (see the builder).
         """
-        return DifferentiationModes(forward_mode_allowed=False)
+        return make_batch_hessian_matrix_product(
+            self._model_func, self._loss_func, self._params, self._block_sizes
+        )
 
     def _matmat_batch(
         self, X: Tensor | MutableMapping, y: Tensor, M: list[Tensor]
@@ -82,11 +85,68 @@ class HessianLinearOperator(CurvatureLinearOperator):
         Returns:
             Mini-batch Hessian times ``M``, tensors of shape ``[*param.shape, K]``.
         """
-        param_blocks = split_list(self._params, self._block_sizes)
-        M_blocks = split_list([m.movedim(-1, 0) for m in M], self._block_sizes)
+        return list(self._mp(X, y, *M))
+
+
+def make_batch_hessian_matrix_product(
+    model_func: Callable[[Tensor | MutableMapping], Tensor],
+    loss_func: Callable[[Tensor, Tensor], Tensor],
+    params: tuple[Tensor, ...],
+    block_sizes: list[int] | None = None,
+) -> Callable[..., tuple[Tensor, ...]]:
+    r"""Build the function that multiplies a mini-batch's Hessian onto a matrix.
+
+    For a mini-batch :math:`(\mathbf{X}, \mathbf{y})` with loss
+    :math:`\mathcal{L}_{\mathcal{B}} = \ell(f_{\mathbf{\theta}}(\mathbf{X}),
+    \mathbf{y})` (with the loss's reduction), the function computes
+    :math:`\nabla^2_{\mathbf{\theta}} \mathcal{L}_{\mathcal{B}} \mathbf{M}`, or
+    its block-diagonal approximation for ``block_sizes``. It is the per-batch
+    product of :class:`HessianLinearOperator`, which sums it over the data with the
+    weights of the loss's reduction. All columns are processed in one batched
+    backward pass; operations without second derivatives of the fused attention
+    kernels fall back to the composite kernel.
+
+    Args:
+        model_func: Maps a mini-batch input to predictions (a module or a function).
+        loss_func: Maps predictions and labels to a scalar.
+        params: Parameters (requiring grad) that define the Hessian's rows and
+            columns.
+        block_sizes: Numbers of consecutive parameters that form the diagonal
+            blocks. ``None`` (default): the full Hessian.
+
+    Returns:
+        ``mp(X, y, *M) -> tuple`` that takes the matrix as one tensor per parameter,
+        of shape ``[*param.shape, K]`` (or as one tuple of them), and returns the
+        product in the same format. Autograd is switched on inside.
+
+    Example:
+        >>> from torch import eye, kron, manual_seed, rand
+        >>> from torch.nn import Linear, MSELoss
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 2, bias=False)
+        >>> X, y = rand(5, 3), rand(5, 2)
+        >>> mp = make_batch_hessian_matrix_product(
+        ...     model, MSELoss(reduction="sum"), tuple(model.parameters()))
+        >>> M = rand(2, 3, 4)  # four columns in the weight's shape
+        >>> (HM,) = mp(X, y, M)
+        >>> H = 2 * kron(eye(2), X.T @ X)  # linear model, square loss
+        >>> HM.allclose((H @ M.reshape(6, 4)).reshape(2, 3, 4))
+        True
+    """
+    params = list(params)
+    block_sizes = check_block_sizes(block_sizes, len(params))
+    param_blocks = split_list(params, block_sizes)
+    modes = DifferentiationModes(forward_mode_allowed=False)
+
+    @autograd_enabled
+    def batch_hessian_matrix_product(X, y, *M) -> tuple[Tensor, ...]:
+        M = [m.movedim(-1, 0) for m in unpack_columns(M)]
+        M_blocks = split_list(M, block_sizes)
 
         def compute(forward_mode: bool) -> list[Tensor]:
-            loss = self._loss_func(self._model_func(X), y)
+            loss = loss_func(model_func(X), y)
             return hvp(loss, param_blocks, M_blocks)
 
-        return [r.movedim(0, -1) for r in self._modes(compute)]
+        return tuple(r.movedim(0, -1) for r in modes(compute))
+
+    return batch_hessian_matrix_product

@@ -7,214 +7,21 @@ multiplies with an approximation of :math:`\mathbf{A}^{-1}`. Products run in
 PyTorch on the operator's device, solve for all columns of a matrix at once, and
 can be handed to SciPy via :meth:`~curvlinops.PyTorchLinearOperator.to_scipy`.
 :class:`KFACInverseLinearOperator` inverts KFAC and EKFAC exactly through their
-Kronecker factors (it lives in ``curvlinops/_kfac_inverse.py``).
+Kronecker factors (it lives in ``curvlinops/_kfac_inverse.py``, as
+:class:`CGInverseLinearOperator` lives in ``curvlinops/_cg_inverse.py``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
-import numpy
-from torch import Tensor, as_tensor, isfinite
+from torch import Tensor, isfinite
 
-from curvlinops._adapter import adapt, adapt_square
+from curvlinops._adapter import adapt_square
+from curvlinops._cg_inverse import CGInverseLinearOperator
+from curvlinops._inverse_base import _InverseLinearOperator
 from curvlinops._kfac_inverse import KFACInverseLinearOperator, KFACInvType
-from curvlinops._krylov import conjugate_gradients, lsmr
-from curvlinops._torch_base import (
-    PyTorchLinearOperator,
-    _flatten_columns,
-    _split_columns,
-)
-
-
-class _InverseLinearOperator(PyTorchLinearOperator):
-    """Operator that approximates the inverse of another operator on flat columns.
-
-    Subclasses implement :meth:`_solve` on matrices ``[M, K]``.
-    """
-
-    def __init__(self, A):
-        """Adapt the operator and take its range as domain and vice versa.
-
-        Args:
-            A: The operator to invert (any supported kind).
-        """
-        self._A = adapt(A).operator
-        super().__init__(
-            self._A._out_shape, self._A._in_shape, self._A.device, self._A.dtype
-        )
-
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
-        """Solve for all columns at once.
-
-        Args:
-            M: Right-hand sides in tensor-list format with trailing column axis.
-
-        Returns:
-            The solutions in tensor-list format.
-        """
-        return _split_columns(self._solve(_flatten_columns(M)), self._out_shape)
-
-    def _solve(self, B: Tensor) -> Tensor:
-        """Multiply the approximate inverse onto a matrix.
-
-        Args:
-            B: Right-hand sides ``[M, K]``.
-
-        Raises:
-            NotImplementedError: Must be implemented by subclasses.
-        """
-        raise NotImplementedError
-
-    def _warn_if_unconverged(self, converged: Tensor, maxiter: int):
-        """Warn if some columns did not converge.
-
-        Args:
-            converged: Boolean vector of converged columns.
-            maxiter: The iteration limit.
-        """
-        if not converged.all():
-            warnings.warn(
-                f"{type(self).__name__}: {int((~converged).sum())} of "
-                f"{converged.numel()} columns did not converge in {maxiter} "
-                "iterations. Increase `maxiter` or relax the tolerances.",
-                RuntimeWarning,
-                stacklevel=6,  # the user's ``A_inv @ X``
-            )
-
-
-class CGInverseLinearOperator(_InverseLinearOperator):
-    r"""Inverse of a symmetric positive definite operator via conjugate gradients.
-
-    Multiplying onto :math:`\mathbf{B}` solves :math:`\mathbf{A}\mathbf{X} =
-    \mathbf{B}` with the method of conjugate gradients, for all columns at once
-    (one product with :math:`\mathbf{A}` per iteration) and in PyTorch, so it runs
-    on GPU. Column :math:`k` stops once :math:`\lVert \mathbf{b}_k - \mathbf{A}
-    \mathbf{x}_k \rVert_2 \le \max(\mathrm{tol} \lVert \mathbf{b}_k \rVert_2,
-    \mathrm{atol})`, as in :func:`scipy.sparse.linalg.cg`; a ``RuntimeWarning``
-    reports columns that do not converge within ``maxiter`` iterations. The operator
-    is self-adjoint. See
-
-    - Hestenes, M. R., & Stiefel, E. (1952). Methods of conjugate gradients for
-      solving linear systems. Journal of Research of the National Bureau of
-      Standards.
-
-    Example:
-        >>> from torch import eye, float64, manual_seed, rand
-        >>> _ = manual_seed(0)
-        >>> X = rand(5, 5, dtype=float64)
-        >>> A = X @ X.T + eye(5, dtype=float64)  # SPD
-        >>> A_inv = CGInverseLinearOperator(A, tol=1e-10)
-        >>> b = rand(5, dtype=float64)
-        >>> (A @ (A_inv @ b)).allclose(b)
-        True
-    """
-
-    SELF_ADJOINT: bool = True
-
-    def __init__(self, A, **cg_hyperparameters):
-        """Store the operator and the hyperparameters of CG.
-
-        Args:
-            A: Symmetric positive definite operator: a
-                :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix,
-                or a SciPy ``LinearOperator``.
-            **cg_hyperparameters: Keyword arguments of
-                :meth:`set_cg_hyperparameters`.
-
-        Raises:
-            ValueError: If the operator is not square.
-        """
-        super().__init__(adapt_square(A))
-        self.set_cg_hyperparameters(**cg_hyperparameters)
-
-    def set_cg_hyperparameters(
-        self,
-        x0=None,
-        tol: float = 1e-5,
-        maxiter: int | None = None,
-        M=None,
-        callback: Callable[[Tensor], None] | None = None,
-        atol: float | None = None,
-    ):
-        r"""Set the hyperparameters of CG (names follow :func:`scipy.sparse.linalg.cg`).
-
-        Args:
-            x0: Initial guess, a vector ``[N]`` (used for every column) or a matrix
-                ``[N, K]`` (torch or NumPy). Default: zeros.
-            tol: Relative tolerance on the residual norm. Default: ``1e-5``.
-            maxiter: Maximum number of iterations. Default: ``10 * N``.
-            M: Preconditioner, an operator (any supported kind) that approximates
-                :math:`\mathbf{A}^{-1}` and is symmetric positive definite.
-                Default: none.
-            callback: Function called after each iteration with the current
-                iterate, a tensor ``[N, K]``.
-            atol: Absolute tolerance on the residual norm. Default: ``0``.
-
-        Raises:
-            ValueError: If a tolerance is negative or ``maxiter`` is not positive.
-        """
-        if tol < 0 or (atol is not None and atol < 0):
-            raise ValueError(f"Tolerances must be >= 0, got {tol=} and {atol=}.")
-        if maxiter is not None and maxiter < 1:
-            raise ValueError(f"`maxiter` must be positive, got {maxiter}.")
-        self._x0 = x0
-        self._tol, self._atol = tol, 0.0 if atol is None else atol
-        self._maxiter = 10 * self.shape[0] if maxiter is None else maxiter
-        self._preconditioner = None
-        if M is not None:
-            self._preconditioner = adapt_square(M, self.device, self.dtype).operator
-        self._callback = callback
-
-    def _initial_guess(self, num_columns: int) -> Tensor | None:
-        """Return the initial guess for a number of columns.
-
-        Args:
-            num_columns: Number of right-hand sides.
-
-        Returns:
-            The initial guess ``[N, K]``, or ``None`` for zeros.
-
-        Raises:
-            ValueError: If the initial guess has the wrong shape.
-        """
-        if self._x0 is None:
-            return None
-        x0 = self._x0 if isinstance(self._x0, Tensor) else numpy.asarray(self._x0)
-        x0 = as_tensor(x0).to(self.device, self.dtype)
-        x0 = x0.unsqueeze(-1) if x0.ndim == 1 else x0
-        if x0.shape[0] != self.shape[0] or x0.shape[1] not in {1, num_columns}:
-            raise ValueError(
-                f"Expected x0 of shape [{self.shape[0]}] or [{self.shape[0]}, "
-                f"{num_columns}], got {list(x0.shape)}."
-            )
-        return x0.expand(-1, num_columns)
-
-    def _solve(self, B: Tensor) -> Tensor:
-        """Run CG on all columns.
-
-        Args:
-            B: Right-hand sides ``[N, K]``.
-
-        Returns:
-            The approximate solutions ``[N, K]``.
-        """
-        precondition = None
-        if self._preconditioner is not None:
-            precondition = self._preconditioner.__matmul__
-        X, converged = conjugate_gradients(
-            self._A.__matmul__,
-            B,
-            self._initial_guess(B.shape[1]),
-            self._tol,
-            self._atol,
-            self._maxiter,
-            precondition,
-            self._callback,
-        )
-        self._warn_if_unconverged(converged, self._maxiter)
-        return X
+from curvlinops._krylov import lsmr
 
 
 class LSMRInverseLinearOperator(_InverseLinearOperator):
@@ -253,7 +60,9 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
                 :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix,
                 or a SciPy ``LinearOperator``.
             **lsmr_hyperparameters: Keyword arguments of
-                :meth:`set_lsmr_hyperparameters`.
+                :meth:`set_lsmr_hyperparameters`: those of
+                :func:`scipy.sparse.linalg.lsmr` (``damp``, ``atol``, ``btol``,
+                ``conlim``, ``maxiter``, ``show``, ``x0``).
         """
         super().__init__(A)
         self.SELF_ADJOINT = self._A.SELF_ADJOINT
@@ -266,6 +75,8 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
         btol: float = 1e-6,
         conlim: float = 1e8,
         maxiter: int | None = None,
+        show: bool = False,
+        x0=None,
     ):
         r"""Set the hyperparameters of LSMR (as in :func:`scipy.sparse.linalg.lsmr`).
 
@@ -279,6 +90,15 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
             conlim: Stop once the condition number estimate exceeds this value;
                 ``0`` disables this rule. Default: ``1e8``.
             maxiter: Maximum number of iterations. Default: ``min(M, N)``.
+            show: Print the progress of every iteration (running columns, largest
+                residual and condition estimates) and a summary. Default:
+                ``False``.
+            x0: Initial guess, a vector ``[N]`` (used for every column) or a matrix
+                ``[N, K]``. As in SciPy, LSMR then solves for the correction
+                :math:`\mathbf{x} - \mathbf{x}_0` with right-hand side
+                :math:`\mathbf{b} - \mathbf{A}\mathbf{x}_0` (for ``damp > 0``, the
+                damping applies to the correction). Not used by the adjoint.
+                Default: zeros.
 
         Raises:
             ValueError: If a value is negative or ``maxiter`` is not positive.
@@ -296,7 +116,9 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
             "btol": btol,
             "conlim": conlim,
             "maxiter": maxiter,
+            "show": show,
         }
+        self._x0 = x0
 
     def _solve(self, B: Tensor) -> Tensor:
         """Run LSMR on all columns.
@@ -311,12 +133,17 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
         if hyperparameters["maxiter"] is None:
             hyperparameters["maxiter"] = min(self.shape)
         A, A_adjoint = self._A, self._A.adjoint()
+        X0 = self._initial_guess(self._x0, B.shape[1])
+        if X0 is not None:
+            B = B - A @ X0
         X, converged = lsmr(A.__matmul__, A_adjoint.__matmul__, B, **hyperparameters)
         self._warn_if_unconverged(converged, hyperparameters["maxiter"])
-        return X
+        return X if X0 is None else X + X0
 
     def _adjoint(self) -> LSMRInverseLinearOperator:
         """Return the LSMR inverse of the adjoint, with the same hyperparameters.
+
+        The initial guess ``x0`` (of the other dimension) is not passed on.
 
         Returns:
             The adjoint operator.

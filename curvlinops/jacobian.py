@@ -7,14 +7,14 @@ from weakref import ref
 
 from torch import Size, Tensor, cat, no_grad, zeros
 
-from curvlinops._autodiff import ModelJacobian, vjp
+from curvlinops._autodiff import ModelJacobian, unpack_columns, vjp
 from curvlinops._distributed import (
     all_reduce_sum,
     first_over_ranks,
     gather_rows,
     row_range,
 )
-from curvlinops._execution import lazy_attribute, with_autograd
+from curvlinops._execution import autograd_enabled, lazy_attribute, with_autograd
 from curvlinops._torch_base import CurvatureLinearOperator
 
 
@@ -26,8 +26,8 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
     outputs on the whole data set stacked along the batch axis.
     """
 
-    # Whether products use forward-mode AD (Jacobian) or only reverse mode.
-    _USES_FORWARD_MODE: bool = False
+    # The rows are the data points in order: batches must come in the same order.
+    FIXED_DATA_ORDER: bool = True
 
     def __init__(
         self,
@@ -39,6 +39,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         num_data: int | None = None,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         """Set up the operator and, by default, probe that it is deterministic.
 
@@ -58,6 +59,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
                 its shard of the data, and the operator is the Jacobian (transpose)
                 of all ranks' data stacked in rank order (see the class
                 description). ``None`` (default): single process.
+            shape: Expected shape of the matrix (checked). ``None``: no check.
         """
         self._transpose, self._transpose_of = None, None
         super().__init__(
@@ -70,6 +72,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=process_group,
+            shape=shape,
         )
 
     @lazy_attribute
@@ -104,15 +107,6 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             return 0, self._num_data
         num_rows = sum(self._batch_size(X) for X, _ in self._loop_over_data("rows"))
         return row_range(num_rows, self._process_group)
-
-    @lazy_attribute
-    def _jacobian(self) -> ModelJacobian:
-        """Jacobian products of the model; forward mode only where it is used.
-
-        Returns:
-            The Jacobian helper.
-        """
-        return ModelJacobian(self._model_func, self._params, self._USES_FORWARD_MODE)
 
     def _row_count_error(
         self, num_rows: int, expected: int, at_least: bool = False, source: str = ""
@@ -213,11 +207,19 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
 
     Attributes:
         SELF_ADJOINT: ``False``.
+        FIXED_DATA_ORDER: ``True``.
     """
 
-    _USES_FORWARD_MODE = True
+    @lazy_attribute
+    def _mp(self) -> Callable[..., Tensor]:
+        """The per-batch product, from :func:`make_batch_jacobian_matrix_product`.
 
-    def _infer_out_shape(self) -> list[Size]:
+        Returns:
+            ``mp(X, *M) -> [B, *output.shape[1:], K]``.
+        """
+        return make_batch_jacobian_matrix_product(self._model_func, self._params)
+
+    def _get_out_shape(self) -> list[Size]:
         """Return the range's format: the outputs stacked over all data.
 
         Returns:
@@ -236,11 +238,7 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
             One tensor ``[N, *output.shape[1:], K]``.
         """
         num_cols = M[0].shape[-1]
-        M = [m.movedim(-1, 0) for m in M]
-        JM = [  # [B, *output.shape[1:], K] per batch
-            self._batch_jvp(X, M).movedim(0, -1)
-            for X, _ in self._loop_over_data("matmat")
-        ]
+        JM = [self._mp(X, *M) for X, _ in self._loop_over_data("matmat")]
         JM = cat(JM) if JM else M[0].new_zeros(0, *self._out_shape[0][1:], num_cols)
         JM = gather_rows(JM, self._process_group)
         source = "" if self._process_group is None else "all ranks' "
@@ -248,22 +246,6 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         if error is not None:
             raise ValueError(error)
         return [JM]
-
-    def _batch_jvp(self, X: Tensor | MutableMapping, M: list[Tensor]) -> Tensor:
-        """Multiply a mini-batch's Jacobian onto columns.
-
-        Args:
-            X: Mini-batch input.
-            M: Tensors of shape ``[K, *param.shape]``.
-
-        Returns:
-            ``[K, *output.shape]``.
-        """
-
-        def compute(jvp) -> Tensor:
-            return jvp(X, M, output_graph=False)[1]
-
-        return self._jacobian.run(compute).detach()
 
     def _adjoint(self) -> TransposedJacobianLinearOperator:
         """Return the transposed Jacobian.
@@ -314,9 +296,22 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
 
     Attributes:
         SELF_ADJOINT: ``False``.
+        FIXED_DATA_ORDER: ``True``.
     """
 
-    def _infer_in_shape(self) -> list[Size]:
+    @lazy_attribute
+    def _mp(self) -> Callable[..., tuple[Tensor, ...]]:
+        """The per-batch product, from the transposed-Jacobian builder.
+
+        Returns:
+            ``mp(X, M) -> tuple`` (see
+            :func:`make_batch_transposed_jacobian_matrix_product`).
+        """
+        return make_batch_transposed_jacobian_matrix_product(
+            self._model_func, self._params
+        )
+
+    def _get_in_shape(self) -> list[Size]:
         """Return the domain's format: the outputs stacked over all data.
 
         Returns:
@@ -334,10 +329,10 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
         Returns:
             Tensors of shape ``[*param.shape, K]``.
         """
-        V = M[0].movedim(-1, 0)
+        (V,) = M
         start, stop = self._row_range
         result = [
-            zeros(V.shape[0], *p.shape, device=self.device, dtype=self.dtype)
+            zeros(*p.shape, V.shape[-1], device=self.device, dtype=self.dtype)
             for p in self._params
         ]
         row = start
@@ -345,12 +340,11 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             row, previous = row + self._batch_size(X), row
             if row > stop:  # more data than expected: stop before slicing past it
                 break
-            for r, JTV in zip(result, self._batch_vjp(X, V[:, previous:row])):
+            for r, JTV in zip(result, self._mp(X, V[previous:row])):
                 r.add_(JTV)
         source = "" if self._process_group is None else "this rank's "
         error = self._row_count_error(row - start, stop - start, row > stop, source)
-        result = self._all_reduce_or_raise(result, error)
-        return [r.movedim(0, -1) for r in result]
+        return self._all_reduce_or_raise(result, error)
 
     def _all_reduce_or_raise(self, result: list[Tensor], error: str | None):
         """Sum the ranks' results, unless a rank met an error; then all ranks raise.
@@ -377,23 +371,6 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             )
         return result
 
-    def _batch_vjp(self, X: Tensor | MutableMapping, V: Tensor) -> list[Tensor]:
-        """Multiply a mini-batch's transposed Jacobian onto columns.
-
-        Args:
-            X: Mini-batch input.
-            V: Columns ``[K, *output.shape]``.
-
-        Returns:
-            Tensors of shape ``[K, *param.shape]``.
-        """
-
-        def compute(_) -> list[Tensor]:
-            output = self._model_func(X)
-            return vjp([output], self._params, [V], retain_graph=False)
-
-        return self._jacobian.run(compute)
-
     def _adjoint(self) -> JacobianLinearOperator:
         """Return the Jacobian.
 
@@ -401,3 +378,99 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             The Jacobian on the same model, parameters, and data.
         """
         return self._transposed(JacobianLinearOperator)
+
+
+def make_batch_jacobian_matrix_product(
+    model_func: Callable[[Tensor | MutableMapping], Tensor], params: tuple[Tensor, ...]
+) -> Callable[..., Tensor]:
+    r"""Build the function that multiplies a mini-batch's Jacobian onto a matrix.
+
+    For a mini-batch input :math:`\mathbf{X}` with output :math:`\mathbf{F} =
+    f_{\mathbf{\theta}}(\mathbf{X})`, the function computes
+    :math:`\mathbf{J}_{\mathbf{\theta}} \mathbf{F}\, \mathbf{M}` with one forward
+    pass that carries the columns as tangents (forward-mode AD, falling back to
+    reverse mode where derivatives are missing). It is the per-batch product of
+    :class:`JacobianLinearOperator`, which stacks it over the data.
+
+    Args:
+        model_func: Maps a mini-batch input to outputs (a module or a function).
+        params: Parameters (requiring grad) that define the Jacobian's columns.
+
+    Returns:
+        ``mp(X, *M) -> Tensor`` that takes the matrix as one tensor per parameter of
+        shape ``[*param.shape, K]`` (or as one tuple of them) and returns
+        ``[*output.shape, K]``, detached. Autograd is switched on inside.
+
+    Example:
+        >>> from torch import einsum, manual_seed, rand
+        >>> from torch.nn import Linear
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 2, bias=False)
+        >>> mp = make_batch_jacobian_matrix_product(model, (model.weight,))
+        >>> X, M = rand(4, 3), rand(2, 3, 5)  # five columns
+        >>> JM = mp(X, M)
+        >>> JM.shape
+        torch.Size([4, 2, 5])
+        >>> JM.allclose(einsum("nj,cjk->nck", X, M))  # f(X) = X Wᵀ
+        True
+    """
+    jacobian = ModelJacobian(model_func, list(params), forward_mode=True)
+
+    @autograd_enabled
+    def batch_jacobian_matrix_product(X, *M) -> Tensor:
+        M = [m.movedim(-1, 0) for m in unpack_columns(M)]
+
+        def compute(jvp) -> Tensor:
+            return jvp(X, M, output_graph=False)[1]
+
+        return jacobian.run(compute).detach().movedim(0, -1)
+
+    return batch_jacobian_matrix_product
+
+
+def make_batch_transposed_jacobian_matrix_product(
+    model_func: Callable[[Tensor | MutableMapping], Tensor], params: tuple[Tensor, ...]
+) -> Callable[..., tuple[Tensor, ...]]:
+    r"""Build the function that multiplies a mini-batch's transposed Jacobian.
+
+    For a mini-batch input :math:`\mathbf{X}` with output :math:`\mathbf{F} =
+    f_{\mathbf{\theta}}(\mathbf{X})`, the function computes
+    :math:`(\mathbf{J}_{\mathbf{\theta}} \mathbf{F})^\top \mathbf{M}` for columns
+    :math:`\mathbf{M}` in output space, with one forward and one batched backward
+    pass. It is the per-batch product of :class:`TransposedJacobianLinearOperator`.
+
+    Args:
+        model_func: Maps a mini-batch input to outputs (a module or a function).
+        params: Parameters (requiring grad) that define the Jacobian's columns.
+
+    Returns:
+        ``mp(X, M) -> tuple`` that takes the columns as one tensor
+        ``[*output.shape, K]`` (or a one-element tuple of it) and returns one tensor
+        ``[*param.shape, K]`` per parameter. Autograd is switched on inside.
+
+    Example:
+        >>> from torch import einsum, manual_seed, rand
+        >>> from torch.nn import Linear
+        >>> _ = manual_seed(0)
+        >>> model = Linear(3, 2, bias=False)
+        >>> mp = make_batch_transposed_jacobian_matrix_product(model, (model.weight,))
+        >>> X, M = rand(4, 3), rand(4, 2, 5)  # five columns in output space
+        >>> (JTM,) = mp(X, M)
+        >>> JTM.allclose(einsum("nj,nck->cjk", X, M))
+        True
+    """
+    params = list(params)
+    jacobian = ModelJacobian(model_func, params, forward_mode=False)
+
+    @autograd_enabled
+    def batch_transposed_jacobian_matrix_product(X, *M) -> tuple[Tensor, ...]:
+        (V,) = unpack_columns(M)
+        V = V.movedim(-1, 0)
+
+        def compute(_) -> list[Tensor]:
+            output = model_func(X)
+            return vjp([output], params, [V], retain_graph=False)
+
+        return tuple(r.movedim(0, -1) for r in jacobian.run(compute))
+
+    return batch_transposed_jacobian_matrix_product

@@ -34,6 +34,66 @@ def check_distribution(distribution: str):
         )
 
 
+def rademacher(
+    dim: int | tuple[int, ...],
+    device: torch_device | str | None = None,
+    dtype: torch_dtype | None = None,
+    generator: Generator | None = None,
+) -> Tensor:
+    r"""Draw i.i.d. Rademacher entries: :math:`\pm 1`, each with probability 1/2.
+
+    Args:
+        dim: Length of the vector, or the shape of a tensor.
+        device: Device of the result. Default: PyTorch's default device.
+        dtype: Floating point type of the result. Default: PyTorch's default dtype.
+        generator: Random number generator. Default: PyTorch's global generator.
+
+    Returns:
+        Vector of shape ``[dim]`` (or a tensor of shape ``dim``).
+
+    Example:
+        >>> from torch import manual_seed
+        >>> _ = manual_seed(0)
+        >>> v = rademacher(1000, "cpu", None)
+        >>> bool((v.abs() == 1).all()), abs(v.mean().item()) < 0.1
+        (True, True)
+    """
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    uniform = rand(shape, generator=generator, device=device, dtype=float32)
+    return where(uniform < 0.5, -1.0, 1.0).to(dtype or get_default_dtype())
+
+
+def normal(
+    dim: int | tuple[int, ...],
+    device: torch_device | str | None = None,
+    dtype: torch_dtype | None = None,
+    generator: Generator | None = None,
+) -> Tensor:
+    """Draw i.i.d. standard normal entries.
+
+    Args:
+        dim: Length of the vector, or the shape of a tensor.
+        device: Device of the result. Default: PyTorch's default device.
+        dtype: Floating point type of the result. Default: PyTorch's default dtype.
+        generator: Random number generator. Default: PyTorch's global generator.
+
+    Returns:
+        Vector of shape ``[dim]`` (or a tensor of shape ``dim``).
+
+    Example:
+        >>> from torch import float64, manual_seed
+        >>> _ = manual_seed(0)
+        >>> v = normal(10_000, "cpu", float64)
+        >>> v.dtype, abs(v.std().item() - 1) < 0.05
+        (torch.float64, True)
+    """
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    return randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+_DRAW = {"rademacher": rademacher, "normal": normal}
+
+
 def random_vector(
     dim: int,
     distribution: str,
@@ -45,7 +105,8 @@ def random_vector(
 
     Args:
         dim: Length of the vector.
-        distribution: ``'rademacher'`` (entries :math:`\pm 1`) or ``'normal'``.
+        distribution: ``'rademacher'`` (entries :math:`\pm 1`, see
+            :func:`rademacher`) or ``'normal'`` (see :func:`normal`).
         device: Device of the vector. Default: PyTorch's default device.
         dtype: Floating point type of the vector. Default: PyTorch's default dtype.
         generator: Random number generator. Default: PyTorch's global generator.
@@ -83,10 +144,7 @@ def random_tensor(
         The random tensor.
     """
     check_distribution(distribution)
-    if distribution == "normal":
-        return randn(shape, generator=generator, device=device, dtype=dtype)
-    uniform = rand(shape, generator=generator, device=device, dtype=float32)
-    return where(uniform < 0.5, -1.0, 1.0).to(dtype or get_default_dtype())
+    return _DRAW[distribution](shape, device, dtype, generator)
 
 
 def random_array(shape: tuple[int, ...], distribution: str) -> numpy.ndarray:

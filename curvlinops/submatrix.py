@@ -68,16 +68,16 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
             self._A.dtype,
         )
 
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         """Embed the columns, multiply with the operator, select the rows.
 
         Args:
-            M: One tensor ``[len(col_idxs), K]``.
+            X: One tensor ``[len(col_idxs), K]``.
 
         Returns:
             One tensor ``[len(row_idxs), K]``.
         """
-        (M,) = M
+        (M,) = X
         embedded = zeros(self._A.shape[1], M.shape[1], device=M.device, dtype=M.dtype)
         embedded[self._col_idxs.to(M.device)] = M
         return [(self._A @ embedded)[self._row_idxs.to(M.device)]]

@@ -8,6 +8,8 @@ from torch import Tensor, allclose
 from torch.func import functional_call
 from torch.nn import Module
 
+from curvlinops._losses import label_rows, output_rows
+
 
 def split_list(x: list, sizes: list[int]) -> list[list]:
     """Split a list into consecutive sub-lists of given lengths.
@@ -82,6 +84,123 @@ def allclose_report(
     return False
 
 
+def assert_is_square(A) -> int:
+    r"""Verify that an operator or matrix is square and return its dimension.
+
+    Args:
+        A: Anything with a ``shape`` attribute, e.g. a
+            :class:`~curvlinops.PyTorchLinearOperator`, a tensor or an array.
+
+    Returns:
+        The dimension :math:`N` of the :math:`N \times N` operator.
+
+    Raises:
+        ValueError: If ``A`` is not a square matrix.
+
+    Example:
+        >>> from torch import zeros
+        >>> assert_is_square(zeros(3, 3))
+        3
+    """
+    shape = tuple(A.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"Expected a square operator, got shape {shape}.")
+    return shape[0]
+
+
+def assert_matvecs_subseed_dim(A, num_matvecs: int):
+    """Verify that a randomized method uses fewer products than the dimension.
+
+    A sketch with as many matrix-vector products as the operator has rows or
+    columns costs as much as multiplying onto the identity, which gives the exact
+    answer ("subseed" as in 3.x: the number must stay below the dimension).
+
+    Args:
+        A: Anything with a ``shape`` attribute of length two.
+        num_matvecs: Number of matrix-vector products.
+
+    Raises:
+        ValueError: If ``num_matvecs`` is not smaller than every dimension of ``A``.
+
+    Example:
+        >>> from torch import zeros
+        >>> assert_matvecs_subseed_dim(zeros(5, 5), 4)  # fine
+        >>> assert_matvecs_subseed_dim(zeros(5, 5), 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_matvecs (5) must be smaller than the dimensions of A (5, 5).
+    """
+    if any(num_matvecs >= dim for dim in A.shape):
+        raise ValueError(
+            f"num_matvecs ({num_matvecs}) must be smaller than the dimensions of A "
+            f"{tuple(A.shape)}."
+        )
+
+
+def assert_divisible_by(num: int, divisor: int, name: str):
+    """Verify that an integer is a multiple of another.
+
+    Args:
+        num: The integer to check.
+        divisor: The required divisor.
+        name: Name of ``num`` in the error message.
+
+    Raises:
+        ValueError: If ``num`` is not divisible by ``divisor``.
+
+    Example:
+        >>> assert_divisible_by(6, 3, "num_matvecs")
+        >>> assert_divisible_by(7, 2, "num_matvecs")
+        Traceback (most recent call last):
+        ...
+        ValueError: num_matvecs (7) must be divisible by 2.
+    """
+    if num % divisor != 0:
+        raise ValueError(f"{name} ({num}) must be divisible by {divisor}.")
+
+
+def make_functional_call(module: Module, free_param_names: list[str]) -> Callable:
+    """Turn a module into a function of some of its parameters and its inputs.
+
+    The parameters named in ``free_param_names`` become the function's leading
+    arguments; all other parameters and buffers keep their current values. The
+    function can be transformed with :mod:`torch.func` (``jvp``, ``vmap``, ...).
+
+    Args:
+        module: The module, e.g. a neural network or a loss function.
+        free_param_names: Fully qualified names (as in ``module.named_parameters()``)
+            of the parameters that become arguments, in the order of the arguments.
+
+    Returns:
+        ``f(*free_params, *inputs)``, which evaluates ``module(*inputs)`` with the
+        free parameters replaced by the given tensors.
+
+    Raises:
+        ValueError: If a name is not a parameter of the module.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.nn import Linear
+        >>> _ = manual_seed(0)
+        >>> layer = Linear(3, 2)
+        >>> f = make_functional_call(layer, ["weight"])
+        >>> X = rand(4, 3)
+        >>> f(2 * layer.weight, X).allclose(X @ (2 * layer.weight).T + layer.bias)
+        True
+    """
+    known = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    unknown = [name for name in free_param_names if name not in known]
+    if unknown:
+        raise ValueError(f"{unknown} are not parameters of {type(module).__name__}.")
+    names = list(free_param_names)
+
+    def functional(*args):
+        values, inputs = args[: len(names)], args[len(names) :]
+        return functional_call(module, dict(zip(names, values)), inputs)
+
+    return functional
+
+
 def make_functional_model_and_loss(
     model_func: Module, loss_func: Module | Callable, params: tuple[Tensor, ...]
 ) -> tuple[Callable, Callable]:
@@ -112,18 +231,58 @@ def make_functional_model_and_loss(
         ...                                           + model.bias, y)
         tensor(True)
     """
-    names = parameter_names(model_func, params)
-
-    def f(*args):
-        *param_values, X = args
-        return functional_call(model_func, dict(zip(names, param_values)), (X,))
-
-    def c(prediction: Tensor, y: Tensor) -> Tensor:
-        if isinstance(loss_func, Module):
-            return functional_call(loss_func, {}, (prediction, y))
-        return loss_func(prediction, y)
-
+    f = make_functional_call(model_func, parameter_names(model_func, params))
+    if isinstance(loss_func, Module):
+        c = make_functional_call(loss_func, [])
+    else:
+        c = loss_func
     return f, c
+
+
+def make_functional_flattened_model_and_loss(
+    model_func: Module, loss_func: Module, params: tuple[Tensor, ...]
+) -> tuple[Callable, Callable]:
+    r"""Functional model and loss whose output has one row per loss term.
+
+    ``MSELoss``, ``CrossEntropyLoss`` and ``BCEWithLogitsLoss`` treat every position
+    of extra output axes (sequence, spatial) as a loss term of its own. The returned
+    model rearranges its output ``[B, C, *]`` (cross-entropy) or ``[B, *, C]``
+    (others) into rows ``[T, C]``, one per term (:math:`T = B \cdot \prod *`), and
+    the returned loss rearranges the labels alike, so that ``c_flat(f_flat(*params,
+    X), y)`` equals ``loss_func(model_func(X), y)`` for either reduction.
+
+    Args:
+        model_func: The neural network.
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        params: Parameters of ``model_func`` that become explicit arguments.
+
+    Returns:
+        ``f_flat(*params, X) -> [T, C]`` and ``c_flat(output_rows, y) -> loss``,
+        where ``y`` are the labels in the model's layout or already in rows.
+
+    Example:
+        >>> from torch import manual_seed, rand, randint
+        >>> from torch.nn import CrossEntropyLoss, Conv1d
+        >>> _ = manual_seed(0)
+        >>> model, loss_func = Conv1d(2, 4, 1), CrossEntropyLoss()
+        >>> X, y = rand(3, 2, 5), randint(0, 4, (3, 5))  # 3 sequences of length 5
+        >>> f_flat, c_flat = make_functional_flattened_model_and_loss(
+        ...     model, loss_func, tuple(model.parameters()))
+        >>> rows = f_flat(*model.parameters(), X)
+        >>> rows.shape
+        torch.Size([15, 4])
+        >>> c_flat(rows, y).allclose(loss_func(model(X), y))
+        True
+    """
+    f, c = make_functional_model_and_loss(model_func, loss_func, params)
+
+    def f_flat(*args) -> Tensor:
+        return output_rows(loss_func, f(*args))
+
+    def c_flat(rows: Tensor, y: Tensor) -> Tensor:
+        return c(rows, label_rows(loss_func, y))
+
+    return f_flat, c_flat
 
 
 def parameter_names(

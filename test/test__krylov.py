@@ -18,7 +18,7 @@ def _problem(rows: int = 6, cols: int = 6):
 def test_cg_with_zero_right_hand_side():
     """A zero column is solved by zero right away and does not disturb others."""
     A, B = _problem()
-    X, converged = conjugate_gradients(A.__matmul__, B, None, 1e-12, 0.0, 100)
+    X, converged, _ = conjugate_gradients(A.__matmul__, B, None, 1e-12, 0.0, 100)
     assert converged.all()
     assert_close(X, linalg.solve(A, B))
     assert (X[:, 1] == 0).all()

@@ -14,13 +14,17 @@ from torch import (
     randn,
     zeros,
 )
+from torch.autograd import grad
 from torch.nn import Dropout, Linear, MSELoss, Sequential
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvlinops import (
     CurvatureLinearOperator,
+    EFLinearOperator,
+    FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
+    JacobianLinearOperator,
     PyTorchLinearOperator,
 )
 from curvlinops._algebra import (
@@ -289,7 +293,9 @@ def test_params_must_require_grad_and_share_dtype():
 def test_block_sizes_only_where_supported():
     model, loss_func, params, data = Case("mlp", "mse").make()
     with pytest.raises(ValueError, match="does not support `block_sizes`"):
-        GGNLinearOperator(model, loss_func, params, data, block_sizes=[len(params)])
+        CurvatureLinearOperator(
+            model, loss_func, params, data, block_sizes=[len(params)]
+        )
 
 
 def test_determinism_probe_catches_shuffled_data():
@@ -329,3 +335,104 @@ def test_determinism_probe_catches_changing_number_of_batches():
         HessianLinearOperator(
             model, MSELoss(), list(model.parameters()), GrowingData(), num_data=2
         )
+
+
+# Members that curvlinops 3.x subclasses and utilities rely on
+
+
+def test_flattened_shapes():
+    A = _ListFormatMatrix(_dense(7, 10), [(2, 3), (4,)], [(7,)])
+    assert A._in_shape_flat == [6, 4] and A._out_shape_flat == [7]
+    model, loss_func, params, data = Case("cnn", "mse").make()
+    H = HessianLinearOperator(model, loss_func, params, data)
+    assert H._in_shape_flat == H._out_shape_flat == [p.numel() for p in params]
+
+
+def test_number_of_data_under_3x_name():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    H = HessianLinearOperator(model, loss_func, params, data)
+    num_data = sum(X.shape[0] for X, _ in data)
+    assert H._N_data == H._num_data == num_data
+    v = rand(H.shape[1], dtype=float64)
+    Hv = H @ v
+    H._N_data = 2 * num_data  # the 'mean' weights |B| / N follow
+    assert H._num_data == 2 * num_data
+    assert_close(H @ v, Hv / 2)
+
+
+class _GradientInnerProducts(CurvatureLinearOperator):
+    """A 3.x-style subclass: ``M -> g^T M``, one output row, via the shape hooks."""
+
+    def _get_out_shape(self):
+        return [(1,)]
+
+    def _matmat_batch(self, X, y, M):
+        gradient = grad(self._loss_func(self._model_func(X), y), self._params)
+        return [sum((g.unsqueeze(-1) * m).flatten(end_dim=-2).sum(0, keepdim=True)
+                    for g, m in zip(gradient, M))]  # fmt: skip
+
+
+class _SummedHessian(HessianLinearOperator):
+    """A 3.x-style subclass that overrides the normalization of 'mean' losses."""
+
+    def _get_normalization_factor(self, X, y):
+        return 1.0
+
+
+def test_base_class_calls_the_3x_hooks():
+    """Overriding ``_get_out_shape`` or ``_get_normalization_factor`` takes effect."""
+    model, _, params, data = Case("mlp", "mse").make()
+    loss_func = MSELoss(reduction="mean")
+    op = _GradientInnerProducts(model, loss_func, params, data)
+    num_params = sum(p.numel() for p in params)
+    assert op.shape == (1, num_params) and op._out_shape_flat == [1]
+    gradient, _ = functorch_gradient_and_loss(model, loss_func, params, data)
+    v = rand(num_params, dtype=float64)
+    assert_close(op @ v, (cat([g.flatten() for g in gradient]) @ v).reshape(1))
+
+    H, H_summed = (
+        cls(model, loss_func, params, data)
+        for cls in (HessianLinearOperator, _SummedHessian)
+    )
+    sizes = [X.shape[0] for X, _ in data]
+    # Hessians of the batch losses, each with its own 'mean'
+    per_batch = [functorch_hessian(model, loss_func, params, [b]) for b in data]
+    compare_matmat(H_summed, sum(per_batch))
+    compare_matmat(H, sum(n / sum(sizes) * h for n, h in zip(sizes, per_batch)))
+    _, loss = H_summed.gradient_and_loss()  # the hook also scales the loss
+    assert_close(loss, sum(loss_func(model(X), y) for X, y in data).detach())
+
+
+def test_data_prediction_loss_gradient():
+    """Per batch: data, predictions, and the batch's share of risk and gradient."""
+    case = Case("dict_input", "ce", "mean")
+    model, loss_func, params, data = case.make()
+    H = HessianLinearOperator(model, loss_func, params, data, **case.kwargs())
+    batches = list(H.data_prediction_loss_gradient())
+    assert len(batches) == len(data)
+    for ((X, y), prediction, _, _), (X_true, y_true) in zip(batches, data):
+        assert X is X_true and y.equal(y_true)
+        assert_close(prediction, model(X_true))
+    gradient, loss = functorch_gradient_and_loss(
+        model, loss_func, params, data, case.input_key
+    )
+    assert_close(sum(loss for *_, loss, _ in batches), loss)
+    summed = [sum(gs) for gs in zip(*(g for *_, g in batches))]
+    assert_close(summed, gradient)
+    J = JacobianLinearOperator(model, params, data, **case.kwargs())
+    for _, prediction, loss, gradient in J.data_prediction_loss_gradient():
+        assert loss is None and gradient is None and prediction.ndim == 2
+
+
+def test_shape_keyword_is_checked():
+    """Spec 003's ``shape=``: the expected shape must be the operator's."""
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    dim = sum(p.numel() for p in params)
+    for cls in (HessianLinearOperator, GGNLinearOperator, EFLinearOperator):
+        assert cls(model, loss_func, params, data, shape=(dim, dim)).shape == (dim, dim)
+        with pytest.raises(ValueError, match=f"shape=\\({dim}, {dim + 1}\\)"):
+            cls(model, loss_func, params, data, shape=(dim, dim + 1))
+    J = JacobianLinearOperator(model, params, data, shape=(15, dim))
+    assert J.shape == (15, dim)  # 5 data, 3 outputs each
+    with pytest.raises(ValueError, match="shape"):
+        FisherMCLinearOperator(model, loss_func, params, data, shape=(1, 1))

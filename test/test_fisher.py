@@ -1,15 +1,33 @@
 """Tests for curvlinops.fisher."""
 
 import pytest
-from torch import Generator, eye, no_grad, tensor
+from torch import (
+    Generator,
+    eye,
+    float64,
+    manual_seed,
+    no_grad,
+    randint,
+    randn,
+    tensor,
+    zeros_like,
+)
+from torch.func import hessian
 from torch.linalg import matrix_norm
-from torch.nn import HuberLoss
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, MSELoss
 
 from curvlinops import FisherMCLinearOperator, GGNLinearOperator, ggn
 from curvlinops._losses import loss_terms, sample_labels
 from curvlinops.examples.functorch import functorch_empirical_fisher, functorch_ggn
+from curvlinops.fisher import make_batch_fmc_matrix_product, make_grad_output_sampler
 from test.cases import CASE_IDS, CASES, Case
-from test.utils import assert_close, compare_matmat, random_columns
+from test.utils import (
+    assert_close,
+    batch_matrix,
+    compare_matmat,
+    flatten_matrix,
+    random_columns,
+)
 
 SEED = 2147483647
 
@@ -139,3 +157,66 @@ def test_mc_fisher_leaves_out_terms_with_ignored_labels():
     F = FisherMCLinearOperator(model, loss_func, params, data, mc_samples=10_000)
     identity = eye(G.shape[0], dtype=G.dtype)
     assert (matrix_norm(F @ identity - G) / matrix_norm(G)).item() < 0.03
+
+
+@pytest.mark.parametrize("case", [Case("sequence", "ce"), Case("mlp", "bce", "sum")])
+def test_batch_fmc_matrix_product_matches_reference(case: Case):
+    """3.x's builder draws labels from the generator, batch after batch."""
+    model, loss_func, params, data = case.make()
+    mp = make_batch_fmc_matrix_product(model, loss_func, tuple(params))
+    M = batch_matrix(params)
+    generator = Generator().manual_seed(SEED)
+    num_data = sum(X.shape[0] for X, _ in data)
+    FM = zeros_like(flatten_matrix(M))
+    for X, y in data:
+        weight = X.shape[0] / num_data if loss_func.reduction == "mean" else 1.0
+        FM += weight * flatten_matrix(mp(X, y, *M, 2, generator))
+    expected = mc_fisher_reference(case, SEED, mc_samples=2) @ flatten_matrix(M)
+    assert_close(FM, expected)
+    X, y = data[0]  # keywords and a packed matrix draw the same labels
+    first = mp(X, y, *M, 2, Generator().manual_seed(0))
+    again = mp(X, y, M, mc_samples=2, generator=Generator().manual_seed(0))
+    assert_close(again, first)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+def test_grad_output_sampler_estimates_the_loss_hessian(loss: str):
+    """The sampled output gradients' outer products average to the loss Hessian.
+
+    For these losses the Hessian w.r.t. the output is block-diagonal over the
+    terms, and labels are drawn independently per term, so the average over the
+    whole output converges to it; with 'mean' it carries the 1/R of the loss.
+    """
+    manual_seed(0)
+    output = randn(2, 3, 2, dtype=float64)  # two data, [C, S] or [S, C]
+    y = {
+        "mse": randn(2, 3, 2, dtype=float64),
+        "ce": randint(0, 3, (2, 2)),
+        "bce": randint(0, 2, (2, 3, 2)).to(float64),
+    }[loss]
+    loss_func = {"mse": MSELoss, "ce": CrossEntropyLoss, "bce": BCEWithLogitsLoss}[
+        loss
+    ](reduction="mean")
+    sample = make_grad_output_sampler(loss_func)
+    num_samples = 40_000
+    G = sample(output, num_samples, y, Generator().manual_seed(1))
+    assert G.shape == (num_samples, *output.shape)
+    G = G.reshape(num_samples, -1)
+    estimate = G.T @ G / num_samples
+    H = hessian(lambda o: loss_func(o, y))(output).reshape(12, 12)
+    assert (estimate - H).abs().max() < 5 * H.abs().max() / num_samples**0.5
+
+
+def test_grad_output_sampler_zeros_ignored_terms():
+    loss_func = CrossEntropyLoss(reduction="sum")
+    output, y = randn(4, 3, dtype=float64), tensor([0, -100, 2, -100])
+    G = make_grad_output_sampler(loss_func)(output, 5, y, Generator().manual_seed(0))
+    assert (G[:, [1, 3]] == 0).all() and (G[:, [0, 2]] != 0).all()
+    with pytest.raises(NotImplementedError, match="HuberLoss"):
+        make_grad_output_sampler(HuberLoss())
+
+
+def test_mc_fisher_attributes_as_in_3_0_1():
+    assert FisherMCLinearOperator.FIXED_DATA_ORDER is True
+    supported = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+    assert FisherMCLinearOperator.supported_losses == supported

@@ -1,7 +1,8 @@
 """Tests for curvlinops.ggn."""
 
 import pytest
-from torch import float64, rand, tensor
+from torch import float64, no_grad, rand, tensor
+from torch.func import vmap
 from torch.nn import HuberLoss, Module
 
 from curvlinops import (
@@ -11,8 +12,16 @@ from curvlinops import (
     KFACLinearOperator,
 )
 from curvlinops.examples.functorch import functorch_ggn
+from curvlinops.ggn import make_batch_ggn_matrix_product, make_ggn_vector_product
+from curvlinops.utils import make_functional_model_and_loss
 from test.cases import CASE_IDS, CASES, Case
-from test.utils import compare_matmat
+from test.utils import (
+    assert_close,
+    batch_matrix,
+    compare_matmat,
+    diagonal_blocks,
+    flatten_matrix,
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -106,3 +115,52 @@ def test_closed_form_operators_reject_loss_options(operator, option):
     model, loss_func, params, data = _loss_with_options(option)
     with pytest.raises(NotImplementedError, match="does not support"):
         operator(model, loss_func, params, data)
+
+
+BUILDER_CASES = [Case("sequence", "ce", "mean"), Case("dict_input", "bce", "sum")]
+
+
+@pytest.mark.parametrize("case", BUILDER_CASES, ids=[c.id for c in BUILDER_CASES])
+def test_batch_ggn_matrix_product_matches_functorch(case: Case):
+    """3.x's builder: ``mp(X, y, *M)`` is the mini-batch GGN times ``M``."""
+    model, loss_func, params, data = case.make()
+    mp = make_batch_ggn_matrix_product(model, loss_func, tuple(params))
+    M = batch_matrix(params)
+    for X, y in data:
+        dense = functorch_ggn(model, loss_func, params, [(X, y)], case.input_key)
+        GM = mp(X, y, *M)
+        assert isinstance(GM, tuple)
+        assert_close(flatten_matrix(GM), dense @ flatten_matrix(M))
+        with no_grad():
+            assert_close(mp(X, y, M), GM)
+
+
+@pytest.mark.parametrize("block_sizes", [[1, 1, 2], [3, 1]], ids=str)
+def test_ggn_block_diagonal(block_sizes):
+    """``block_sizes`` gives the GGN's diagonal blocks (and zeros elsewhere)."""
+    model, loss_func, params, data = Case("mlp", "ce", "mean").make()
+    G = GGNLinearOperator(model, loss_func, params, data, block_sizes=block_sizes)
+    dense = functorch_ggn(model, loss_func, params, data)
+    compare_matmat(G, diagonal_blocks(dense, params, block_sizes))
+
+
+def test_ggn_vector_product_of_functional_model_and_loss():
+    """``make_ggn_vector_product(f, c, 1)`` multiplies the GGN onto a vector.
+
+    Both argument conventions, and batched over vectors with ``torch.func.vmap``.
+    """
+    model, loss_func, params, data = Case("mlp", "ce", "sum").make()
+    (X, y), _ = data
+    f, c = make_functional_model_and_loss(model, loss_func, tuple(params))
+    ggnvp = make_ggn_vector_product(f, c, num_c_extra_args=1)
+    dense = functorch_ggn(model, loss_func, params, [(X, y)])
+    V = batch_matrix(params, num_cols=3)
+    v = [m[..., 0] for m in V]
+    expected = dense @ flatten_matrix(V)
+    Gv = ggnvp(*params, X, y, *v)
+    assert_close(flatten_matrix([g.unsqueeze(-1) for g in Gv]), expected[:, :1])
+    assert_close(ggnvp(tuple(params), X, y, tuple(v)), Gv)
+    GV = vmap(lambda *vs: ggnvp(*params, X, y, *vs), in_dims=-1, out_dims=-1)(*V)
+    assert_close(flatten_matrix(GV), expected)
+    with pytest.raises(ValueError, match="c_args"):
+        ggnvp(*params, X, *v)

@@ -1,8 +1,8 @@
 """Tests for curvlinops.gradient_moments."""
 
 import pytest
-from torch import cat, eye, float64, outer, randn_like, tensor, zeros
-from torch.nn import HuberLoss, Module, MSELoss
+from torch import cat, eye, float64, no_grad, outer, randn_like, tensor, zeros
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, Module, MSELoss
 from torch.nn.functional import one_hot
 
 from curvlinops import EFLinearOperator
@@ -10,8 +10,15 @@ from curvlinops.examples.functorch import (
     functorch_empirical_fisher,
     functorch_gradient_and_loss,
 )
+from curvlinops.gradient_moments import make_batch_ef_matrix_product
 from test.cases import CASE_IDS, CASES, Case
-from test.utils import assert_close, compare_matmat
+from test.utils import (
+    assert_close,
+    batch_matrix,
+    compare_matmat,
+    diagonal_blocks,
+    flatten_matrix,
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -91,3 +98,58 @@ def test_ef_leaves_out_terms_with_ignored_labels(reduction: str):
     data = [(X, y.index_fill(-1, tensor([0]), -100)) for X, y in data]
     E = EFLinearOperator(model, loss_func, params, data)
     compare_matmat(E, functorch_empirical_fisher(model, loss_func, params, data))
+
+
+BUILDER_CASES = [Case("sequence", "ce", "mean"), Case("dict_input", "mse", "sum")]
+
+
+@pytest.mark.parametrize("case", BUILDER_CASES, ids=[c.id for c in BUILDER_CASES])
+def test_batch_ef_matrix_product_matches_functorch(case: Case):
+    """3.x's builder: ``mp(X, y, *M)`` is the mini-batch EF times ``M``."""
+    model, loss_func, params, data = case.make()
+    mp = make_batch_ef_matrix_product(model, loss_func, tuple(params))
+    M = batch_matrix(params)
+    for X, y in data:
+        batch = [(X, y)]
+        dense = functorch_empirical_fisher(
+            model, loss_func, params, batch, case.input_key
+        )
+        EM = mp(X, y, *M)
+        assert isinstance(EM, tuple)
+        assert_close(flatten_matrix(EM), dense @ flatten_matrix(M))
+        with no_grad():
+            assert_close(mp(X, y, M), EM)
+
+
+@pytest.mark.parametrize("case", BUILDER_CASES, ids=[c.id for c in BUILDER_CASES])
+@pytest.mark.parametrize("block_sizes", ["per_param", "two_blocks"])
+def test_ef_block_diagonal(case: Case, block_sizes: str):
+    """``block_sizes`` gives the dense EF's diagonal blocks (zeros elsewhere)."""
+    model, loss_func, params, data = case.make()
+    block_sizes = (
+        [1] * len(params) if block_sizes == "per_param" else [1, len(params) - 1]
+    )
+    E = EFLinearOperator(
+        model, loss_func, params, data, block_sizes=block_sizes, **case.kwargs()
+    )
+    dense = functorch_empirical_fisher(model, loss_func, params, data, case.input_key)
+    compare_matmat(E, diagonal_blocks(dense, params, block_sizes))
+
+
+def test_ef_takes_3_0_1_positional_arguments():
+    """Positional order of 3.0.1: ..., num_data, block_sizes, batch_size_fn."""
+    case = Case("dict_input", "bce", "mean")
+    model, loss_func, params, data = case.make()
+    block_sizes = [len(params) - 1, 1]
+    num_data = sum(y.shape[0] for _, y in data)
+    E = EFLinearOperator(
+        model, loss_func, params, data, False, True, num_data, block_sizes,
+        case.batch_size_fn,
+    )  # fmt: skip
+    dense = functorch_empirical_fisher(model, loss_func, params, data, case.input_key)
+    compare_matmat(E, diagonal_blocks(dense, params, block_sizes))
+    assert EFLinearOperator.SUPPORTED_LOSSES == (
+        MSELoss,
+        CrossEntropyLoss,
+        BCEWithLogitsLoss,
+    )

@@ -5,18 +5,31 @@ import warnings
 import numpy
 import pytest
 from scipy.sparse.linalg import cg, lsmr
-from torch import eye, float64, linalg, manual_seed, rand, randn, zeros
+from torch import (
+    Tensor,
+    eye,
+    float64,
+    linalg,
+    logspace,
+    manual_seed,
+    rand,
+    randn,
+    stack,
+    zeros,
+)
 
 from curvlinops import (
     CGInverseLinearOperator,
     GGNLinearOperator,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
-from curvlinops.examples import IdentityLinearOperator
+from curvlinops.examples import IdentityLinearOperator, TensorLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
 from test.cases import Case
-from test.operator_kinds import OPERATOR_KINDS, make_operator
+from test.operator_kinds import OPERATOR_KINDS, CountingOperator, make_operator
 from test.utils import assert_close, compare_matmat
 
 DAMPING = 0.1
@@ -126,6 +139,137 @@ def test_cg_rejects_bad_input():
         CGInverseLinearOperator(A, rtol=1e-3)
 
 
+# CG with curvlinops 3.x's (GPyTorch-style) keywords, preconditioning
+
+
+def _ill_conditioned(dim: int = 100):
+    """SPD ``D^1/2 C D^1/2`` (condition ~1e4) and the preconditioner ``D^-1``.
+
+    ``C`` has eigenvalues in [1, 2], ``D`` is diagonal from 1 to 1e4, so that
+    ``D^-1 A`` is similar to ``C`` and well conditioned.
+    """
+    manual_seed(0)
+    Q, _ = linalg.qr(randn(dim, dim, dtype=float64))
+    C = Q @ (1 + rand(dim, dtype=float64)).diag() @ Q.T
+    d = logspace(0, 4, dim, dtype=float64)
+    return d.sqrt()[:, None] * C * d.sqrt(), (1 / d).diag()
+
+
+def _iterations(A, B, **cg_hyperparameters) -> tuple[int, Tensor]:
+    """Number of CG iterations (products per column) and the solution."""
+    counted = CountingOperator(TensorLinearOperator(A))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        X = CGInverseLinearOperator(counted, **cg_hyperparameters) @ B
+    return counted.num_columns // B.shape[1], X
+
+
+@pytest.mark.parametrize("style", ["scipy", "3.x"])
+@pytest.mark.parametrize("kind", ["operator", "matrix", "callable"])
+def test_preconditioned_cg_needs_fewer_iterations(style: str, kind: str):
+    A, P = _ill_conditioned()
+    B = randn(A.shape[0], 3, dtype=float64)
+    preconditioner = {
+        "operator": TensorLinearOperator(P),
+        "matrix": P,
+        "callable": lambda R: P @ R,
+    }[kind]
+    if style == "scipy":
+        plain, preconditioned = {"tol": 1e-10}, {"tol": 1e-10, "M": preconditioner}
+    else:
+        plain = {"tolerance": 1e-10, "max_iter": 1000, "eps": 1e-30}
+        preconditioned = {**plain, "preconditioner": preconditioner}
+    num_plain, X_plain = _iterations(A, B, **plain)
+    num_preconditioned, X = _iterations(A, B, **preconditioned)
+    expected = linalg.solve(A, B)
+    assert_close(X, expected, rtol=1e-7, atol=1e-9)
+    assert_close(X_plain, expected, rtol=1e-7, atol=1e-9)
+    assert num_preconditioned < 30 < 150 < num_plain
+
+
+def test_cg_preconditioned_by_kfac_inverse_solves_damped_ggn():
+    """A KFAC inverse (tensor-list operator) preconditions CG on the GGN."""
+    case = GGN_CASES[0]
+    G, G_dense = _damped_ggn(case)
+    model, loss_func, params, data = case.make()
+    kfac = KFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
+    P = KFACInverseLinearOperator(kfac, damping=DAMPING)
+    B = randn(G.shape[0], 2, dtype=float64)
+    expected = linalg.solve(G_dense, B)
+    for hyperparameters in (
+        {"tolerance": 1e-10, "eps": 1e-30, "preconditioner": P},
+        {"tol": 1e-10, "M": P},
+    ):
+        X = CGInverseLinearOperator(G, **hyperparameters) @ B
+        assert_close(X, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_cg_3x_keywords_follow_gpytorch_stopping_rules():
+    """At least 11 iterations; then stop at mean relative residual < tolerance."""
+    B = randn(40, 2, dtype=float64)
+    num_default, _ = _iterations(_spd_matrix(40), B, max_iter=1000)
+    assert num_default == 11  # GPyTorch's default tolerance 1 is met at once
+    A, _ = _ill_conditioned()
+    B = randn(A.shape[0], 2, dtype=float64)
+    num, X = _iterations(A, B, tolerance=1e-3, max_iter=1000)
+    residual = (A @ X - B).norm(dim=0) / B.norm(dim=0)
+    assert residual.mean() < 1e-3
+    num_before, X_before = _iterations(A, B, tolerance=1e-3, max_iter=num - 1)
+    residual = (A @ X_before - B).norm(dim=0) / B.norm(dim=0)
+    assert num_before == num - 1 and residual.mean() >= 1e-3
+    with pytest.warns(RuntimeWarning, match="mean relative residual"):
+        CGInverseLinearOperator(A, tolerance=1e-3, max_iter=num - 1) @ B
+
+
+def test_cg_3x_keywords_initial_guess_and_frozen_columns():
+    """A column whose initial guess solves it stays frozen (stop_updating_after)."""
+    A, _ = _ill_conditioned(30)
+    B = randn(30, 2, dtype=float64)
+    B[:, 1] = 0.0  # a zero right-hand side gives zero
+    x_exact = linalg.solve(A, B[:, 0])
+    X0 = stack([x_exact, zeros(30, dtype=float64)], dim=1)
+    A_inv = CGInverseLinearOperator(A, initial_guess=X0, tolerance=1e-12, eps=0.0)
+    X = A_inv @ B
+    assert_close(X[:, 0], x_exact, rtol=1e-12, atol=1e-14)
+    assert (X[:, 1] == 0).all()
+
+
+def test_cg_3x_tridiagonal_matrices_have_the_eigenvalues():
+    """n_tridiag keeps the Lanczos matrices of CG's implicit Lanczos process.
+
+    With max_tridiag_iter = N, their eigenvalues are those of A.
+    """
+    A = _spd_matrix(8)
+    B = randn(8, 3, dtype=float64)
+    A_inv = CGInverseLinearOperator(
+        A, n_tridiag=2, max_tridiag_iter=8, tolerance=1e-14, eps=1e-30
+    )
+    assert A_inv.tridiag_matrices is None
+    A_inv @ B
+    assert A_inv.tridiag_matrices.shape == (2, 8, 8)
+    for T in A_inv.tridiag_matrices:
+        assert_close(linalg.eigvalsh(T), linalg.eigvalsh(A), rtol=1e-8, atol=1e-10)
+    A_inv = CGInverseLinearOperator(A, n_tridiag=1, max_tridiag_iter=3)
+    A_inv @ B
+    assert A_inv.tridiag_matrices.shape == (1, 3, 3)
+
+
+def test_cg_rejects_mixed_hyperparameter_styles():
+    A = _spd_matrix()
+    with pytest.raises(ValueError, match="Do not mix SciPy-style CG keywords"):
+        CGInverseLinearOperator(A, tol=1e-3, max_iter=10)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['rtol'\\]"):
+        CGInverseLinearOperator(A, rtol=1e-3)
+    with pytest.raises(ValueError, match="max_iter"):
+        CGInverseLinearOperator(A, max_iter=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        CGInverseLinearOperator(A, tolerance=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        CGInverseLinearOperator(A, preconditioner=eye(3, dtype=float64))
+    with pytest.raises(TypeError, match="Expected a PyTorchLinearOperator"):
+        CGInverseLinearOperator(A, M="not an operator")
+
+
 # LSMR
 
 
@@ -177,6 +321,25 @@ def test_lsmr_pseudo_inverse_of_singular_ggn():
     G_pinv = LSMRInverseLinearOperator(G, atol=1e-10, btol=1e-10, maxiter=500)
     expected = linalg.pinv(G_dense, hermitian=True, rtol=1e-10) @ b
     assert_close(G_pinv @ b, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lsmr_initial_guess_and_show(capsys):
+    """x0 as in SciPy: LSMR solves for the correction; show prints the progress."""
+    manual_seed(2)
+    A, B = randn(12, 7, dtype=float64) + eye(12, 7), randn(12, 2, dtype=float64)
+    x0 = randn(7, dtype=float64)
+    with pytest.warns(RuntimeWarning, match="did not converge in 3 iterations"):
+        X = LSMRInverseLinearOperator(A, x0=x0, maxiter=3) @ B
+    for x, b in zip(X.T, B.T):
+        expected = lsmr(A.numpy(), b.numpy(), x0=x0.numpy(), maxiter=3)[0]
+        assert_close(x, expected, rtol=1e-9, atol=1e-11)
+    exact = linalg.lstsq(A, B).solution
+    A_inv = LSMRInverseLinearOperator(A, x0=exact, show=True)
+    assert_close(A_inv @ B, exact, rtol=1e-10, atol=1e-12)
+    assert "LSMR: 2 of 2 columns met a stopping rule." in capsys.readouterr().out
+    A_inv.set_lsmr_hyperparameters(atol=1e-12, btol=1e-12, show=True)
+    A_inv @ B
+    assert "LSMR iteration 1: 2 columns running" in capsys.readouterr().out
 
 
 def test_lsmr_warns_if_unconverged_and_rejects_bad_input():

@@ -3,7 +3,7 @@
 from weakref import ref
 
 import pytest
-from torch import Size, cat, zeros
+from torch import Size, cat, float64, no_grad, randn, zeros
 from torch.autograd import grad
 from torch.nn import Module
 
@@ -12,8 +12,12 @@ from curvlinops.examples.functorch import (
     functorch_gradient_and_loss,
     functorch_jacobian,
 )
+from curvlinops.jacobian import (
+    make_batch_jacobian_matrix_product,
+    make_batch_transposed_jacobian_matrix_product,
+)
 from test.cases import CASES, Case
-from test.utils import assert_close, compare_matmat
+from test.utils import assert_close, batch_matrix, compare_matmat, flatten_matrix
 
 # The loss only matters through the output layout (cross-entropy permutes sequence
 # outputs), the reduction not at all.
@@ -81,3 +85,30 @@ def test_jacobian_rejects_wrong_num_data(cls, num_data: int):
     op = cls(model, params, data, num_data=num_data, check_deterministic=False)
     with pytest.raises(ValueError, match="num_data=.*yielded"):
         op @ zeros(op.shape[1], dtype=op.dtype)
+
+
+@pytest.mark.parametrize("case", [Case("sequence", "ce"), Case("dict_input", "mse")])
+def test_batch_jacobian_matrix_products_match_functorch(case: Case):
+    """3.x's builders: the mini-batch Jacobian and its transpose times columns."""
+    model, _, params, data = case.make()
+    jmp = make_batch_jacobian_matrix_product(model, tuple(params))
+    jtmp = make_batch_transposed_jacobian_matrix_product(model, tuple(params))
+    M = batch_matrix(params)
+    for X, _ in data:
+        J = functorch_jacobian(model, params, [(X, None)], case.input_key)
+        JM = jmp(X, *M)
+        output_shape = model(X).shape
+        assert JM.shape == (*output_shape, 3)
+        assert_close(JM.reshape(-1, 3), J @ flatten_matrix(M))
+        with no_grad():
+            assert_close(jmp(X, M), JM)
+        V = randn(*output_shape, 2, dtype=float64)
+        JTV = jtmp(X, V)
+        assert isinstance(JTV, tuple)
+        assert_close(flatten_matrix(JTV), J.T @ V.reshape(-1, 2))
+        assert_close(jtmp(X, (V,)), JTV)
+
+
+def test_jacobians_need_a_fixed_data_order():
+    assert JacobianLinearOperator.FIXED_DATA_ORDER is True
+    assert TransposedJacobianLinearOperator.FIXED_DATA_ORDER is True

@@ -4,7 +4,13 @@ import numpy
 import pytest
 from torch import Generator, float16, float32, float64, get_default_dtype
 
-from curvlinops.sampling import random_array, random_tensor, random_vector
+from curvlinops.sampling import (
+    normal,
+    rademacher,
+    random_array,
+    random_tensor,
+    random_vector,
+)
 
 DISTRIBUTIONS = ["rademacher", "normal"]
 
@@ -60,3 +66,20 @@ def test_unknown_distribution():
         random_vector(3, "uniform")
     with pytest.raises(ValueError, match="Supported: 'rademacher', 'normal'"):
         random_array((3,), "uniform")
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_rademacher_and_normal_are_the_distributions_of_random_vector(distribution):
+    """3.x's ``rademacher(dim, device, dtype)`` and ``normal(...)``."""
+    draw = {"rademacher": rademacher, "normal": normal}[distribution]
+    v = draw(50_000, "cpu", float64, Generator().manual_seed(1))
+    assert v.shape == (50_000,) and v.dtype == float64
+    assert abs(v.mean()) < 0.02 and abs(v.var() - 1) < 0.03
+    if distribution == "rademacher":
+        assert set(v.unique().tolist()) == {-1.0, 1.0}
+    else:
+        assert v.abs().max() > 3  # not bounded like Rademacher entries
+    expected = random_vector(
+        7, distribution, "cpu", float32, Generator().manual_seed(2)
+    )
+    assert draw(7, "cpu", float32, Generator().manual_seed(2)).equal(expected)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy
-from torch import Generator, Tensor, float64, randn
+from torch import Generator, Tensor, cat, float64, randn
 from torch.linalg import matrix_norm
 
 from curvlinops._torch_base import PyTorchLinearOperator
@@ -91,3 +91,31 @@ def compare_matmat(
     W_np = W.cpu().numpy()
     assert_close(scipy_op.rmatvec(W_np[:, 0]), expected_WT[:, 0], rtol, atol, "rmatvec")
     assert_close(scipy_op.rmatmat(W_np), expected_WT, rtol, atol, "rmatmat")
+
+
+def diagonal_blocks(dense: Tensor, params, block_sizes) -> Tensor:
+    """The block-diagonal part of a dense matrix, blocks over groups of parameters."""
+    sizes, start = [], 0
+    for size in block_sizes:
+        sizes.append(sum(p.numel() for p in params[start : start + size]))
+        start += size
+    result, offset = dense.new_zeros(dense.shape), 0
+    for n in sizes:
+        block = slice(offset, offset + n)
+        result[block, block] = dense[block, block]
+        offset += n
+    return result
+
+
+def batch_matrix(params, num_cols: int = 3, seed: int = 0) -> list[Tensor]:
+    """Seeded columns in tensor-list format ``[*param.shape, K]`` (float64)."""
+    generator = Generator().manual_seed(seed)
+    return [
+        randn(*p.shape, num_cols, generator=generator, dtype=float64).to(p.device)
+        for p in params
+    ]
+
+
+def flatten_matrix(M: list[Tensor]) -> Tensor:
+    """Stack a tensor-list matrix ``[*shape, K]`` into ``[N, K]``."""
+    return cat([m.reshape(-1, m.shape[-1]) for m in M])

@@ -1,4 +1,4 @@
-"""Simple operators for examples and tests: a dense matrix and the identity."""
+"""Simple operators for examples and tests: dense, identity and low-rank matrices."""
 
 from __future__ import annotations
 
@@ -102,4 +102,75 @@ class IdentityLinearOperator(PyTorchLinearOperator):
         return [m.clone() for m in M]
 
 
-__all__ = ["TensorLinearOperator", "IdentityLinearOperator"]
+class OuterProductLinearOperator(PyTorchLinearOperator):
+    r"""A weighted sum of outer products of vectors, as operator.
+
+    Represents :math:`\sum_{i=1}^K c_i \mathbf{a}_i \mathbf{a}_i^\top =
+    \mathbf{A} \mathrm{diag}(\mathbf{c}) \mathbf{A}^\top`, a matrix of rank at most
+    :math:`K` whose vectors :math:`\mathbf{a}_i` are the columns of
+    :math:`\mathbf{A} \in \mathbb{R}^{D \times K}`. Products cost
+    :math:`\mathcal{O}(DK)` per column, without forming the :math:`D \times D`
+    matrix. Useful to test estimators on low-rank matrices. The operator is
+    self-adjoint.
+
+    Example:
+        >>> from torch import eye, float64, manual_seed, rand
+        >>> _ = manual_seed(0)
+        >>> c, A = rand(2, dtype=float64), rand(5, 2, dtype=float64)
+        >>> B = OuterProductLinearOperator(c, A)
+        >>> B.shape
+        (5, 5)
+        >>> (B @ eye(5, dtype=float64)).allclose(A @ c.diag() @ A.T)
+        True
+    """
+
+    SELF_ADJOINT: bool = True
+
+    def __init__(self, c: Tensor, A: Tensor):
+        r"""Store the coefficients and vectors.
+
+        Args:
+            c: Coefficients :math:`c_i`, of shape ``[K]``.
+            A: The vectors :math:`\mathbf{a}_i` as columns, of shape ``[D, K]``.
+
+        Raises:
+            ValueError: If the shapes do not fit or devices or dtypes differ.
+        """
+        if A.ndim != 2 or c.shape != A.shape[1:]:
+            raise ValueError(
+                f"Expected c of shape [K] and A of shape [D, K], got "
+                f"{list(c.shape)} and {list(A.shape)}."
+            )
+        if (c.device, c.dtype) != (A.device, A.dtype):
+            raise ValueError(
+                f"c and A must share device and dtype, got ({c.device}, {c.dtype}) "
+                f"and ({A.device}, {A.dtype})."
+            )
+        self._c, self._A = c, A
+        super().__init__([(A.shape[0],)], [(A.shape[0],)], A.device, A.dtype)
+
+    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
+        r"""Multiply :math:`\mathbf{A} \mathrm{diag}(\mathbf{c}) \mathbf{A}^\top`.
+
+        Args:
+            M: One tensor ``[D, N]``.
+
+        Returns:
+            One tensor ``[D, N]``.
+        """
+        return [self._A @ (self._c.unsqueeze(-1) * (self._A.T @ M[0]))]
+
+    def _adjoint(self) -> OuterProductLinearOperator:
+        """Return the operator itself (it is symmetric).
+
+        Returns:
+            ``self``.
+        """
+        return self
+
+
+__all__ = [
+    "TensorLinearOperator",
+    "IdentityLinearOperator",
+    "OuterProductLinearOperator",
+]

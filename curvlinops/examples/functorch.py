@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableMapping
 from copy import copy
 from functools import wraps
+from math import isqrt
 
 from torch import Tensor, cat, zeros
 from torch.func import hessian, jacrev
@@ -131,6 +132,62 @@ def _risk(model_func, loss_func, params, data, input_key) -> tuple[Callable, Ten
         return sum(w * c(f(theta, X), y) for X, y, w in batches)
 
     return risk, theta
+
+
+def blocks_to_matrix(blocks: dict[str, dict[str, Tensor]]) -> Tensor:
+    """Assemble a matrix from the nested blocks that :mod:`torch.func` returns.
+
+    ``torch.func.hessian`` (or ``jacrev(jacrev(...))``) of a function of a parameter
+    dictionary returns ``blocks[row][col]`` of shape ``[*row.shape, *col.shape]``.
+    The diagonal blocks are square, which determines every parameter's size; the
+    blocks are flattened and placed in the order of the dictionary's keys.
+
+    Args:
+        blocks: Nested dictionary ``{row name: {column name: block}}`` with the same
+            names, in the same order, on both levels.
+
+    Returns:
+        The matrix of shape ``[D, D]``, with :math:`D` the summed sizes.
+
+    Raises:
+        ValueError: If the names of the two levels differ or a diagonal block is not
+            square.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.func import functional_call, hessian
+        >>> from torch.nn import Linear
+        >>> _ = manual_seed(0)
+        >>> model, X = Linear(3, 1), rand(4, 3)
+        >>> params = dict(model.named_parameters())
+        >>> def loss(p):
+        ...     return (functional_call(model, p, (X,)) ** 2).sum()
+        >>> H = blocks_to_matrix(hessian(loss)(params))
+        >>> H.shape  # weight (3 entries) and bias (1 entry)
+        torch.Size([4, 4])
+        >>> Xb = cat([X, X.new_ones(4, 1)], dim=1)
+        >>> H.allclose(2 * Xb.T @ Xb)
+        True
+    """
+    names = list(blocks)
+    sizes = {}
+    for name in names:
+        if list(blocks[name]) != names:
+            raise ValueError(
+                f"blocks[{name!r}] has the keys {list(blocks[name])}, expected {names}."
+            )
+        numel = blocks[name][name].numel()
+        size = isqrt(numel)
+        if size * size != numel:
+            raise ValueError(
+                f"The diagonal block of {name!r} with {numel} entries is not square."
+            )
+        sizes[name] = size
+    rows = [
+        cat([blocks[r][c].reshape(sizes[r], sizes[c]) for c in names], dim=1)
+        for r in names
+    ]
+    return cat(rows, dim=0)
 
 
 @composite_attention

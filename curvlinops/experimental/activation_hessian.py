@@ -14,8 +14,6 @@ from curvlinops._autodiff import DifferentiationModes, hvp
 from curvlinops._execution import with_autograd
 from curvlinops._torch_base import CurvatureLinearOperator
 
-_IO_KINDS = ("input", "output")
-
 
 class ActivationHessianLinearOperator(CurvatureLinearOperator):
     r"""Hessian of the loss w.r.t. an intermediate feature, as linear operator.
@@ -42,8 +40,9 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
     Products use reverse-over-reverse differentiation (falling back to the composite
     attention kernel where derivatives are missing) and cost one forward and two
     backward passes, for all columns at once. The operator is self-adjoint. Its
-    tensor-list format is one tensor of the feature's shape. The Hessian is defined
-    for exactly one mini-batch.
+    tensor-list format is one tensor of the feature's shape, which one forward pass
+    with :class:`store_activation` determines. The Hessian is defined for exactly
+    one mini-batch.
 
     Example:
         >>> from numpy import allclose, eye
@@ -82,6 +81,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
         check_deterministic: bool = True,
         batch_size_fn: Callable[[MutableMapping], int] | None = None,
         process_group=None,
+        shape: tuple[int, int] | None = None,
     ):
         """Locate the feature, evaluate it once, and by default probe determinism.
 
@@ -100,6 +100,8 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             process_group: Must be ``None``: the Hessian is defined on one
                 mini-batch, so there is nothing to distribute.
+            shape: Expected shape of the matrix (checked against the feature's
+                size, which one forward pass determines). ``None``: no check.
 
         Raises:
             ValueError: If ``data`` does not hold exactly one batch, if
@@ -120,16 +122,19 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
                 f"`data` holds {num_batches}."
             )
         (X, _) = next(iter(data))
-        with no_grad():
-            _, feature = self._forward(model_func, X)
+        features = []
+        with no_grad(), store_activation(model_func, *activation, features):
+            model_func(X)
+        _check_ran_once(features)
         super().__init__(
             model_func,
             loss_func,
-            [feature],
+            [features[0].requires_grad_(True)],
             data,
             progressbar=progressbar,
             check_deterministic=check_deterministic,
             batch_size_fn=batch_size_fn,
+            shape=shape,
         )
 
     @cached_property
@@ -160,11 +165,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
         """
         with _leaf_feature(self._module, self._io, self._index) as leaves:
             output = model_func(X)
-        if len(leaves) != 1:
-            raise ValueError(
-                f"The layer must run exactly once per forward pass, it ran "
-                f"{len(leaves)} times."
-            )
+        _check_ran_once(leaves)
         return output, leaves[0]
 
     def _matmat_batch(
@@ -202,6 +203,139 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
         return list(grad(loss, feature)), loss.detach()
 
 
+class store_activation:  # noqa: N801 (3.x's name)
+    """Context manager that records an input or output tensor of a layer.
+
+    While active, a forward hook on the layer appends the named tensor (detached)
+    to ``destination`` every time the layer runs.
+
+    Example:
+        >>> from torch import manual_seed, rand
+        >>> from torch.nn import Linear, ReLU, Sequential
+        >>> _ = manual_seed(0)
+        >>> model = Sequential(Linear(4, 3), ReLU())
+        >>> X, stored = rand(2, 4), []
+        >>> with store_activation(model, "1", "input", 0, stored):
+        ...     _ = model(X)
+        >>> stored[0].allclose(model[0](X))
+        True
+
+    Attributes:
+        SUPPORTED_IO_TYPES: ``{'input', 'output'}``.
+    """
+
+    SUPPORTED_IO_TYPES = {"input", "output"}
+
+    def __init__(
+        self,
+        model: Module,
+        module_name: str,
+        io_type: str,
+        io_idx: int,
+        destination: list,
+    ) -> None:
+        """Locate the layer whose tensor is recorded.
+
+        Args:
+            model: The neural network.
+            module_name: Name of the layer (from ``model.named_modules()``; ``''`` is
+                the whole model).
+            io_type: ``'input'`` (a positional input) or ``'output'``.
+            io_idx: Position of the tensor among the inputs or outputs (``0`` for a
+                layer with one input and one output).
+            destination: List to which the tensors are appended.
+
+        Raises:
+            TypeError: If ``model`` is not a module.
+            ValueError: If the layer or ``io_type`` or ``io_idx`` is invalid.
+        """
+        self._module, self._io_type, self._io_idx = _locate(
+            model, (module_name, io_type, io_idx)
+        )
+        self._destination = destination
+        self._handle = None
+
+    def hook(
+        self, module: Module, inputs: tuple[Tensor], output: Tensor | tuple[Tensor]
+    ):
+        """Append the layer's tensor to the destination (a forward hook).
+
+        Args:
+            module: The layer.
+            inputs: The layer's positional inputs.
+            output: The layer's output (a tensor or a tuple).
+        """
+        tensors = inputs if self._io_type == "input" else _as_tuple(output)
+        self._destination.append(_pick(tensors, self._io_type, self._io_idx).detach())
+
+    def __enter__(self) -> store_activation:
+        """Install the hook.
+
+        Returns:
+            The context manager itself.
+        """
+        self._handle = self._module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc_info):
+        """Remove the hook.
+
+        Args:
+            *exc_info: Exception information (ignored).
+        """
+        self._handle.remove()
+
+
+def _as_tuple(output) -> tuple:
+    """Return a layer's output as a tuple.
+
+    Args:
+        output: A tensor or a tuple.
+
+    Returns:
+        The output in a tuple of its own unless it is one.
+    """
+    return output if isinstance(output, tuple) else (output,)
+
+
+def _pick(tensors: tuple, io: str, index: int) -> Tensor:
+    """Return the tensor at a position among a layer's inputs or outputs.
+
+    Args:
+        tensors: The inputs or outputs.
+        io: ``'input'`` or ``'output'`` (for the error message).
+        index: The position.
+
+    Returns:
+        The tensor.
+
+    Raises:
+        ValueError: If there is no tensor at that position.
+    """
+    if index >= len(tensors) or not isinstance(tensors[index], Tensor):
+        raise ValueError(
+            f"The layer's {io}s have no tensor at index {index}; they are "
+            f"{[type(t).__name__ for t in tensors]}."
+        )
+    return tensors[index]
+
+
+def _check_ran_once(tensors: list):
+    """Verify that the layer ran exactly once during a forward pass.
+
+    Args:
+        tensors: The tensors recorded during the pass.
+
+    Raises:
+        ValueError: If the layer ran not exactly once.
+    """
+    if len(tensors) != 1:
+        raise ValueError(
+            f"The layer must run exactly once per forward pass, it ran "
+            f"{len(tensors)} times."
+        )
+
+
 @contextmanager
 def _leaf_feature(module: Module, io: str, index: int):
     """Replace a module's input or output tensor by a fresh leaf while active.
@@ -213,19 +347,11 @@ def _leaf_feature(module: Module, io: str, index: int):
 
     Yields:
         The list of leaves, one per call of the module.
-
-    Raises:
-        ValueError: If the entry is not a tensor.
     """
     leaves = []
 
     def replace(tensors: tuple) -> tuple:
-        if index >= len(tensors) or not isinstance(tensors[index], Tensor):
-            raise ValueError(
-                f"The layer's {io}s have no tensor at index {index}; they are "
-                f"{[type(t).__name__ for t in tensors]}."
-            )
-        leaves.append(tensors[index].detach().requires_grad_(True))
+        leaves.append(_pick(tensors, io, index).detach().requires_grad_(True))
         return (*tensors[:index], leaves[-1], *tensors[index + 1 :])
 
     def replace_output(_, __, output):
@@ -269,7 +395,7 @@ def _locate(model_func: Module, activation: tuple[str, str, int]):
     modules = dict(model_func.named_modules())
     if name not in modules:
         raise ValueError(f"No layer named {name!r}; available names: {list(modules)}.")
-    if io not in _IO_KINDS:
+    if io not in store_activation.SUPPORTED_IO_TYPES:
         raise ValueError(f"`activation[1]` must be 'input' or 'output', got {io!r}.")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(

@@ -1,62 +1,77 @@
-r"""Lanczos quadrature, Gaussian smoothing and spectral boundaries.
+r"""Lanczos quadrature and the Gaussian-smoothed densities built from it.
 
-:func:`lanczos_quadrature` runs several independent Lanczos processes at once (one
+:func:`lanczos_iterations` runs several independent Lanczos processes at once (one
 per column, one product with the operator per step) with full
 re-orthogonalization. The eigen-decomposition of each tridiagonal matrix gives the
-nodes and weights of a Gauss quadrature of the operator's spectral density.
+nodes and weights of a Gauss quadrature of the operator's spectral density, which
+:func:`lanczos_approximate_spectrum_from_iter` (and its logarithmic variant) smooth
+with Gaussians.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import log, pi, sqrt
 
-from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+from numpy import ndarray
+from scipy.linalg import eigh_tridiagonal
 from torch import (
     Tensor,
+    as_tensor,
     diag_embed,
     einsum,
     exp,
-    eye,
     finfo,
     float64,
     linspace,
     stack,
     where,
 )
-from torch.linalg import eigh, eigvalsh, vector_norm
+from torch.linalg import eigh, vector_norm
 
 from curvlinops._adapter import AdaptedOperator
 
-# Up to this dimension, extreme eigenvalues are computed from the dense matrix.
-_DENSE_BOUNDARIES_MAX_DIM = 20
 
-
-def lanczos_quadrature(
-    A: AdaptedOperator, ncv: int, num_repeats: int
+def lanczos_iterations(
+    A: AdaptedOperator, ncv: int, num_repeats: int, use_eigh_tridiagonal: bool = False
 ) -> tuple[Tensor, Tensor]:
-    r"""Compute Gauss quadratures of a symmetric operator's spectral density.
+    r"""Run Lanczos processes and eigen-decompose their tridiagonal matrices.
 
     For a random unit vector :math:`\mathbf{v}`, ``ncv`` Lanczos steps yield a
     tridiagonal matrix :math:`\mathbf{T} = \mathbf{U} \mathrm{diag}(\theta_k)
-    \mathbf{U}^\top` such that :math:`\sum_k w_k \delta(\lambda - \theta_k)`, with
-    :math:`w_k = U_{1k}^2`, integrates polynomials :math:`p` of degree below
-    :math:`2 \cdot` ``ncv`` exactly against :math:`\mathbf{v}`'s spectral measure,
-    :math:`\sum_k w_k p(\theta_k) = \mathbf{v}^\top p(\mathbf{A}) \mathbf{v}`.
-    Averaged over random :math:`\mathbf{v}`, this measure is the spectral density
+    \mathbf{U}^\top`. With weights :math:`w_k = U_{1k}^2`, the nodes
+    :math:`\theta_k` form a Gauss quadrature: :math:`\sum_k w_k p(\theta_k) =
+    \mathbf{v}^\top p(\mathbf{A}) \mathbf{v}` for polynomials :math:`p` of degree
+    below :math:`2 \cdot` ``ncv``. Averaged over random :math:`\mathbf{v}`, the
+    measure :math:`\sum_k w_k \delta(\lambda - \theta_k)` is the spectral density
     :math:`\frac{1}{N} \sum_i \delta(\lambda - \lambda_i)` (Papyan, 2020).
 
     Args:
         A: Symmetric operator of shape ``[N, N]``.
         ncv: Number of Lanczos vectors (quadrature nodes), at most :math:`N`.
-        num_repeats: Number of independent quadratures (starting vectors).
+        num_repeats: Number of independent processes (starting vectors), run
+            together with one product per step.
+        use_eigh_tridiagonal: Decompose with SciPy's ``eigh_tridiagonal`` (on the
+            CPU) instead of PyTorch's dense ``eigh``.
 
     Returns:
-        Nodes and weights, each of shape ``[num_repeats, ncv]``, in float64.
+        Eigenvalues ``[num_repeats, ncv]`` and eigenvectors
+        ``[num_repeats, ncv, ncv]`` (as columns) of the tridiagonal matrices, in
+        float64.
     """
     alphas, betas = _lanczos(A, ncv, num_repeats)
-    T = diag_embed(alphas) + diag_embed(betas, 1) + diag_embed(betas, -1)
-    nodes, U = eigh(T)
-    return nodes, U[:, 0, :] ** 2
+    if not use_eigh_tridiagonal:
+        T = diag_embed(alphas) + diag_embed(betas, 1) + diag_embed(betas, -1)
+        return eigh(T)
+    decompositions = [
+        eigh_tridiagonal(a.cpu().numpy(), b.cpu().numpy())
+        for a, b in zip(alphas, betas)
+    ]
+    evals, evecs = (
+        stack([as_tensor(d[i]) for d in decompositions]).to(alphas.device)
+        for i in range(2)
+    )
+    return evals, evecs
 
 
 def _lanczos(A: AdaptedOperator, ncv: int, num_repeats: int):
@@ -167,34 +182,136 @@ def smoothed_density(
     return grid, density
 
 
-def extreme_eigenvalue(A: AdaptedOperator, which: str, tol: float) -> float | None:
-    """Estimate an extreme eigenvalue of a symmetric operator.
+def lanczos_approximate_spectrum_from_iter(
+    lanczos_iter: tuple[Tensor, Tensor],
+    boundaries: tuple[float, float],
+    num_points: int,
+    kappa: float,
+    margin: float,
+) -> tuple[Tensor, Tensor]:
+    r"""Approximate the spectral density from one Lanczos process.
 
-    Small operators are multiplied onto the identity and decomposed densely; others
-    are handed to :func:`scipy.sparse.linalg.eigsh` (ARPACK).
+    The eigenvalues :math:`\theta_k` of the process's tridiagonal matrix are the
+    quadrature nodes, the squared first entries :math:`U_{1k}^2` of its eigenvectors
+    the weights (see :func:`~curvlinops.papyan2020traces.spectrum.fast_lanczos`).
+    Each node carries a Gaussian whose width is set by ``kappa`` after the
+    interval :math:`[\lambda_{\min}, \lambda_{\max}]`, widened by ``margin``, is
+    mapped to :math:`[-1, 1]` (Papyan, 2020, Algorithm 2). Average the densities of
+    several processes to reduce the variance.
 
     Args:
-        A: Symmetric operator.
-        which: ``'SA'`` (smallest), ``'LA'`` (largest), or ``'LM'`` (largest
-            magnitude).
-        tol: Relative accuracy (``0``: machine precision).
+        lanczos_iter: Eigenvalues ``[ncv]`` and eigenvectors ``[ncv, ncv]`` of the
+            tridiagonal matrix (tensors or NumPy arrays).
+        boundaries: Smallest and largest eigenvalue of the operator (estimates).
+        num_points: Number of grid points.
+        kappa: Width parameter of the Gaussians, greater than 1.
+        margin: Relative margin added to either side of the boundaries.
 
     Returns:
-        The eigenvalue (its magnitude for ``'LM'``), or ``None`` if ARPACK did not
-        converge.
+        Grid points :math:`\lambda` and the density :math:`p(\lambda)` (which
+        integrates to one), each of shape ``[num_points]``; NumPy arrays if the
+        eigenvalues are.
+
+    Example:
+        >>> from torch import float64, linspace, manual_seed, trapezoid
+        >>> from curvlinops.papyan2020traces.spectrum import fast_lanczos
+        >>> _ = manual_seed(0)
+        >>> A = linspace(1, 2, 50, dtype=float64).diag()
+        >>> grid, density = lanczos_approximate_spectrum_from_iter(
+        ...     fast_lanczos(A, ncv=10), (1.0, 2.0), 200, 3.0, 0.2)
+        >>> round(trapezoid(density, grid).item(), 3)
+        1.0
     """
-    dim = A.shape[0]
-    if dim <= _DENSE_BOUNDARIES_MAX_DIM:
-        identity = eye(dim, device=A.operator.device, dtype=A.operator.dtype)
-        eigenvalues = eigvalsh(A.operator @ identity)
-        eigenvalues = eigenvalues.abs().sort().values if which == "LM" else eigenvalues
-        return (eigenvalues[0] if which == "SA" else eigenvalues[-1]).item()
-    v0 = A.random_columns(1, "normal")[:, 0].detach().cpu().numpy()
-    try:
-        eigenvalue = eigsh(A.operator.to_scipy(), k=1, which=which, tol=tol, v0=v0)[0]
-    except ArpackNoConvergence:
-        return None
-    return abs(float(eigenvalue[0])) if which == "LM" else float(eigenvalue[0])
+    evals, evecs, to_caller = _lanczos_iter_tensors(lanczos_iter)
+    low, high = boundaries
+    grid, density = smoothed_density(
+        evals[None], evecs[None, 0] ** 2, low, high, num_points, kappa, margin
+    )
+    return to_caller(grid), to_caller(density)
+
+
+def lanczos_approximate_log_spectrum_from_iter(
+    lanczos_iter: tuple[Tensor, Tensor],
+    boundaries: tuple[float, float],
+    num_points: int,
+    kappa: float,
+    margin: float,
+    epsilon: float,
+) -> tuple[Tensor, Tensor]:
+    r"""Approximate the log-scale spectral density from one Lanczos process.
+
+    The density is that of :math:`|\mathbf{A}| + \epsilon\mathbf{I}` on a
+    logarithmic grid.
+
+    The nodes :math:`\theta_k` are mapped to :math:`u_k = \log(|\theta_k| +
+    \epsilon)` (natural logarithm) and smoothed with Gaussians in :math:`u`, which
+    resolves spectra that span many orders of magnitude (Papyan, 2020, Section
+    C.7). The result is returned on the grid :math:`\lambda = e^u` with the
+    density w.r.t. :math:`\lambda`, :math:`p(\lambda) = q(\log \lambda) /
+    \lambda` for the density :math:`q` of :math:`u`, so that it integrates to one
+    over :math:`\lambda` and is plotted with a logarithmic :math:`\lambda`-axis.
+
+    Args:
+        lanczos_iter: Eigenvalues ``[ncv]`` and eigenvectors ``[ncv, ncv]`` of the
+            tridiagonal matrix (tensors or NumPy arrays).
+        boundaries: Smallest and largest eigenvalue of :math:`|\mathbf{A}|`.
+        num_points: Number of grid points.
+        kappa: Width parameter of the Gaussians in :math:`u`, greater than 1.
+        margin: Relative margin added to either side of the boundaries in
+            :math:`u`.
+        epsilon: Positive shift :math:`\epsilon`.
+
+    Returns:
+        Grid points :math:`\lambda` (eigenvalues of :math:`|\mathbf{A}| +
+        \epsilon\mathbf{I}`, logarithmically spaced) and the density
+        :math:`p(\lambda)`, each of shape ``[num_points]``; NumPy arrays if the
+        eigenvalues are.
+
+    Raises:
+        ValueError: If ``epsilon`` is not positive.
+
+    Example:
+        >>> from torch import float64, logspace, manual_seed, trapezoid
+        >>> from curvlinops.papyan2020traces.spectrum import fast_lanczos
+        >>> _ = manual_seed(0)
+        >>> A = logspace(-3, 3, 50, dtype=float64).diag()
+        >>> grid, density = lanczos_approximate_log_spectrum_from_iter(
+        ...     fast_lanczos(A, ncv=20), (1e-3, 1e3), 500, 3.0, 0.05, 1e-5)
+        >>> bool(grid[0] < 1e-3 < 1e3 < grid[-1])
+        True
+        >>> round(trapezoid(density, grid).item(), 2)
+        1.0
+    """
+    if epsilon <= 0:
+        raise ValueError(f"`epsilon` must be positive, got {epsilon}.")
+    evals, evecs, to_caller = _lanczos_iter_tensors(lanczos_iter)
+    low, high = (log(b + epsilon) for b in boundaries)
+    log_nodes = (evals.abs() + epsilon).log()
+    log_grid, log_density = smoothed_density(
+        log_nodes[None], evecs[None, 0] ** 2, low, high, num_points, kappa, margin
+    )
+    grid = log_grid.exp()
+    return to_caller(grid), to_caller(log_density / grid)
+
+
+def _lanczos_iter_tensors(lanczos_iter) -> tuple[Tensor, Tensor, Callable]:
+    """Return a Lanczos process's decomposition as float64 tensors.
+
+    Args:
+        lanczos_iter: Eigenvalues and eigenvectors, tensors or NumPy arrays.
+
+    Returns:
+        Eigenvalues, eigenvectors, and a function that turns results back into the
+        input's world (NumPy arrays for NumPy input).
+    """
+    evals, evecs = lanczos_iter
+    is_numpy = isinstance(evals, ndarray)
+    evals, evecs = (as_tensor(x).to(float64) for x in (evals, evecs))
+
+    def to_caller(x: Tensor):
+        return x.cpu().numpy() if is_numpy else x
+
+    return evals, evecs, to_caller
 
 
 def check_int(name: str, value: int, minimum: int, maximum: int | None = None):
@@ -215,25 +332,3 @@ def check_int(name: str, value: int, minimum: int, maximum: int | None = None):
         raise ValueError(
             f"`{name}` must be an integer >= {minimum}{upper}, got {value!r}."
         )
-
-
-def check_boundaries(boundaries: tuple | None) -> tuple[float | None, float | None]:
-    """Verify boundaries of a spectrum.
-
-    Args:
-        boundaries: ``None`` or a pair whose entries are numbers or ``None``.
-
-    Returns:
-        The pair of boundaries.
-
-    Raises:
-        ValueError: If ``boundaries`` is not such a pair or is decreasing.
-    """
-    if boundaries is None:
-        return (None, None)
-    if len(boundaries) != 2:
-        raise ValueError(f"`boundaries` must be a pair, got {boundaries}.")
-    low, high = boundaries
-    if low is not None and high is not None and low > high:
-        raise ValueError(f"`boundaries` must be increasing, got {boundaries}.")
-    return (low, high)

@@ -11,30 +11,84 @@ density that can be plotted. Algorithm 2 (``LanczosApproxSpec``) and Section C.7
   spectra. Journal of Machine Learning Research (JMLR).
 
 The operator's spectrum is mapped to :math:`[-1, 1]` so that the width of the
-Gaussians, set by :math:`\kappa`, is independent of the spectrum's scale.
+Gaussians, set by :math:`\kappa`, is independent of the spectrum's scale. The
+building blocks are public as in curvlinops 3.x: :func:`fast_lanczos` (one Lanczos
+process), :func:`approximate_boundaries` and :func:`approximate_boundaries_abs` (the
+extreme eigenvalues), and the densities of one process,
+:func:`lanczos_approximate_spectrum_from_iter` and
+:func:`lanczos_approximate_log_spectrum_from_iter`.
 """
 
 from __future__ import annotations
 
-from math import log
-
 from numpy import ndarray
-from torch import Tensor, cat
+from torch import Tensor, stack
 
 from curvlinops._adapter import adapt_square
-from curvlinops.papyan2020traces._quadrature import (
+from curvlinops.papyan2020traces._boundaries import (
+    Boundaries,
+    approximate_boundaries,
+    approximate_boundaries_abs,
     check_boundaries,
-    check_int,
     extreme_eigenvalue,
-    lanczos_quadrature,
-    smoothed_density,
+    fill_boundaries,
+)
+from curvlinops.papyan2020traces._quadrature import (
+    check_int,
+    lanczos_approximate_log_spectrum_from_iter,
+    lanczos_approximate_spectrum_from_iter,
+    lanczos_iterations,
 )
 
-Boundaries = tuple[float | None, float | None] | None
+
+def fast_lanczos(
+    A, ncv: int, use_eigh_tridiagonal: bool = False
+) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
+    r"""Run one Lanczos process and eigen-decompose its tridiagonal matrix.
+
+    Starting from a random unit vector, ``ncv`` Lanczos steps (one product with
+    :math:`\mathbf{A}` each) yield a tridiagonal matrix :math:`\mathbf{T} =
+    \mathbf{U} \mathrm{diag}(\boldsymbol{\theta}) \mathbf{U}^\top` whose
+    eigenvalues :math:`\theta_k` and squared first eigenvector entries
+    :math:`U_{1k}^2` are the nodes and weights of a Gauss quadrature of the
+    spectral density (Papyan, 2020, Algorithm 2). Unlike Papyan's version, the
+    Lanczos vectors are fully re-orthogonalized, which keeps the quadrature free of
+    spurious copies of converged eigenvalues at the cost of storing ``ncv``
+    vectors. The result feeds :func:`lanczos_approximate_spectrum_from_iter` and
+    :func:`lanczos_approximate_log_spectrum_from_iter`.
+
+    Args:
+        A: Symmetric operator of shape ``[N, N]``: a
+            :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix, or a
+            SciPy ``LinearOperator``.
+        ncv: Number of Lanczos vectors (quadrature nodes), an integer in
+            :math:`[2, N]`.
+        use_eigh_tridiagonal: Decompose :math:`\mathbf{T}` with SciPy's
+            ``eigh_tridiagonal`` instead of a dense ``eigh``. Default: ``False``.
+
+    Returns:
+        Eigenvalues ``[ncv]`` and eigenvectors ``[ncv, ncv]`` (as columns) of
+        :math:`\mathbf{T}`, in float64: tensors for torch inputs, NumPy arrays
+        otherwise.
+
+    Example:
+        >>> from torch import float64, linspace, manual_seed
+        >>> _ = manual_seed(0)
+        >>> A = linspace(1, 10, 10, dtype=float64).diag()
+        >>> evals, evecs = fast_lanczos(A, ncv=10)  # ncv = N: the exact spectrum
+        >>> evals.allclose(linspace(1, 10, 10, dtype=float64))
+        True
+        >>> bool(abs((evecs[0] ** 2).sum() - 1) < 1e-12)  # weights sum to one
+        True
+    """
+    A = adapt_square(A)
+    check_int("ncv", ncv, 2, A.shape[0])
+    evals, evecs = lanczos_iterations(A, ncv, 1, use_eigh_tridiagonal)
+    return A.to_caller(evals[0]), A.to_caller(evecs[0])
 
 
 class _CachedLanczosQuadratures:
-    """Operator, settings and cached Lanczos quadratures of the spectrum classes."""
+    """Operator, settings and cached Lanczos processes of the spectrum classes."""
 
     def __init__(self, A, ncv: int, boundaries: Boundaries, boundaries_tol: float):
         """Store the operator and the settings of the Lanczos iterations.
@@ -54,35 +108,37 @@ class _CachedLanczosQuadratures:
             raise ValueError(f"`boundaries_tol` must be >= 0, got {boundaries_tol}.")
         self._ncv, self._boundaries_tol = ncv, boundaries_tol
         self._boundaries = check_boundaries(boundaries)
-        self._nodes, self._weights = None, None
+        self._lanczos_iters: list[tuple[Tensor, Tensor]] = []
 
-    def _quadratures(self, num_repeats: int) -> tuple[Tensor, Tensor]:
-        """Return cached quadratures, computing missing repeats in one batch.
+    def _iterations(self, num_repeats: int) -> list[tuple[Tensor, Tensor]]:
+        """Return cached Lanczos processes, running missing repeats in one batch.
 
         Args:
-            num_repeats: Number of quadratures.
+            num_repeats: Number of processes.
 
         Returns:
-            Nodes and weights, each of shape ``[num_repeats, ncv]``.
+            ``num_repeats`` pairs of eigenvalues ``[ncv]`` and eigenvectors
+            ``[ncv, ncv]`` of the tridiagonal matrices.
         """
         check_int("num_repeats", num_repeats, 1)
-        num_cached = 0 if self._nodes is None else self._nodes.shape[0]
-        if num_repeats > num_cached:
-            nodes, weights = lanczos_quadrature(
-                self._A, self._ncv, num_repeats - num_cached
-            )
-            if self._nodes is not None:
-                nodes, weights = (
-                    cat([self._nodes, nodes]),
-                    cat([self._weights, weights]),
-                )
-            self._nodes, self._weights = nodes, weights
-        return self._nodes[:num_repeats], self._weights[:num_repeats]
+        missing = num_repeats - len(self._lanczos_iters)
+        if missing > 0:
+            evals, evecs = lanczos_iterations(self._A, self._ncv, missing)
+            self._lanczos_iters.extend(zip(evals, evecs))
+        return self._lanczos_iters[:num_repeats]
+
+    def _nodes(self) -> Tensor:
+        """Return the quadrature nodes of the first Lanczos process.
+
+        Returns:
+            The eigenvalues of its tridiagonal matrix, ``[ncv]``.
+        """
+        return self._iterations(1)[0][0]
 
     def _extreme_eigenvalue(self, which: str) -> float:
         """Estimate an extreme eigenvalue; fall back to the Lanczos nodes.
 
-        If ARPACK does not converge, the extreme node of the first quadrature (an
+        If ARPACK does not converge, the extreme node of the first process (an
         inner bound by eigenvalue interlacing) is used instead.
 
         Args:
@@ -94,10 +150,23 @@ class _CachedLanczosQuadratures:
         """
         estimate = extreme_eigenvalue(self._A, which, self._boundaries_tol)
         if estimate is None:
-            nodes = self._quadratures(1)[0][0]
+            nodes = self._nodes()
             nodes = nodes.abs() if which == "LM" else nodes
             estimate = (nodes.min() if which == "SA" else nodes.max()).item()
         return estimate
+
+    def _average(self, densities: list[tuple[Tensor, Tensor]]):
+        """Average the densities of several Lanczos processes on their shared grid.
+
+        Args:
+            densities: Pairs of grid and density, one per process.
+
+        Returns:
+            The grid and the averaged density, in the caller's world.
+        """
+        grid = densities[0][0]
+        density = stack([d for _, d in densities]).mean(0)
+        return self._A.to_caller(grid), self._A.to_caller(density)
 
 
 class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
@@ -171,12 +240,16 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
             (normalized to integrate to one), each of shape ``[num_points]``:
             tensors for torch inputs, NumPy arrays otherwise.
         """
-        nodes, weights = self._quadratures(num_repeats)
-        low, high = self._spectral_boundaries()
-        grid, density = smoothed_density(
-            nodes, weights, low, high, num_points, kappa, margin
+        iterations = self._iterations(num_repeats)
+        boundaries = self._spectral_boundaries()
+        return self._average(
+            [
+                lanczos_approximate_spectrum_from_iter(
+                    lanczos_iter, boundaries, num_points, kappa, margin
+                )
+                for lanczos_iter in iterations
+            ]
         )
-        return self._A.to_caller(grid), self._A.to_caller(density)
 
     def _spectral_boundaries(self) -> tuple[float, float]:
         """Return the extreme eigenvalues, estimating those not given (cached).
@@ -184,23 +257,24 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
         Returns:
             Smallest and largest eigenvalue.
         """
-        low, high = self._boundaries
-        if low is None:
-            low = self._extreme_eigenvalue("SA")
-        if high is None:
-            high = self._extreme_eigenvalue("LA")
-        self._boundaries = (low, high)
-        return low, high
+        self._boundaries = fill_boundaries(
+            self._boundaries, ("SA", "LA"), self._extreme_eigenvalue
+        )
+        return self._boundaries
 
 
 class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
-    r"""Spectral density of :math:`\log(|\mathbf{A}| + \epsilon \mathbf{I})`.
+    r"""Spectral density of :math:`|\mathbf{A}| + \epsilon \mathbf{I}` on a log scale.
 
     Curvature spectra of neural networks span many orders of magnitude, which a
-    density over :math:`\log(|\lambda| + \epsilon)` resolves. The quadrature
-    nodes :math:`\theta_k` of the Lanczos iterations on :math:`\mathbf{A}` are
-    mapped to :math:`\log(|\theta_k| + \epsilon)` (natural logarithm) before
-    smoothing (Papyan, 2020, Section C.7). As in
+    density smoothed over :math:`\log(|\lambda| + \epsilon)` resolves. The
+    quadrature nodes :math:`\theta_k` of the Lanczos iterations on
+    :math:`\mathbf{A}` are mapped to :math:`\log(|\theta_k| + \epsilon)` (natural
+    logarithm) before smoothing (Papyan, 2020, Section C.7); the density is then
+    returned on the logarithmically spaced grid :math:`\lambda = |\lambda_i| +
+    \epsilon` itself, w.r.t. :math:`\lambda` (see
+    :func:`lanczos_approximate_log_spectrum_from_iter`), to be plotted with a
+    logarithmic :math:`\lambda`-axis. As in
     :class:`LanczosApproximateSpectrumCached`, the Lanczos iterations are cached.
     See
 
@@ -213,9 +287,11 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
         >>> A = logspace(-3, 3, 100, dtype=float64).diag()  # |eigenvalues| span 1e6
         >>> spectrum = LanczosApproximateLogSpectrumCached(A, ncv=40)
         >>> grid, density = spectrum.approximate_log_spectrum(num_repeats=3)
-        >>> from math import log
-        >>> bool(log(1e-3) < grid[density.argmax()] < log(1e3))
+        >>> bool(grid[-1] > 1e3)  # λ, not log λ
         True
+        >>> from torch import trapezoid
+        >>> round(trapezoid(density, grid).item(), 2)  # a density w.r.t. λ
+        1.0
     """
 
     def __init__(
@@ -242,54 +318,66 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
         self,
         num_repeats: int = 1,
         num_points: int = 1024,
-        kappa: float = 1.04,
+        kappa: float = 3.0,
         margin: float = 0.05,
         epsilon: float = 1e-5,
     ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
-        r"""Approximate the spectral density of :math:`\log(|\mathbf{A}| + \epsilon)`.
+        r"""Approximate the density of :math:`|\mathbf{A}| + \epsilon`, log scale.
 
         Args:
             num_repeats: Number of quadratures (random starting vectors) to
                 average. Default: ``1`` (Papyan, 2020, Section D.2).
             num_points: Number of grid points. Default: ``1024``.
-            kappa: Width parameter of the Gaussians, greater than 1 (see
-                :meth:`LanczosApproximateSpectrumCached.approximate_spectrum`).
-                Default: ``1.04``, tuned to reproduce Figure 15b of Papyan (2020).
+            kappa: Width parameter of the Gaussians in log space, greater than 1
+                (see :meth:`LanczosApproximateSpectrumCached.approximate_spectrum`).
+                Default: ``3.0`` (as in curvlinops 3.x; the function
+                :func:`lanczos_approximate_log_spectrum` defaults to ``1.04``).
             margin: Relative margin added to either side of the boundaries in log
                 space. Default: ``0.05`` (Papyan, 2020, Section D.2).
             epsilon: Positive shift :math:`\epsilon` that keeps the logarithm
                 finite. Default: ``1e-5`` (Papyan, 2020, Section D.2).
 
         Returns:
-            Grid points (values of :math:`\log(|\lambda| + \epsilon)`) and the
-            density on them (normalized to integrate to one), each of shape
-            ``[num_points]``: tensors for torch inputs, NumPy arrays otherwise.
+            Grid points :math:`\lambda` (logarithmically spaced eigenvalues of
+            :math:`|\mathbf{A}| + \epsilon\mathbf{I}`) and the density
+            :math:`p(\lambda)` w.r.t. :math:`\lambda` (it integrates to one over
+            the grid), each of shape ``[num_points]``: tensors for torch inputs,
+            NumPy arrays otherwise.
 
         Raises:
             ValueError: If ``epsilon`` is not positive.
         """
         if epsilon <= 0:
             raise ValueError(f"`epsilon` must be positive, got {epsilon}.")
-        nodes, weights = self._quadratures(num_repeats)
-        low, high = (log(b + epsilon) for b in self._absolute_boundaries())
-        grid, density = smoothed_density(
-            (nodes.abs() + epsilon).log(), weights, low, high, num_points, kappa, margin
+        iterations = self._iterations(num_repeats)
+        boundaries = self._absolute_boundaries()
+        return self._average(
+            [
+                lanczos_approximate_log_spectrum_from_iter(
+                    lanczos_iter, boundaries, num_points, kappa, margin, epsilon
+                )
+                for lanczos_iter in iterations
+            ]
         )
-        return self._A.to_caller(grid), self._A.to_caller(density)
 
     def _absolute_boundaries(self) -> tuple[float, float]:
         """Return the extreme eigenvalues of ``|A|``, estimating missing ones (cached).
 
+        The smallest magnitude is that of the first Lanczos process's nodes: cheaper
+        and more robust than ARPACK's ``'SM'``, though the nodes lie inside the
+        spectrum (interlacing), so it can overestimate the smallest magnitude.
+
         Returns:
             Smallest and largest eigenvalue of ``|A|``.
         """
-        low, high = self._boundaries
-        if high is None:
-            high = self._extreme_eigenvalue("LM")
-        if low is None:
-            low = self._quadratures(1)[0][0].abs().min().item()
-        self._boundaries = (low, high)
-        return low, high
+
+        def estimate(which: str) -> float:
+            if which == "SM":
+                return self._nodes().abs().min().item()
+            return self._extreme_eigenvalue(which)
+
+        self._boundaries = fill_boundaries(self._boundaries, ("SM", "LM"), estimate)
+        return self._boundaries
 
 
 def lanczos_approximate_spectrum(
@@ -356,11 +444,13 @@ def lanczos_approximate_log_spectrum(
     boundaries_tol: float = 1e-2,
     epsilon: float = 1e-5,
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
-    r"""Approximate the spectral density of :math:`\log(|\mathbf{A}| + \epsilon)`.
+    r"""Approximate the spectral density of :math:`|\mathbf{A}| + \epsilon`, log scale.
 
     Follows Section C.7 of Papyan (2020): the Lanczos quadrature nodes of
     :math:`\mathbf{A}` are mapped to :math:`\log(|\theta| + \epsilon)` (natural
-    logarithm) and smoothed with Gaussians. Use
+    logarithm) and smoothed with Gaussians there. The density is returned on the
+    grid :math:`\lambda = e^u` of the log-space grid :math:`u`, w.r.t.
+    :math:`\lambda` (see :func:`lanczos_approximate_log_spectrum_from_iter`). Use
     :class:`LanczosApproximateLogSpectrumCached` to compute several densities from
     the same Lanczos iterations. See
 
@@ -374,9 +464,11 @@ def lanczos_approximate_log_spectrum(
         ncv: Number of Lanczos vectors (quadrature nodes), in :math:`[2, N]`.
         num_points: Number of grid points. Default: ``1024``.
         num_repeats: Number of quadratures to average. Default: ``1``.
-        kappa: Width parameter of the Gaussians, greater than 1. Default: ``1.04``.
+        kappa: Width parameter of the Gaussians in log space, greater than 1.
+            Default: ``1.04``, tuned to reproduce Figure 15b of Papyan (2020).
         boundaries: Estimates of the smallest and largest eigenvalue of
-            :math:`|\mathbf{A}|`; ``None`` entries are estimated. Default: ``None``.
+            :math:`|\mathbf{A}|`; ``None`` entries are estimated (the smallest
+            from the Lanczos nodes, the largest with ARPACK). Default: ``None``.
         margin: Relative margin added to either side of the boundaries in log
             space. Default: ``0.05``.
         boundaries_tol: Relative accuracy of estimated boundaries. Default:
@@ -384,9 +476,10 @@ def lanczos_approximate_log_spectrum(
         epsilon: Positive shift :math:`\epsilon`. Default: ``1e-5``.
 
     Returns:
-        Grid points (values of :math:`\log(|\lambda| + \epsilon)`) and the
-        density on them, each of shape ``[num_points]``: tensors for torch inputs,
-        NumPy arrays otherwise.
+        Grid points :math:`\lambda` (logarithmically spaced eigenvalues of
+        :math:`|\mathbf{A}| + \epsilon\mathbf{I}`) and the density
+        :math:`p(\lambda)` w.r.t. :math:`\lambda`, each of shape ``[num_points]``:
+        tensors for torch inputs, NumPy arrays otherwise.
 
     Example:
         >>> from torch import float64, logspace, manual_seed
@@ -395,8 +488,23 @@ def lanczos_approximate_log_spectrum(
         >>> grid, density = lanczos_approximate_log_spectrum(A, ncv=30)
         >>> grid.shape, density.shape
         (torch.Size([1024]), torch.Size([1024]))
+        >>> bool(grid[-1] > 1e2)  # λ, not log λ
+        True
     """
     spectrum = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol)
     return spectrum.approximate_log_spectrum(
         num_repeats, num_points, kappa, margin, epsilon
     )
+
+
+__all__ = [
+    "lanczos_approximate_spectrum",
+    "lanczos_approximate_log_spectrum",
+    "LanczosApproximateSpectrumCached",
+    "LanczosApproximateLogSpectrumCached",
+    "fast_lanczos",
+    "approximate_boundaries",
+    "approximate_boundaries_abs",
+    "lanczos_approximate_spectrum_from_iter",
+    "lanczos_approximate_log_spectrum_from_iter",
+]

@@ -149,6 +149,17 @@ print(f"loss before the step: {loss:.4f}, after: {new_loss:.4f}")
 assert new_loss < loss
 
 # %%
+# The hyperparameters above are SciPy's. Code written for curvlinops 3.x passes
+# those of its GPyTorch-style batched CG instead (``tolerance`` on the mean
+# relative residual norm, ``max_iter``, ``preconditioner``, ...), which the same
+# class accepts; mixing the two sets in one call raises an error.
+
+step_3x = (
+    CGInverseLinearOperator(damped_G, tolerance=1e-10, max_iter=1000, eps=1e-30) @ -g
+)
+assert step_3x.allclose(step_dense)
+
+# %%
 # Conjugate gradients in SciPy
 # ----------------------------
 #

@@ -5,11 +5,17 @@ They are checked against closed forms for a linear model ``f(x) = W x``.
 
 import pytest
 from torch import einsum, eye, float64, manual_seed, rand, randint
+from torch.func import functional_call, hessian
 from torch.nn import CrossEntropyLoss, Linear, MSELoss, Sequential
 from torch.nn.functional import one_hot
 
-from curvlinops.examples.functorch import functorch_empirical_fisher, functorch_jacobian
-from test.cases import Permute
+from curvlinops.examples.functorch import (
+    blocks_to_matrix,
+    functorch_empirical_fisher,
+    functorch_hessian,
+    functorch_jacobian,
+)
+from test.cases import Case, Permute
 from test.utils import assert_close
 
 N, S, D_IN, C = 4, 3, 2, 3
@@ -57,3 +63,22 @@ def test_jacobian_rows_are_ordered_by_datum_then_output_entry():
     J = functorch_jacobian(model, [model.weight], data)
     expected = einsum("nsj,cd->nscdj", X, eye(C, dtype=float64))
     assert_close(J, expected.reshape(N * S * C, C * D_IN))
+
+
+def test_blocks_to_matrix_assembles_torch_func_hessians():
+    """The nested blocks of ``torch.func.hessian`` form the Hessian matrix."""
+    case = Case("cnn", "mse", "sum")
+    model, loss_func, params, data = case.make()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ((X, y), *_) = data
+
+    def loss(p: dict):
+        return loss_func(functional_call(model, p, (X,)), y)
+
+    blocks = hessian(loss)(dict(zip(names, params)))
+    expected = functorch_hessian(model, loss_func, params, [(X, y)])
+    assert_close(blocks_to_matrix(blocks), expected)
+    with pytest.raises(ValueError, match="keys"):
+        blocks_to_matrix({"a": {"a": eye(2)}, "b": {"b": eye(2)}})
+    with pytest.raises(ValueError, match="not square"):
+        blocks_to_matrix({"a": {"a": eye(2)[:, :1]}})

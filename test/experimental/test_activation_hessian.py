@@ -5,11 +5,12 @@ import pytest
 from torch import float32, manual_seed, rand
 from torch.autograd import grad
 from torch.func import hessian
-from torch.nn import Linear, MSELoss, ReLU, Sequential
+from torch.nn import Linear, Module, MSELoss, ReLU, Sequential
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from curvlinops.experimental import ActivationHessianLinearOperator
+from curvlinops.experimental.activation_hessian import store_activation
 from test.cases import CASES, Case
 from test.utils import assert_close, compare_matmat
 
@@ -127,4 +128,48 @@ def test_activation_hessian_rejects_non_module_model():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ActivationHessianLinearOperator(
             lambda X: model(X), loss_func, ("", "input", 0), data[:1]
+        )
+
+
+class _TwoOutputs(Module):
+    def forward(self, x):
+        return x.sin(), x.cos()
+
+
+def test_store_activation_records_inputs_and_outputs_while_active():
+    manual_seed(0)
+    model = Sequential(Linear(4, 3), _TwoOutputs())
+    X, stored = rand(2, 4), []
+    with store_activation(model, "1", "output", 1, stored):
+        model(X)
+        model(X)
+    model(X)  # the hook is removed on exit
+    hidden = model[0](X)
+    assert len(stored) == 2
+    assert_close(stored[0], hidden.cos()) and not stored[0].requires_grad
+    stored.clear()
+    with store_activation(model, "1", "input", 0, stored):
+        model(X)
+    assert_close(stored[0], hidden)
+    assert store_activation.SUPPORTED_IO_TYPES == {"input", "output"}
+    with pytest.raises(ValueError, match="'input' or 'output'"):
+        store_activation(model, "1", "inputs", 0, stored)
+    with pytest.raises(ValueError, match="No layer named '2'"):
+        store_activation(model, "2", "input", 0, stored)
+    with pytest.raises(ValueError, match="no tensor at index 2"):  # noqa: PT012
+        with store_activation(model, "1", "output", 2, stored):
+            model(X)
+
+
+def test_activation_hessian_shape_keyword():
+    """Spec 003's ``shape=`` is checked against the feature's size."""
+    model, loss_func, _, data = Case("mlp", "mse").make()
+    data = data[:1]
+    H = ActivationHessianLinearOperator(
+        model, loss_func, ("1", "input", 0), data, shape=(12, 12)
+    )
+    assert H.shape == (12, 12)  # batch size 3 times 4 features
+    with pytest.raises(ValueError, match="shape"):
+        ActivationHessianLinearOperator(
+            model, loss_func, ("1", "input", 0), data, shape=(11, 11)
         )

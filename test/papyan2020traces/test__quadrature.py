@@ -4,9 +4,15 @@ import pytest
 from torch import arange, cat, float64, full, linalg, manual_seed, randn, stack
 
 from curvlinops._adapter import adapt
-from curvlinops.papyan2020traces._quadrature import lanczos_quadrature
+from curvlinops.papyan2020traces._quadrature import lanczos_iterations
 from test.operator_kinds import ColumnDrawer, decaying_matrix, make_operator
 from test.utils import assert_close
+
+
+def lanczos_quadrature(A, ncv: int, num_repeats: int, use_eigh_tridiagonal=False):
+    """Nodes and weights: eigenvalues and squared first eigenvector entries of T."""
+    evals, evecs = lanczos_iterations(A, ncv, num_repeats, use_eigh_tridiagonal)
+    return evals, evecs[:, 0, :] ** 2
 
 
 def _symmetric_matrix(dim: int = 12):
@@ -34,9 +40,10 @@ def test_quadrature_reproduces_moments_of_start_vectors(kind):
         assert_close(moments, expected, rtol=1e-8, atol=1e-8)
 
 
-def test_full_lanczos_recovers_the_eigenvalues():
+@pytest.mark.parametrize("use_eigh_tridiagonal", [False, True])
+def test_full_lanczos_recovers_the_eigenvalues(use_eigh_tridiagonal: bool):
     A = decaying_matrix(15, 0.7)
-    nodes, weights = lanczos_quadrature(adapt(A), 15, 2)
+    nodes, weights = lanczos_quadrature(adapt(A), 15, 2, use_eigh_tridiagonal)
     for n in nodes:
         assert_close(n, linalg.eigvalsh(A), rtol=1e-8, atol=1e-10)
     assert_close(weights.sum(dim=1), full((2,), 1.0, dtype=float64))

@@ -5,9 +5,19 @@ from math import log
 import numpy
 import pytest
 from scipy.sparse.linalg import ArpackNoConvergence
-from torch import cat, float64, full, linalg, manual_seed, randn, trapezoid
+from torch import (
+    cat,
+    float64,
+    full,
+    linalg,
+    linspace,
+    manual_seed,
+    randn,
+    tensor,
+    trapezoid,
+)
 
-import curvlinops.papyan2020traces._quadrature as quadrature
+import curvlinops.papyan2020traces._boundaries as _boundaries
 from curvlinops import (
     GGNLinearOperator,
     LanczosApproximateLogSpectrumCached,
@@ -17,6 +27,11 @@ from curvlinops import (
 )
 from curvlinops.examples import TensorLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
+from curvlinops.papyan2020traces.spectrum import (
+    fast_lanczos,
+    lanczos_approximate_log_spectrum_from_iter,
+    lanczos_approximate_spectrum_from_iter,
+)
 from test.cases import Case
 from test.operator_kinds import (
     OPERATOR_KINDS,
@@ -26,6 +41,7 @@ from test.operator_kinds import (
     seed_everything,
     to_tensor,
 )
+from test.utils import assert_close
 
 # eigenvalue -> multiplicity
 CLUSTERS = {-2.0: 30, 1.0: 50, 5.0: 20}
@@ -42,6 +58,12 @@ def _matrix_with_eigenvalues(clusters: dict[float, int]):
 def _mass(grid, density, center: float, radius: float) -> float:
     """Probability mass of the density in ``[center - radius, center + radius]``."""
     inside = (grid - center).abs() <= radius
+    return trapezoid(density[inside], grid[inside]).item()
+
+
+def _log_mass(grid, density, center: float, radius: float) -> float:
+    """Mass of a density w.r.t. λ in ``[center e^-radius, center e^radius]``."""
+    inside = (grid.log() - log(center)).abs() <= radius
     return trapezoid(density[inside], grid[inside]).item()
 
 
@@ -62,7 +84,8 @@ def test_spectral_density_puts_mass_on_eigenvalues(kind):
 
 
 @pytest.mark.parametrize("kind", OPERATOR_KINDS)
-def test_log_spectral_density_puts_mass_on_log_eigenvalues(kind):
+def test_log_spectral_density_puts_mass_on_eigenvalue_magnitudes(kind):
+    """Grid points are λ (not log λ) and the density is w.r.t. λ."""
     A = _matrix_with_eigenvalues(LOG_CLUSTERS)
     seed_everything(0)
     grid, density = lanczos_approximate_log_spectrum(
@@ -70,10 +93,30 @@ def test_log_spectral_density_puts_mass_on_log_eigenvalues(kind):
     )
     assert_world(density, kind)
     grid, density = to_tensor(grid), to_tensor(density)
+    assert (grid > 0).all() and (
+        grid.log().diff() - grid.log().diff()[0]
+    ).abs().max() < 1e-9
     assert abs(trapezoid(density, grid) - 1) < 1e-3
     for value, multiplicity in LOG_CLUSTERS.items():
-        log_value = log(abs(value) + 1e-5)
-        assert abs(_mass(grid, density, log_value, 1.0) - multiplicity / 100) < 0.05
+        magnitude = abs(value) + 1e-5
+        assert abs(_log_mass(grid, density, magnitude, 1.0) - multiplicity / 100) < 0.05
+
+
+def test_log_spectral_density_of_log_uniform_eigenvalues():
+    """Eigenvalues e^u, u uniform on [a, b], have the density 1 / ((b - a) λ).
+
+    (A density w.r.t. log λ would be flat instead, off by up to 7x here.)
+    """
+    a, b = log(1.0), log(10.0)
+    A = linspace(a, b, 400, dtype=float64).exp().diag()
+    manual_seed(0)
+    grid, density = lanczos_approximate_log_spectrum(
+        A, ncv=30, num_repeats=20, kappa=1.2, boundaries=(1.0, 10.0), margin=0.2
+    )
+    assert abs(trapezoid(density, grid) - 1) < 1e-3
+    interior = (grid > 1.5) & (grid < 10 / 1.5)
+    expected = 1 / ((b - a) * grid[interior])
+    assert ((density[interior] - expected).abs() / expected).max() < 0.15
 
 
 def test_grid_spans_given_boundaries_with_margin():
@@ -86,8 +129,8 @@ def test_grid_spans_given_boundaries_with_margin():
     grid, _ = lanczos_approximate_log_spectrum(
         A, ncv=5, boundaries=(1.0, 100.0), margin=0.0, epsilon=1e-3
     )
-    assert_close_float(grid[0], log(1.0 + 1e-3))
-    assert_close_float(grid[-1], log(100.0 + 1e-3))
+    assert_close_float(grid[0], 1.0 + 1e-3)
+    assert_close_float(grid[-1], 100.0 + 1e-3)
 
 
 def assert_close_float(a, b):
@@ -108,11 +151,11 @@ def test_boundaries_fall_back_to_lanczos_nodes(monkeypatch):
     def no_convergence(*args, **kwargs):
         raise ArpackNoConvergence("no convergence", [], [])
 
-    monkeypatch.setattr(quadrature, "eigsh", no_convergence)
+    monkeypatch.setattr(_boundaries, "eigsh", no_convergence)
     A = _matrix_with_eigenvalues(CLUSTERS)
     spectrum = LanczosApproximateSpectrumCached(A, ncv=10)
     grid, _ = spectrum.approximate_spectrum(margin=0.0)
-    nodes = spectrum._quadratures(1)[0][0]
+    nodes = spectrum._nodes()
     assert_close_float(grid[0], nodes.min().item())
     assert_close_float(grid[-1], nodes.max().item())
 
@@ -185,3 +228,66 @@ def test_spectrum_rejects_bad_input():
         lanczos_approximate_spectrum(A, ncv=5, boundaries_tol=-1.0)
     with pytest.raises(ValueError, match="epsilon"):
         lanczos_approximate_log_spectrum(A, ncv=5, epsilon=0.0)
+
+
+@pytest.mark.parametrize("log_scale", [False, True], ids=["linear", "log"])
+def test_cached_densities_average_densities_of_single_processes(log_scale: bool):
+    """The classes are built from the densities of one Lanczos process each."""
+    A = _matrix_with_eigenvalues(LOG_CLUSTERS if log_scale else CLUSTERS)
+    manual_seed(0)
+    cls = (
+        LanczosApproximateLogSpectrumCached
+        if log_scale
+        else LanczosApproximateSpectrumCached
+    )
+    spectrum = cls(A, ncv=12, boundaries=(1e-3, 100.0) if log_scale else (-2.0, 5.0))
+    if log_scale:
+        grid, density = spectrum.approximate_log_spectrum(num_repeats=3, kappa=2.0)
+        single = [
+            lanczos_approximate_log_spectrum_from_iter(
+                it, (1e-3, 100.0), 1024, 2.0, 0.05, 1e-5
+            )
+            for it in spectrum._iterations(3)
+        ]
+    else:
+        grid, density = spectrum.approximate_spectrum(num_repeats=3, kappa=2.0)
+        single = [
+            lanczos_approximate_spectrum_from_iter(it, (-2.0, 5.0), 1024, 2.0, 0.05)
+            for it in spectrum._iterations(3)
+        ]
+    assert_close(grid, single[0][0])
+    assert_close(density, sum(d for _, d in single) / 3)
+
+
+def test_log_spectrum_method_defaults_to_kappa_3():
+    """As in 3.x, the cached class's method uses kappa=3.0, the function 1.04."""
+    A = _matrix_with_eigenvalues(LOG_CLUSTERS)
+    spectrum = LanczosApproximateLogSpectrumCached(A, ncv=10, boundaries=(1e-3, 1e2))
+    _, default = spectrum.approximate_log_spectrum()
+    _, kappa_3 = spectrum.approximate_log_spectrum(kappa=3.0)
+    _, kappa_104 = spectrum.approximate_log_spectrum(kappa=1.04)
+    assert default.equal(kappa_3) and not default.allclose(kappa_104)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_fast_lanczos_is_one_quadrature_in_the_callers_world(kind):
+    """Full Lanczos (ncv = N) gives the eigenvalues; the weights sum to one."""
+    A = _matrix_with_eigenvalues({-1.0: 4, 2.0: 3, 7.0: 3})
+    A = A + 1e-3 * linspace(0, 1, 10, dtype=float64).diag()  # distinct eigenvalues
+    seed_everything(0)
+    evals, evecs = fast_lanczos(make_operator(A, kind), ncv=10)
+    assert_world(evals, kind), assert_world(evecs, kind)
+    evals, evecs = to_tensor(evals), to_tensor(evecs)
+    assert_close(evals, linalg.eigvalsh(A), rtol=1e-8, atol=1e-8)
+    assert_close((evecs[0] ** 2).sum(), tensor(1.0, dtype=float64))
+    seed_everything(0)
+    evals_tri, _ = fast_lanczos(
+        make_operator(A, kind), ncv=10, use_eigh_tridiagonal=True
+    )
+    assert_close(to_tensor(evals_tri), evals, rtol=1e-10, atol=1e-12)
+    grid, density = lanczos_approximate_spectrum_from_iter(
+        (evals.numpy(), evecs.numpy()), (-1.0, 7.0), 100, 3.0, 0.05
+    )
+    assert isinstance(density, numpy.ndarray)  # NumPy in, NumPy out
+    with pytest.raises(ValueError, match="ncv"):
+        fast_lanczos(A, ncv=11)
