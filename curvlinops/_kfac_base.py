@@ -178,11 +178,8 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=process_group,
+            shape=shape,
         )
-        if shape is not None and tuple(shape) != self.shape:
-            raise ValueError(
-                f"{type(self).__name__} has shape {self.shape}, got `shape={shape}`."
-            )
         self._setup_canonical_form()
         if check_deterministic:
             self._check_deterministic()
