@@ -105,10 +105,10 @@ def kron_factors(kind: str, likelihood: str, model: Module, layers, x, y) -> lis
     :math:`\mathbf{B} \otimes \mathbf{A}` with
     :math:`\mathbf{A} = \frac{1}{N} \sum_n \mathbf{a}_n \mathbf{a}_n^\top` and
     :math:`\mathbf{B} = \sum_n \mathbf{G}_n^\top \mathbf{\Lambda}_n \mathbf{G}_n`
-    (:math:`\mathbf{\Lambda}_n` the output Hessian, or the outer product of the
-    output gradient for the EF). laplace lists weight ``[B, A]``, then bias ``[B]``
-    per layer, multiplies both weight factors by :math:`\sqrt{c}` and the bias
-    factor by :math:`c`.
+    (:math:`\mathbf{\Lambda}_n` the torch loss's Hessian w.r.t. the output, or the
+    outer product of its gradient for the EF). laplace lists weight ``[B, A]``,
+    then bias ``[B]`` per layer, multiplies both weight factors by :math:`\sqrt{c}`
+    and the bias factor by :math:`c`.
     """
     inputs = {}
 
@@ -127,8 +127,8 @@ def kron_factors(kind: str, likelihood: str, model: Module, layers, x, y) -> lis
         else:
             g = einsum("nco,nc->no", G, loss_gradient(likelihood, output, y))
             B = einsum("no,np->op", g, g)
+        B = B.contiguous()  # torch.kron needs it
         A = einsum("ni,nj->ij", inputs[layer], inputs[layer]) / len(output)
-        B = B.contiguous()
         factors += [[sqrt(c) * B, sqrt(c) * A], [c * B]]
     return factors
 
