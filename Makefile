@@ -4,6 +4,12 @@
 # torchvision, and an unpinned resolution would replace torch with a CUDA build.
 
 TORCH ?= torch==2.13.0
+# The tests also run laplace-torch, a client of curvlinops 3.0.1, on this package. It
+# requires curvlinops-for-pytorch, whose `curvlinops` directory would overwrite ours,
+# so it is installed without dependencies, then its other ones by name (the rest of
+# its requirements comes with this package), torch pinned again.
+LAPLACE := laplace-torch==0.3
+LAPLACE_DEPS := asdfghjkl==0.1a4 opt-einsum torchmetrics
 ifdef VIRTUAL_ENV
 VENV ?= $(VIRTUAL_ENV)
 else
@@ -11,6 +17,9 @@ VENV ?= .venv
 endif
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --quiet
+# exits 0 when every NAME or NAME==VERSION given is installed
+HAS := $(PYTHON) -c "import sys, importlib.metadata as m; sys.exit(any(m.version(n) \
+	!= (v or m.version(n)) for n, _, v in (a.partition('==') for a in sys.argv[1:])))"
 
 .PHONY: install install-lint install-docs demo test lint format docs bench clean
 
@@ -19,6 +28,9 @@ $(PYTHON):
 
 install: $(PYTHON)
 	$(PIP) "$(TORCH)" -e ".[test]"
+	$(HAS) $(LAPLACE) $(LAPLACE_DEPS) 2>/dev/null || { \
+		$(PIP) --no-deps --no-warn-conflicts "$(LAPLACE)" && \
+		$(PIP) --no-warn-conflicts "$(TORCH)" $(LAPLACE_DEPS); }
 
 install-lint: $(PYTHON)
 	$(PIP) -e ".[lint]" "$(TORCH)"
