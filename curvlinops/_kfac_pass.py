@@ -426,3 +426,40 @@ def _check_counts(hyperparameters: dict[str, Any]):
         raise ValueError(
             f"`mc_samples` must be 1 for fisher_type={fisher_type!r}, got {mc_samples}."
         )
+
+
+def per_datum_input_rows(
+    module: Module, x: Tensor, batch_size: int, append_ones: bool, name: str = ""
+) -> Tensor:
+    r"""Turn a layer's input into the rows of its per-datum weight gradients.
+
+    The weight gradient of datum :math:`n` is :math:`\sum_p \mathbf{g}_{n,p}
+    \mathbf{a}_{n,p}^\top` over all positions :math:`p`, whatever ``kfac_approx``
+    says, with the rows :math:`\mathbf{a}_{n,p}` of ``'expand'``, except that a
+    grouped convolution's output channels see their own group's patches.
+
+    Args:
+        module: A ``Linear`` or ``Conv2d`` layer.
+        x: The layer's (detached) input.
+        batch_size: Batch size ``B``.
+        append_ones: Append a one to every row (the bias joins the weight's block).
+        name: Layer name for error messages.
+
+    Returns:
+        Rows ``[B, P, D_in]``; for a convolution with ``groups > 1``, rows
+        ``[B, groups, P, D_in]`` of each group's patches.
+    """
+    groups = module.groups if isinstance(module, Conv2d) else 1
+    if groups == 1:
+        return layer_input_rows(
+            module, x, batch_size, KFACType.EXPAND, append_ones, name
+        )
+    x = x.unflatten(1, (groups, -1)).flatten(end_dim=1)  # [B * groups, C / groups, ...]
+    hyperparameters = (module.kernel_size, module.stride, module.padding)
+    rows = extract_patches(x, *hyperparameters, module.dilation, 1)
+    rows = rows.unflatten(0, (batch_size, groups))
+    if append_ones:
+        rows = cat(
+            [rows, ones(*rows.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1
+        )
+    return rows
