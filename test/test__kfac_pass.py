@@ -181,14 +181,16 @@ def test_layers_the_data_never_reach_have_zero_factors():
     assert K._input_covariances["used"].abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize(
     "layer,in_shape",
     [
         (Linear(4, 6), (3, 4)),
         (Conv2d(4, 6, 3, stride=2, padding=1), (4, 5, 5)),
         (Conv2d(4, 6, (3, 2), padding=(2, 1), dilation=(1, 2), groups=2), (4, 5, 6)),
+        (Conv2d(4, 6, 2, padding="same", groups=2), (4, 5, 5)),
     ],
-    ids=["linear", "conv", "grouped_conv"],
+    ids=["linear", "conv", "grouped_conv", "same_padding"],
 )
 def test_per_datum_rows_give_the_per_datum_gradients(layer, in_shape):
     layer = layer.to(float64)
