@@ -288,9 +288,12 @@ def compute_eigenvalue_correction_linear_weight_sharing(
 
     The rows carry the loss's scaling (as the rows of KFAC's factors do), so no
     further factor applies; for several backpropagated vectors (or MC samples)
-    per datum, stack them along the data axis. The contraction order is chosen by
-    flop count (see :mod:`curvlinops._ekfac_correction`); no per-datum gradient is
-    formed where rotating the rows first is cheaper.
+    per datum, stack them along the data axis. Of three contraction orders, the
+    one with the fewest operations is used: ``'gram'`` sums over pairs of
+    positions (for ``P = 1``), ``'direct'`` rotates the rows into the eigenbasis
+    and then forms the rotated per-datum gradients (short shared axes), and
+    ``'gradients'`` forms the per-datum gradients and then rotates them (long
+    shared axes); intermediates are chunked over the data.
 
     Args:
         g: Gradients w.r.t. the layer output, ``[N, P, D_out]`` (``P`` positions
