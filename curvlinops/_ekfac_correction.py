@@ -48,7 +48,13 @@ _MIN_CHUNK_ELEMENTS = 2**20
 
 
 def choose_strategy(
-    K: int, N: int, P: int, D_out: int, D_in: int, groups: int = 1, rotate_a=True
+    K: int,
+    N: int,
+    P: int,
+    D_out: int,
+    D_in: int,
+    groups: int = 1,
+    rotate_a: bool = True,
 ) -> str:
     """Return the contraction order with the fewest floating-point operations.
 
