@@ -33,6 +33,7 @@ from curvlinops._kfac_pass import (
     check_kfac_arguments,
     layer_input_rows,
     layer_output_grad_rows,
+    per_datum_input_rows,
     record_layers,
     terms_per_datum,
 )
@@ -230,7 +231,19 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
 
         Fills ``_input_covariances`` and ``_gradient_covariances``, both keyed by
         layer name (the keys of ``_mapping``). Layers whose weight is not among the
-        parameters have no input covariance.
+        parameters have no input covariance. The cache changes only once the pass
+        has succeeded: after an error or interrupt, the operator is as before.
+        """
+        A, G = self._accumulated_factors()
+        self._input_covariances, self._gradient_covariances = A, G
+        self._factors_ready = True
+
+    def _accumulated_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Compute the Kronecker factors with one pass over the data.
+
+        Returns:
+            Input covariances (keyed by the layers whose weight is a parameter) and
+            gradient covariances (keyed by all layers), summed over the ranks.
         """
         A, G = {}, {}  # accumulated lazily; layers the data never reach stay zero
 
@@ -251,9 +264,8 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         self._complete_factors(A, G)
         forward_only = self._fisher_type == FisherType.FORWARD_ONLY
         self._sum_over_ranks([A] if forward_only else [A, G])  # G = I stays I
-        self._input_covariances = {k: A[k] for k in self._factor_keys("weights")}
-        self._gradient_covariances = {k: G[k] for k in self._mapping}
-        self._factors_ready = True
+        A = {k: A[k] for k in self._factor_keys("weights")}
+        return A, {k: G[k] for k in self._mapping}
 
     def _complete_factors(self, A: dict[str, Tensor], G: dict[str, Tensor]):
         """Add identities for ``'forward-only'`` and zeros for layers never reached.
@@ -306,6 +318,7 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         self,
         on_input: Callable[[str, Tensor], None],
         on_output_grad: Callable[[str, Tensor], None],
+        per_datum: bool = False,
     ):
         """Pass over the data and hand every layer's input and gradient rows over.
 
@@ -314,6 +327,9 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 (only for layers whose weight is a parameter).
             on_output_grad: Receives a layer's name and its output-gradient rows
                 ``[K, B, P, D_out]`` (not called for ``'forward-only'``).
+            per_datum: Hand over the rows of the per-datum gradients instead of
+                the factors' (all positions, whatever ``kfac_approx``; see
+                :func:`~curvlinops._kfac_pass.per_datum_input_rows`).
         """
         self._forget_matrix_functions()
         self._seen_terms_per_datum.clear()
@@ -321,9 +337,9 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         if self._fisher_type == FisherType.MC:
             generator = self._generator = self._seeded_generator()
         for X, y in self._loop_over_data(desc=type(self).__name__):
-            self._batch_pass(X, y, generator, on_input, on_output_grad)
+            self._batch_pass(X, y, generator, on_input, on_output_grad, per_datum)
 
-    def _batch_pass(self, X, y, generator, on_input, on_output_grad):
+    def _batch_pass(self, X, y, generator, on_input, on_output_grad, per_datum):
         """Run the forward and one batched backward pass on a mini-batch.
 
         Args:
@@ -332,14 +348,19 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             generator: Random number generator for label sampling, or ``None``.
             on_input: See :meth:`_data_pass`.
             on_output_grad: See :meth:`_data_pass`.
+            per_datum: See :meth:`_data_pass`.
         """
-        batch_size, approx = self._batch_size(X), self._kfac_approx
+        batch_size = self._batch_size(X)
+        approx = KFACType.EXPAND if per_datum else self._kfac_approx
         backward = self._fisher_type != FisherType.FORWARD_ONLY
 
         def input_rows(layer: str, module: Module, x: Tensor):
             if "weight" in self._mapping[layer]:
                 joint = self._has_joint_bias(layer)
-                rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
+                if per_datum:
+                    rows = per_datum_input_rows(module, x, batch_size, joint, layer)
+                else:
+                    rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
                 on_input(layer, rows)
 
         layers = list(self._mapping)

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Generator, Size, Tensor, cat, ones, zeros_like
 from torch.nn import Conv2d, CrossEntropyLoss, Linear, Module
+from torch.nn.functional import unfold
 
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
@@ -34,6 +35,7 @@ from curvlinops._losses import (
 from curvlinops.kfac_utils import (
     FisherType,
     KFACType,
+    _pad,
     extract_averaged_patches,
     extract_patches,
 )
@@ -438,3 +440,58 @@ def _check_counts(hyperparameters: dict[str, Any]):
         raise ValueError(
             f"`mc_samples` must be 1 for fisher_type={fisher_type!r}, got {mc_samples}."
         )
+
+
+def per_datum_input_rows(
+    module: Module, x: Tensor, batch_size: int, append_ones: bool, name: str = ""
+) -> Tensor:
+    r"""Turn a layer's input into the rows of its per-datum weight gradients.
+
+    The weight gradient of datum :math:`n` is :math:`\sum_p \mathbf{g}_{n,p}
+    \mathbf{a}_{n,p}^\top` over all positions :math:`p`, whatever ``kfac_approx``
+    says, with the rows :math:`\mathbf{a}_{n,p}` of ``'expand'``, except that a
+    grouped convolution's output channels see their own group's patches.
+    Convolution patches may come as a strided view (no copy beyond the unfolding).
+
+    Args:
+        module: A ``Linear`` or ``Conv2d`` layer.
+        x: The layer's (detached) input.
+        batch_size: Batch size ``B``.
+        append_ones: Append a one to every row (the bias joins the weight's block).
+        name: Layer name for error messages.
+
+    Returns:
+        Rows ``[B, P, D_in]``; for a convolution with ``groups > 1``, rows
+        ``[B, groups, P, D_in]`` of each group's patches.
+    """
+    if isinstance(module, Conv2d):
+        rows = _patches_per_group(module, x, batch_size)
+    else:
+        rows = layer_input_rows(
+            module, x, batch_size, KFACType.EXPAND, append_ones=False, name=name
+        )
+    if append_ones:
+        rows = cat(
+            [rows, ones(*rows.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1
+        )
+    return rows
+
+
+def _patches_per_group(module: Conv2d, x: Tensor, batch_size: int) -> Tensor:
+    """Unfold a convolution's input into the patches of each channel group.
+
+    Args:
+        module: The convolution.
+        x: Its input ``[B, C_in, I1, I2]``.
+        batch_size: Batch size ``B``.
+
+    Returns:
+        Patches ``[B, P, C_in * K1 * K2]`` (one group), else ``[B, groups, P,
+        C_in / groups * K1 * K2]``, flattened in the order ``(c, k1, k2)``.
+    """
+    groups, hyperparameters = module.groups, (module.kernel_size, module.stride)
+    x = x.unflatten(1, (groups, -1)).flatten(end_dim=1)  # [B * groups, C / groups, ...]
+    x = _pad(x, *hyperparameters, module.padding, module.dilation)
+    patches = unfold(x, module.kernel_size, module.dilation, stride=module.stride)
+    patches = patches.transpose(1, 2)  # [B * groups, P, D_in], a strided view
+    return patches.unflatten(0, (batch_size, groups)) if groups > 1 else patches

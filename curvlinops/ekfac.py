@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, einsum
+from torch import Tensor
 from torch.linalg import eigh
 
+from curvlinops._ekfac_correction import (
+    bias_corrected_eigenvalues,
+    compute_eigenvalue_correction_linear_weight_sharing,  # noqa: F401 (3.0.1 name)
+    corrected_eigenvalues,
+)
 from curvlinops._execution import with_autograd
 from curvlinops._kfac_base import _KFACBase
 from curvlinops.kfac import _eigenbasis_matmat
@@ -26,9 +31,12 @@ class EKFACLinearOperator(_KFACBase):
     \mathbf{Q}_\mathbf{G} \mathbf{\Lambda}_\mathbf{G} \mathbf{Q}_\mathbf{G}^\top`,
     EKFAC keeps KFAC's eigenbasis but replaces the eigenvalues
     :math:`\mathbf{\Lambda}_\mathbf{G} \otimes \mathbf{\Lambda}_\mathbf{A}` by the
-    second moments of the per-example gradients
-    :math:`\mathbf{g}_{m,k} \mathbf{a}_m^\top` in that basis (`George et al., 2018
-    <https://arxiv.org/abs/1806.03884>`_),
+    second moments of the per-datum gradients in that basis (`George et al., 2018
+    <https://arxiv.org/abs/1806.03884>`_). For datum :math:`n` and backpropagated
+    vector :math:`k` (see KFAC's ``fisher_type``), a weight shared over the
+    positions :math:`p` of the datum (sequence positions, output pixels; one
+    position without sharing) has the gradient :math:`\nabla_{n,k} = \sum_p
+    \mathbf{g}_{n,p,k} \mathbf{a}_{n,p}^\top`, and
 
     .. math::
         \mathbf{F}_{\mathbf{W}} \approx
@@ -36,21 +44,36 @@ class EKFACLinearOperator(_KFACBase):
         \mathrm{diag}(\mathrm{vec}\,\mathbf{\Lambda})\,
         (\mathbf{Q}_\mathbf{G} \otimes \mathbf{Q}_\mathbf{A})^\top,
         \qquad
-        \Lambda_{ij} = \sum_{m, k}
-        \left(\mathbf{Q}_\mathbf{G}^\top \mathbf{g}_{m,k}\right)_i^2
-        \left(\mathbf{Q}_\mathbf{A}^\top \mathbf{a}_m\right)_j^2\,.
+        \Lambda_{ij} = \sum_{n, k}
+        \left(\mathbf{Q}_\mathbf{G}^\top \nabla_{n,k}\,
+        \mathbf{Q}_\mathbf{A}\right)_{ij}^2\,,
 
-    These are the diagonal entries of the per-example outer-product sum
-    :math:`\sum_{m,k} \mathrm{vec}(\mathbf{g}_{m,k} \mathbf{a}_m^\top)
-    \mathrm{vec}(\cdot)^\top` in KFAC's eigenbasis, the best diagonal there in
-    Frobenius norm. Without weight sharing and with one loss term per data point,
-    that sum is the exact curvature block (``'type-2'``: the GGN,
-    ``'empirical'``: the empirical Fisher). Where KFAC is exact, EKFAC equals KFAC.
+    for ``kfac_approx='expand'`` and ``'reduce'`` alike (they differ in the
+    eigenbasis only). These are the diagonal entries of :math:`\sum_{n,k}
+    \mathrm{vec}(\nabla_{n,k}) \mathrm{vec}(\nabla_{n,k})^\top` in KFAC's
+    eigenbasis, the best diagonal there in Frobenius norm. With one loss term per
+    data point, that sum is the exact curvature block (``'type-2'``: the GGN,
+    ``'empirical'``: the empirical Fisher), and where KFAC is exact, EKFAC equals
+    KFAC. With several loss terms per data point (e.g. one per token), the vectors
+    of all terms of a datum are backpropagated together, so :math:`\nabla_{n,k}`
+    also carries products between the datum's terms (zero in expectation for
+    ``'mc'``). The computation never forms per-datum gradients where rotating the
+    rows into the eigenbasis first is cheaper (it picks the contraction order with
+    the fewest operations); grouped convolutions use each group's own input
+    patches.
 
     Computing EKFAC takes two passes over the data: one for KFAC's factors, one
     for the corrected eigenvalues (with the same MC samples). ``'forward-only'`` is
     not supported. The operator is self-adjoint; its inverse is
     ``(Q_G ⊗ Q_A) diag(1 / (Λ + δ)) (Q_G ⊗ Q_A)ᵀ`` (:meth:`inverse`).
+
+    The eigenbasis and eigenvalues are computed when first needed and cached; they
+    go stale when the model's parameters (or the data) change. Refresh both with
+    :meth:`compute_kronecker_factors`, or only the eigenvalues in the cached basis
+    with :meth:`compute_eigenvalue_correction` (one pass; as in the paper, between
+    less frequent basis updates). Both publish their results only once their
+    passes have succeeded: after an error or interrupt (e.g. in the data), the
+    operator is as before and a retry computes the right values.
 
     Data-parallel (``process_group``), both passes sum their results (KFAC's
     factors, then the corrected eigenvalues) over the ranks with one all-reduce
@@ -116,56 +139,71 @@ class EKFACLinearOperator(_KFACBase):
         ``_gradient_covariances_eigenvectors`` (keyed by layer name) and
         ``_corrected_eigenvalues`` (keyed by ``(layer, block)`` with block ``'W'``,
         ``'b'`` or ``'Wb'``), and keeps KFAC's ``_input_covariances`` and
-        ``_gradient_covariances``.
+        ``_gradient_covariances``. The cache changes only
+        once both passes have succeeded: after an error or interrupt, the operator
+        is as before.
         """
-        super().compute_kronecker_factors()
-        for source, target in [
-            (self._input_covariances, self._input_covariances_eigenvectors),
-            (self._gradient_covariances, self._gradient_covariances_eigenvectors),
-        ]:
-            target.clear()
-            target.update({layer: eigh(C).eigenvectors for layer, C in source.items()})
-        self.compute_eigenvalue_correction()
+        A, G = self._accumulated_factors()
+        QA = {layer: eigh(C).eigenvectors for layer, C in A.items()}
+        QG = {layer: eigh(C).eigenvectors for layer, C in G.items()}
+        eigenvalues = self._corrected_eigenvalues_pass(QA, QG)
+        self._input_covariances_eigenvectors = QA
+        self._gradient_covariances_eigenvectors = QG
+        self._corrected_eigenvalues = eigenvalues
+        self._input_covariances, self._gradient_covariances = A, G
+        self._factors_ready = True
 
     @with_autograd
     def compute_eigenvalue_correction(self):
         """Compute the corrected eigenvalues in the cached eigenbasis (one pass).
 
         Computes the eigenbasis first (:meth:`compute_kronecker_factors`) if it is
-        not cached.
+        not cached. The cache changes only once the pass has succeeded.
         """
-        QA, QG = (
+        if not self._factors_ready:
+            self.compute_kronecker_factors()
+            return
+        self._corrected_eigenvalues = self._corrected_eigenvalues_pass(
             self._input_covariances_eigenvectors,
             self._gradient_covariances_eigenvectors,
         )
-        if not QG:
-            self.compute_kronecker_factors()
-            return
-        self._corrected_eigenvalues = {}
+
+    def _corrected_eigenvalues_pass(
+        self, QA: dict[str, Tensor], QG: dict[str, Tensor]
+    ) -> dict[tuple[str, str], Tensor]:
+        """Sum the squared per-datum gradients in the eigenbasis over the data.
+
+        Args:
+            QA: Eigenvectors of the input covariances, by layer name.
+            QG: Eigenvectors of the gradient covariances, by layer name.
+
+        Returns:
+            The corrected eigenvalues by block key, summed over the ranks.
+        """
+        eigenvalues = {}
         for layer, kind in self._block_keys:
             in_dim = () if kind == "b" else (len(QA[layer]),)
-            self._corrected_eigenvalues[(layer, kind)] = self._zeros(
-                len(QG[layer]), *in_dim
-            )
-        squared_inputs = {}
+            eigenvalues[(layer, kind)] = self._zeros(len(QG[layer]), *in_dim)
+        inputs = {}
 
         def on_input(layer: str, rows: Tensor):
-            squared_inputs[layer] = (rows @ QA[layer]) ** 2
+            inputs[layer] = rows
 
         def on_output_grad(layer: str, rows: Tensor):
-            squared_grads = (rows @ QG[layer]) ** 2
             for kind in ("W", "b", "Wb"):
-                eigenvalues = self._corrected_eigenvalues.get((layer, kind))
-                if eigenvalues is None:
+                if (layer, kind) not in eigenvalues:
                     continue
                 if kind == "b":
-                    eigenvalues.add_(squared_grads.sum((0, 1, 2)))
+                    value = bias_corrected_eigenvalues(rows, QG[layer])
                 else:
-                    a2 = squared_inputs[layer]
-                    eigenvalues.add_(einsum("kbpo,bpi->oi", squared_grads, a2))
+                    value = corrected_eigenvalues(
+                        rows, QG[layer], inputs[layer], QA[layer]
+                    )
+                eigenvalues[(layer, kind)].add_(value)
 
-        self._data_pass(on_input, on_output_grad)
-        self._sum_over_ranks([self._corrected_eigenvalues])
+        self._data_pass(on_input, on_output_grad, per_datum=True)
+        self._sum_over_ranks([eigenvalues])
+        return eigenvalues
 
     def _eigen_blocks(self) -> list[tuple[Tensor | None, Tensor, Tensor]]:
         """Return the eigenvectors and corrected eigenvalues of every block.

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import float64, rand
+from torch import equal, float64, rand
 from torch.nn import CrossEntropyLoss, L1Loss, Linear, Sequential
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator
@@ -78,7 +78,9 @@ def test_factors_are_computed_lazily_and_once(cls, monkeypatch):
     op = cls(model, loss_func, params, data, check_deterministic=False)
     calls = []
     original = op._data_pass
-    monkeypatch.setattr(op, "_data_pass", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        op, "_data_pass", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
     assert not calls
     v = rand(op.shape[1], dtype=float64)
     op @ v
@@ -151,3 +153,110 @@ def test_shape_is_checked():
     assert K.shape == (num_params, num_params)
     with pytest.raises(ValueError, match="shape"):
         KFACLinearOperator(model, loss_func, params, data, shape=(num_params, 1))
+
+
+# Transactional caching: a fault leaves the operator as before
+
+
+class FaultyData:
+    """Mini-batches that raise ``error`` on the ``fail_at``-th batch drawn."""
+
+    def __init__(self, batches: list, error: BaseException):
+        self.batches, self.error = batches, error
+        self.drawn, self.fail_at = 0, None
+
+    def arm(self, fail_at: int | None):
+        self.drawn, self.fail_at = 0, fail_at
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.drawn += 1
+            if self.drawn == self.fail_at:
+                raise self.error
+            yield batch
+
+
+_CACHE = (
+    "_factors_ready",
+    "_input_covariances",
+    "_gradient_covariances",
+    "_input_covariances_eigenvectors",
+    "_gradient_covariances_eigenvectors",
+    "_corrected_eigenvalues",
+)
+
+
+def _cache(op) -> dict:
+    """Copies of the operator's cached factors (and whether they are ready)."""
+    state = {}
+    for name in _CACHE:
+        value = getattr(op, name, None)
+        is_dict = isinstance(value, dict)
+        state[name] = {k: v.clone() for k, v in value.items()} if is_dict else value
+    return state
+
+
+def _assert_same_cache(op, expected: dict):
+    for name, value in _cache(op).items():
+        if isinstance(value, dict):
+            assert value.keys() == expected[name].keys(), name
+            assert all(equal(v, expected[name][k]) for k, v in value.items()), name
+        else:
+            assert value == expected[name], name
+
+
+def _faulty_operator(cls, error: BaseException):
+    model, loss_func, params, batches = Case("sequence", "ce").make()
+    data = FaultyData(batches, error)
+    kwargs = {"fisher_type": "mc", "mc_samples": 2, "check_deterministic": False}
+    op = cls(model, loss_func, params, data, **kwargs)
+    fresh = cls(model, loss_func, params, batches, **kwargs)
+    fresh._ensure_factors()
+    return op, data, fresh
+
+
+# batches 1, 2: the factors' pass; 3, 4: EKFAC's correction pass
+FAULTS = [(KFACLinearOperator, 1), (KFACLinearOperator, 2)] + [
+    (EKFACLinearOperator, k) for k in (1, 2, 3, 4)
+]
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "cached"])
+@pytest.mark.parametrize(
+    "error", [RuntimeError("disk"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+@pytest.mark.parametrize(
+    "cls,fail_at", FAULTS, ids=[f"{c.__name__[:5]}-{k}" for c, k in FAULTS]
+)
+def test_a_fault_in_the_factor_computation_changes_nothing(cls, fail_at, error, cached):
+    op, data, fresh = _faulty_operator(cls, error)
+    if cached:
+        op._ensure_factors()
+    before = _cache(op)
+    data.arm(fail_at)
+    with pytest.raises(type(error)):
+        op.compute_kronecker_factors() if cached else op @ rand(
+            op.shape[1], dtype=float64
+        )
+    _assert_same_cache(op, before)
+    assert all(not m._forward_hooks for m in op._model_func.modules())
+    assert all(p.grad is None for p in op._params)
+    data.arm(None)
+    v = rand(op.shape[1], dtype=float64)
+    op.compute_kronecker_factors()  # retry
+    assert equal(op @ v, fresh @ v)
+    _assert_same_cache(op, _cache(fresh))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_fault_in_the_explicit_eigenvalue_correction_changes_nothing(fail_at):
+    E, data, fresh = _faulty_operator(EKFACLinearOperator, RuntimeError("disk"))
+    E._ensure_factors()
+    before = _cache(E)
+    data.arm(fail_at)
+    with pytest.raises(RuntimeError, match="disk"):
+        E.compute_eigenvalue_correction()
+    _assert_same_cache(E, before)
+    data.arm(None)
+    E.compute_eigenvalue_correction()  # retry
+    _assert_same_cache(E, _cache(fresh))

@@ -1,7 +1,18 @@
 """Tests for curvlinops._kfac_pass: supported layers, rows, hooks."""
 
 import pytest
-from torch import Tensor, arange, float64, manual_seed, rand, randint, randn
+from torch import (
+    Tensor,
+    arange,
+    cat,
+    einsum,
+    float64,
+    manual_seed,
+    rand,
+    randint,
+    randn,
+)
+from torch.autograd import grad
 from torch.nn import (
     BatchNorm1d,
     Conv2d,
@@ -18,6 +29,7 @@ from curvlinops import KFACLinearOperator
 from curvlinops._kfac_pass import (
     layer_input_rows,
     layer_output_grad_rows,
+    per_datum_input_rows,
     record_layers,
     supported_layer_mapping,
 )
@@ -168,3 +180,33 @@ def test_layers_the_data_never_reach_have_zero_factors():
     assert (K._input_covariances["unused"] == 0).all()
     assert (K._gradient_covariances["unused"] == 0).all()
     assert K._input_covariances["used"].abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(
+    "layer,in_shape",
+    [
+        (Linear(4, 6), (3, 4)),
+        (Conv2d(4, 6, 3, stride=2, padding=1), (4, 5, 5)),
+        (Conv2d(4, 6, (3, 2), padding=(2, 1), dilation=(1, 2), groups=2), (4, 5, 6)),
+        (Conv2d(4, 6, 2, padding="same", groups=2), (4, 5, 5)),
+    ],
+    ids=["linear", "conv", "grouped_conv", "same_padding"],
+)
+def test_per_datum_rows_give_the_per_datum_gradients(layer, in_shape):
+    layer = layer.to(float64)
+    manual_seed(0)
+    x = rand(3, *in_shape, dtype=float64)
+    out_grad = randn(layer(x).shape, dtype=float64)
+    a = per_datum_input_rows(layer, x, 3, append_ones=True)
+    g = layer_output_grad_rows(layer, out_grad.unsqueeze(0), 3, "expand")[0]
+    if a.ndim == 4:  # [N, groups, P, D_in + 1]: each group's channels, its patches
+        gradients = einsum("npgc,ngpi->ngci", g.unflatten(-1, (2, -1)), a)
+        gradients = gradients.flatten(1, 2)
+    else:
+        gradients = einsum("npo,npi->noi", g, a)
+    for n in range(3):
+        grad_W, grad_b = grad(
+            (layer(x[n : n + 1]) * out_grad[n : n + 1]).sum(), layer.parameters()
+        )
+        assert gradients[n].allclose(cat([grad_W.flatten(1), grad_b[:, None]], 1))
