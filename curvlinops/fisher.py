@@ -8,6 +8,7 @@ from torch import Generator, Tensor
 
 from curvlinops._checks import check_supported_loss
 from curvlinops._distributed import rank_seed
+from curvlinops._execution import with_autograd
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     ignored_terms,
@@ -101,6 +102,9 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         SELF_ADJOINT: ``True``.
     """
 
+    # The label generator of the running product.
+    _TRANSIENT = ("_generator", "_batch_state")
+
     def __init__(
         self,
         model_func: Callable[[Tensor | MutableMapping], Tensor],
@@ -168,6 +172,7 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
             process_group=process_group,
         )
 
+    @with_autograd  # protected: threads must not share the generator
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Re-seed the label generator, then accumulate over the data.
 

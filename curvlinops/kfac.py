@@ -115,14 +115,15 @@ class KFACLinearOperator(_KFACBase):
         Returns:
             Pairs ``(A, G)`` in block order; ``A`` is ``None`` for bias blocks.
         """
-        self._ensure_factors()
-        return [
-            (
-                None if role == "b" else self._input_covariances[layer],
-                self._gradient_covariances[layer],
-            )
-            for layer, role in self._block_keys
-        ]
+        with self._lock:  # a consistent set while another thread may recompute
+            self._ensure_factors()
+            return [
+                (
+                    None if role == "b" else self._input_covariances[layer],
+                    self._gradient_covariances[layer],
+                )
+                for layer, role in self._block_keys
+            ]
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the block-diagonal Kronecker matrix onto a matrix.
