@@ -1,11 +1,13 @@
 """Tests for curvlinops.papyan2020traces.spectrum."""
 
+import pickle
+from copy import deepcopy
 from math import log
 
 import numpy
 import pytest
 from scipy.sparse.linalg import ArpackNoConvergence
-from torch import cat, float64, full, linalg, manual_seed, randn, trapezoid
+from torch import cat, equal, float64, full, linalg, manual_seed, randn, trapezoid
 
 import curvlinops.papyan2020traces._quadrature as quadrature
 from curvlinops import (
@@ -185,3 +187,17 @@ def test_spectrum_rejects_bad_input():
         lanczos_approximate_spectrum(A, ncv=5, boundaries_tol=-1.0)
     with pytest.raises(ValueError, match="epsilon"):
         lanczos_approximate_log_spectrum(A, ncv=5, epsilon=0.0)
+
+
+def test_cached_spectra_of_curvature_operators_copy_and_pickle():
+    """Copies of a spectrum with cached quadratures (of a GGN used before) agree."""
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    G = GGNLinearOperator(model, loss_func, params, data)
+    manual_seed(0)
+    spectrum = LanczosApproximateSpectrumCached(G, ncv=8, boundaries=(0.0, 1.0))
+    grid, density = spectrum.approximate_spectrum(num_repeats=2, num_points=50)
+    for copied in (deepcopy(spectrum), pickle.loads(pickle.dumps(spectrum))):
+        copied_grid, copied_density = copied.approximate_spectrum(
+            num_repeats=2, num_points=50
+        )
+        assert equal(copied_grid, grid) and equal(copied_density, density)
