@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from threading import local
 
 import torch.distributed as dist
 from torch import Tensor, cat, tensor
@@ -23,6 +24,8 @@ from torch import device as torch_device
 
 # 2**32 over the golden ratio: spacing of the ranks' seeds (see `rank_seed`).
 _SEED_STRIDE = 0x9E3779B9
+# How deeply this thread's computations in `shared_failure` are nested.
+_NESTING = local()
 
 
 def check_process_group(process_group):
@@ -185,16 +188,21 @@ def shared_failure(process_group, device: torch_device) -> Iterator[None]:
     Yields:
         Nothing.
     """
+    depth = getattr(_NESTING, "depth", 0)  # computations may nest
+    _NESTING.depth = depth + 1
     try:
         yield
     except Exception as error:
         reported = getattr(error, "__curvlinops_shared__", False)
-        if process_group is None or reported or isinstance(error, dist.DistError):
-            raise
-        mark_shared(error)
-        message = f"{type(error).__name__}: {error}"
-        first_error_over_ranks(message, process_group, device)
+        if not (process_group is None or reported or isinstance(error, dist.DistError)):
+            mark_shared(error)
+            message = f"{type(error).__name__}: {error}"
+            first_error_over_ranks(message, process_group, device)
+        if depth == 0 and hasattr(error, "__curvlinops_shared__"):
+            del error.__curvlinops_shared__  # the caller may raise it again
         raise
+    finally:
+        _NESTING.depth = depth
 
 
 def gather_rows(x: Tensor, process_group) -> Tensor:
