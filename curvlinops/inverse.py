@@ -159,13 +159,12 @@ class CGInverseLinearOperator(_InverseLinearOperator):
             raise ValueError(f"Tolerances must be >= 0, got {tol=} and {atol=}.")
         if maxiter is not None and maxiter < 1:
             raise ValueError(f"`maxiter` must be positive, got {maxiter}.")
-        self._x0 = x0
+        preconditioner = None  # checked before any setting changes
+        if M is not None:
+            preconditioner = adapt_square(M, self.device, self.dtype).operator
+        self._x0, self._preconditioner, self._callback = x0, preconditioner, callback
         self._tol, self._atol = tol, 0.0 if atol is None else atol
         self._maxiter = 10 * self.shape[0] if maxiter is None else maxiter
-        self._preconditioner = None
-        if M is not None:
-            self._preconditioner = adapt_square(M, self.device, self.dtype).operator
-        self._callback = callback
 
     def _initial_guess(self, num_columns: int) -> Tensor | None:
         """Return the initial guess for a number of columns.
