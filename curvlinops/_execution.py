@@ -129,54 +129,61 @@ _MODEL_LOCKS: WeakKeyDictionary = WeakKeyDictionary()
 _MODEL_LOCKS_LOCK = Lock()
 
 
-def parameter_names(model, params: list[Tensor]) -> dict[int, str]:
-    """Find the names under which a model holds parameters (those it holds).
+def parameter_paths(model, params: list[Tensor]) -> list[tuple[int, list[str]]]:
+    """Locate the parameters a model holds: the module path and name of each.
 
     Args:
         model: The model; anything but a ``torch.nn.Module`` holds none.
         params: The operator's parameters.
 
     Returns:
-        Position in ``params`` mapped to the parameter's name in the model, for
-        the parameters the model holds.
+        Pairs of a position in ``params`` and the parameter's name in the model,
+        split at the dots, for the parameters the model holds.
     """
     if not isinstance(model, Module):
-        return {}
+        return []
     name_of = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         name_of.setdefault(id(param), name)
-    return {idx: name_of[id(p)] for idx, p in enumerate(params) if id(p) in name_of}
+    return [
+        (idx, name_of[id(p)].split("."))
+        for idx, p in enumerate(params)
+        if id(p) in name_of
+    ]
 
 
-def check_parameters_current(model, params: list[Tensor], names: dict[int, str]):
-    """Verify that the model still holds the parameters under their names.
+def check_parameters_current(
+    model, params: list[Tensor], paths: list[tuple[int, list[str]]]
+):
+    """Verify that the model still holds the parameters where they were.
 
     ``model.load_state_dict(..., assign=True)`` or assigning a new
-    ``torch.nn.Parameter`` replaces a parameter object; products would then
-    differentiate w.r.t. tensors the model no longer uses. Costs a few dictionary
-    look-ups per parameter, no computation on the device.
+    ``torch.nn.Parameter`` (or module) replaces a parameter object; products
+    would then differentiate w.r.t. tensors the model no longer uses. Costs a few
+    dictionary look-ups per parameter, no computation on the device.
 
     Args:
         model: The model.
         params: The operator's parameters.
-        names: Their names in the model, from :func:`parameter_names`.
+        paths: Their locations in the model, from :func:`parameter_paths`.
 
     Raises:
-        RuntimeError: If the model holds another tensor (or none) under a name.
+        RuntimeError: If the model holds another tensor (or none) at a location.
     """
-    for idx, name in names.items():
-        module_name, _, attribute = name.rpartition(".")
-        try:
-            current = model.get_submodule(module_name)._parameters.get(attribute)
-        except AttributeError:  # the module was removed
-            current = None
+    for idx, path in paths:
+        module = model
+        for name in path[:-1]:
+            module = module._modules.get(name)
+            if module is None:  # the module was removed
+                break
+        current = None if module is None else module._parameters.get(path[-1])
         if current is not params[idx]:
             raise RuntimeError(
-                f"params[{idx}] is no longer the model's parameter {name!r}: it was "
-                "replaced (e.g. by `load_state_dict(..., assign=True)` or by "
-                "assigning a new `torch.nn.Parameter`), so products would not use "
-                "the model's values. Create a new operator with the model's current "
-                "parameters."
+                f"params[{idx}] is no longer the model's parameter "
+                f"{'.'.join(path)!r}: it was replaced (e.g. by "
+                "`load_state_dict(..., assign=True)` or by assigning a new "
+                "`torch.nn.Parameter`), so products would not use the model's "
+                "values. Create a new operator with the model's current parameters."
             )
 
 

@@ -59,7 +59,7 @@ from curvlinops._execution import (
     copyable_state,
     model_lock,
     normal_tensor,
-    parameter_names,
+    parameter_paths,
     restored_running_stats,
     transient_names,
     with_autograd,
@@ -617,7 +617,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._model_func = model_func
         self._loss_func = loss_func
         self._params = list(params)
-        self._param_names = parameter_names(model_func, self._params)
+        self._param_paths = parameter_paths(model_func, self._params)
         self._lock = model_lock(model_func)
         self._data = data
         self._progressbar = progressbar
@@ -705,7 +705,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 yield
             return
         with self._lock, shared_failure(self._process_group, self.device):
-            check_parameters_current(self._model_func, self._params, self._param_names)
+            check_parameters_current(self._model_func, self._params, self._param_paths)
             with restored_running_stats(self._model_func):
                 yield
 
