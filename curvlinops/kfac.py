@@ -68,16 +68,16 @@ class KFACLinearOperator(_KFACBase):
     :meth:`compute_kronecker_factors` again) after the model changes. If the
     model's parameters were replaced by other tensors (``load_state_dict(...,
     assign=True)``), computing the factors raises an error that names the
-    parameter: create a new operator. Products and
-    the properties :attr:`trace`, :attr:`det`, :attr:`logdet` and
-    :attr:`frobenius_norm` (cached) only use the factors. :meth:`state_dict`,
-    :meth:`load_state_dict` and :meth:`from_state_dict` save and restore the
-    operator in curvlinops 3.0.1's layout; a state that does not fit (another
-    architecture, loss or layers) raises before operator or model change. ``_mapping`` maps the name of every layer
-    with parameters to ``{'weight': i, 'bias': j}``, their positions in ``params``;
-    ``_input_covariances`` and ``_gradient_covariances`` hold the factors
-    :math:`\mathbf{A}` and :math:`\mathbf{G}` by layer name. The operator is
-    self-adjoint.
+    parameter: create a new operator. Products and the properties :attr:`trace`,
+    :attr:`det`, :attr:`logdet` and :attr:`frobenius_norm` (cached) only use the
+    factors. :meth:`state_dict`, :meth:`load_state_dict` and
+    :meth:`from_state_dict` save and restore the operator in curvlinops 3.0.1's
+    layout; a state that does not fit (another architecture, loss or layers)
+    raises before operator or model change. ``_mapping`` maps the name of every
+    layer with parameters to ``{'weight': i, 'bias': j}``, their positions in
+    ``params``; ``_input_covariances`` and ``_gradient_covariances`` hold the
+    factors :math:`\mathbf{A}` and :math:`\mathbf{G}` by layer name. The
+    operator is self-adjoint.
 
     Data-parallel (``process_group``), each rank passes its shard of the data and
     the factors are summed over the ranks with one all-reduce per pass, so that
