@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from torch import Tensor, eye, float64
 from torch.linalg import cholesky_ex, eigh
 
-from curvlinops._kfac_validation import check_state_keys, factor_shape
+from curvlinops._kfac_validation import check_state_keys, inverted_factors_fit
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.kfac import KFACLinearOperator, _eigenbasis_matmat, _kronecker_matmat
@@ -345,35 +345,13 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             self._A.load_state_dict(state_dict["A"])
             self._configure(*options)
             A_inv, G_inv = (state_dict[key] for key in inverses)
-            if self._damps_factors() and self._cache and self._fit(A_inv, G_inv):
+            fit = inverted_factors_fit(self._A, A_inv, G_inv)
+            if self._damps_factors() and self._cache and fit:
                 move = self._A._to_operator
                 self._inverse_input_covariances = {k: move(v) for k, v in A_inv.items()}
                 self._inverse_gradient_covariances = {
                     k: move(v) for k, v in G_inv.items()
                 }
-
-    def _fit(self, A_inv: dict, G_inv: dict) -> bool:
-        """Return whether saved inverted factors fit ``A``'s layers and shapes.
-
-        Args:
-            A_inv: Saved inverted input covariances by layer name.
-            G_inv: Saved inverted gradient covariances by layer name.
-
-        Returns:
-            Whether keys and shapes are those of ``A``'s factors.
-        """
-        A = self._A
-        for saved, kind in [(A_inv, "weights"), (G_inv, "layers")]:
-            if not isinstance(saved, dict) or sorted(saved) != sorted(
-                A._factor_keys(kind)
-            ):
-                return False
-            for layer, value in saved.items():
-                joint = A._has_joint_bias(layer)
-                shape = factor_shape(A._model_func, layer, kind, None, joint)
-                if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                    return False
-        return True
 
     def __setstate__(self, state: dict):
         """Restore a copied or unpickled state, with a new lock.

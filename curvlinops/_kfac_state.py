@@ -37,6 +37,7 @@ from curvlinops._kfac_validation import (
     block_keys,
     check_factor,
     check_model_state,
+    check_scalar,
     check_state_keys,
     factor_shape,
 )
@@ -217,10 +218,13 @@ class _KFACStateMixin:
         }
         if any(value is None for value in factors.values()):
             return hyperparameters, None, {}
-        functions = {
-            f"_{name}": self._load_scalar(name, state_dict.get(name))
-            for name in MATRIX_FUNCTIONS
-        }
+        functions = {}
+        for name in MATRIX_FUNCTIONS:
+            value = state_dict.get(name)
+            check_scalar(name, value)
+            functions[f"_{name}"] = (
+                None if value is None else self._to_operator(value).reshape(())
+            )
         return hyperparameters, factors, functions
 
     def _load_factors(
@@ -260,27 +264,6 @@ class _KFACStateMixin:
             shape = factor_shape(self._model_func, layer, kind, block, layer in joint)
             check_factor(key, name, value, shape)
         return {k: self._to_operator(v) for k, v in factors.items()}
-
-    def _load_scalar(self, name: str, value) -> Tensor | None:
-        """Check a saved matrix function (a number, or ``None``) and convert it.
-
-        Args:
-            name: Its name, for the error message.
-            value: The saved value.
-
-        Returns:
-            A scalar tensor on the operator's device and dtype, or ``None``.
-
-        Raises:
-            ValueError: If the value is neither ``None`` nor a single number.
-        """
-        if value is None:
-            return None
-        number = isinstance(value, (Tensor, float, int))
-        converted = as_tensor(value) if number else None
-        if converted is None or converted.numel() != 1:
-            raise ValueError(f"The state's {name} must be a number, got {value!r}.")
-        return self._to_operator(converted.reshape(()))
 
     def _to_operator(self, value: Tensor | float) -> Tensor:
         """Move a saved tensor (or number) to the operator's device and dtype.

@@ -137,3 +137,43 @@ def check_factor(key: str, name: Any, value, shape: tuple[int, ...]):
             f"The state's {key}[{name!r}] is {found}; expected a floating point "
             f"tensor of shape {list(shape)}."
         )
+
+
+def check_scalar(name: str, value):
+    """Verify that a saved matrix function is ``None`` or a single number.
+
+    Args:
+        name: Its name, for the error message.
+        value: The saved value.
+
+    Raises:
+        ValueError: If the value is neither ``None`` nor a single number.
+    """
+    if value is None:
+        return
+    number = isinstance(value, (float, int)) and not isinstance(value, bool)
+    if not (number or isinstance(value, Tensor) and value.numel() == 1):
+        raise ValueError(f"The state's {name} must be a number, got {value!r}.")
+
+
+def inverted_factors_fit(A, A_inv, G_inv) -> bool:
+    """Return whether saved inverted factors fit a KFAC operator's layers and shapes.
+
+    Args:
+        A: The KFAC operator.
+        A_inv: Saved inverted input covariances by layer name.
+        G_inv: Saved inverted gradient covariances by layer name.
+
+    Returns:
+        Whether keys and shapes are those of ``A``'s factors.
+    """
+    for saved, kind in [(A_inv, "weights"), (G_inv, "layers")]:
+        if not isinstance(saved, dict) or sorted(saved) != sorted(A._factor_keys(kind)):
+            return False
+        for layer, value in saved.items():
+            shape = factor_shape(
+                A._model_func, layer, kind, None, A._has_joint_bias(layer)
+            )
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                return False
+    return True
