@@ -11,7 +11,7 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._execution import with_autograd
+from curvlinops._execution import restored_running_stats, with_autograd
 from curvlinops._torch_base import CurvatureLinearOperator
 
 _IO_KINDS = ("input", "output")
@@ -120,7 +120,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
                 f"`data` holds {num_batches}."
             )
         (X, _) = next(iter(data))
-        with no_grad():
+        with no_grad(), restored_running_stats(model_func):
             _, feature = self._forward(model_func, X)
         super().__init__(
             model_func,
