@@ -54,6 +54,7 @@ from test.faults import (
     Faulty,
     FaultyData,
     Rendezvous,
+    assert_forward_ad_usable,
     assert_same_state,
     model_state,
 )
@@ -338,3 +339,34 @@ def test_threads_take_turns(name):
     if name == "kfac":
         assert data.passes - passes == 1
     assert_same_state(before, model_state(model))
+
+
+def test_threads_with_operators_on_different_models_take_turns_in_forward_mode():
+    """Forward-mode AD is global to the process: GGNs of two models take turns.
+
+    Both models share the layer that holds the first thread until a second one
+    arrives, so that without turns the forward passes overlap.
+    """
+    rendezvous = Rendezvous(timeout=0.3)
+    problems = [_problem(rendezvous), _problem(rendezvous)]
+    ops = [GGNLinearOperator(m, f, p, d, **OFF) for m, f, p, d in problems]
+    v = _columns(ops[0])[:, 0]
+    expected = [op @ v for op in ops]
+    results = [None, None]
+
+    def multiply(idx: int):
+        try:
+            results[idx] = ops[idx] @ v
+        except Exception as error:  # noqa: BLE001 (reported below)
+            results[idx] = error
+
+    rendezvous.arm()
+    threads = [Thread(target=multiply, args=(idx,)) for idx in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result, reference in zip(results, expected):
+        assert isinstance(result, Tensor), result
+        assert_close(result, reference)
+    assert_forward_ad_usable()
