@@ -194,7 +194,8 @@ def shared_failure(process_group, device: torch_device) -> Iterator[None]:
         yield
     except Exception as error:
         reported = getattr(error, "__curvlinops_shared__", False)
-        if not (process_group is None or reported or isinstance(error, dist.DistError)):
+        communication = isinstance(error, getattr(dist, "DistError", ()))
+        if not (process_group is None or reported or communication):
             mark_shared(error)
             message = f"{type(error).__name__}: {error}"
             first_error_over_ranks(message, process_group, device)

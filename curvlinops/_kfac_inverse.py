@@ -261,12 +261,10 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """
         if self._inverse_gradient_covariances:
             return self._inverse_input_covariances, self._inverse_gradient_covariances
-        A_inv, G_inv = self._inverse_factors()  # published only when complete
+        A_inv, G_inv = self._inverse_factors()  # kept only once all are inverted
         if self._cache:
-            self._inverse_input_covariances, self._inverse_gradient_covariances = (
-                A_inv,
-                G_inv,
-            )
+            self._inverse_input_covariances = A_inv
+            self._inverse_gradient_covariances = G_inv
         return A_inv, G_inv
 
     def _inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
