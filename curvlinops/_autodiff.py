@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from threading import RLock
 from types import MethodType
 
 from torch import Tensor, no_grad, zeros, zeros_like
@@ -36,6 +37,9 @@ from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
 from curvlinops.utils import make_functional_model_and_loss
+
+# Forward-mode AD levels are global to the process: threads take turns.
+_FORWARD_AD = RLock()
 
 
 def unpack_columns(M: tuple) -> list[Tensor]:
@@ -156,11 +160,12 @@ def jvp(
         output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
         return output, JM.unsqueeze(0)
     if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
-        with forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
+        with _FORWARD_AD, forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
             duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
             output, JM = forward_ad.unpack_dual(f(*duals))
         return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
-    return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
+    with nullcontext() if is_compiling() else _FORWARD_AD:  # func_jvp: a level, too
+        return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
 
 
 def fast_rule_layers(model) -> list[Module]:

@@ -222,8 +222,8 @@ class CGInverseLinearOperator(_InverseLinearOperator):
         """
         if maxiter < 1:
             raise ValueError(f"`{maxiter_name}` must be positive, got {maxiter}.")
-        self._x0, self._maxiter = x0, maxiter
-        self._preconditioner = self._as_preconditioner(preconditioner)
+        precondition = self._as_preconditioner(preconditioner)  # checked first
+        self._x0, self._maxiter, self._preconditioner = x0, maxiter, precondition
 
     def _as_preconditioner(self, P) -> Callable[[Tensor], Tensor] | None:
         """Turn a preconditioner into a function of matrices ``[N, K]``.

@@ -310,9 +310,10 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         return zeros(*shape, device=self.device, dtype=self.dtype)
 
     def _ensure_factors(self):
-        """Compute the factors unless they are cached."""
-        if not self._factors_ready:
-            self.compute_kronecker_factors()
+        """Compute the factors unless they are cached (once, also for threads)."""
+        with self._lock:
+            if not self._factors_ready:
+                self.compute_kronecker_factors()
 
     def _data_pass(
         self,

@@ -25,8 +25,9 @@ class _KFACInterfaceMixin:
     """Parameter mapping, label sampling and matrix-function cache of KFAC.
 
     The operator provides ``_loss_func``, ``_seed``, ``_process_group``, ``device``,
-    ``_num_per_example_loss_terms`` and ``_seen_terms_per_datum`` (the numbers of
-    loss terms per datum seen in the last pass), and sets ``_generator``.
+    ``_lock`` (reentrant), ``_num_per_example_loss_terms`` and
+    ``_seen_terms_per_datum`` (the numbers of loss terms per datum seen in the last
+    pass), and sets ``_generator``.
     """
 
     @classmethod
@@ -91,11 +92,13 @@ class _KFACInterfaceMixin:
             Labels: class indices ``[B, *]`` for cross-entropy, else of the
             output's shape.
         """
-        if self._generator is None:
-            self._generator = self._seeded_generator()
         output = output.detach()
         output_terms, _ = loss_terms(self._loss_func, output, output)  # labels unused
-        labels = sample_labels(self._loss_func, output_terms, 1, self._generator)[0]
+        with self._lock:  # threads draw one after another
+            if self._generator is None:
+                self._generator = self._seeded_generator()
+            labels = sample_labels(self._loss_func, output_terms, 1, self._generator)
+        labels = labels[0]
         if isinstance(self._loss_func, CrossEntropyLoss):
             return labels.reshape(output.movedim(1, -1).shape[:-1])
         return labels.reshape(output.shape)
@@ -112,11 +115,12 @@ class _KFACInterfaceMixin:
         Returns:
             The value.
         """
-        value = getattr(self, f"_{name}", None)
-        if value is None:
-            value = compute()  # may compute the factors, which clears the caches
-            setattr(self, f"_{name}", value)
-        return value
+        with self._lock:  # computed once, also if threads ask at the same time
+            value = getattr(self, f"_{name}", None)
+            if value is None:
+                value = compute()  # may compute the factors, which clears the caches
+                setattr(self, f"_{name}", value)
+            return value
 
     def _forget_matrix_functions(self):
         """Clear the cached matrix functions."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from math import sqrt
+from threading import RLock
 from typing import Any, TypeVar
 
 from torch import Tensor, eye, float64
 from torch.linalg import cholesky_ex, eigh
 
+from curvlinops._kfac_validation import check_state_keys, inverted_factors_fit
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.kfac import KFACLinearOperator, _eigenbasis_matmat, _kronecker_matmat
@@ -54,7 +56,9 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
     \delta)^{-1} (\mathbf{Q}_\mathbf{G} \otimes \mathbf{Q}_\mathbf{A})^\top`,
     which is exact damping. Factors are inverted with Cholesky decompositions; the
     inverted factors are cached unless ``cache=False`` (create a new inverse after
-    recomputing the factors of ``A``). The operator is self-adjoint.
+    recomputing the factors of ``A``). Products from several threads take turns;
+    copies and pickles rebuild the functions that apply the inverse on first use.
+    The operator is self-adjoint.
 
     Example:
         >>> from torch import manual_seed, rand, randint
@@ -74,6 +78,8 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
     """
 
     SELF_ADJOINT: bool = True
+    # Rebuilt after copying: the lock and the functions applying the inverse.
+    _TRANSIENT = ("_lock", "_cached_matmats")
 
     def __init__(
         self,
@@ -111,6 +117,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
                 f"{type(A).__name__}."
             )
         self._A = A
+        self._lock = RLock()
         self._configure(
             damping,
             use_heuristic_damping,
@@ -139,6 +146,36 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             use_exact_damping: See the constructor.
             cache: See the constructor.
             retry_double_precision: See the constructor.
+        """
+        dampings = self._check_options(
+            damping, use_heuristic_damping, min_damping, use_exact_damping
+        )
+        self._damping, self._min_damping = damping, min_damping
+        self._damping_A, self._damping_G = dampings
+        self._use_heuristic_damping = use_heuristic_damping
+        self._use_exact_damping = use_exact_damping
+        self._cache, self._retry = cache, retry_double_precision
+        self._cached_matmats: list[Callable[[Tensor], Tensor]] | None = None
+        self._inverse_input_covariances: dict[str, Tensor] = {}
+        self._inverse_gradient_covariances: dict[str, Tensor] = {}
+
+    def _check_options(
+        self,
+        damping: float | tuple[float, float],
+        use_heuristic_damping: bool,
+        min_damping: float,
+        use_exact_damping: bool,
+    ) -> tuple[float, float]:
+        """Check the damping options.
+
+        Args:
+            damping: See the constructor.
+            use_heuristic_damping: See the constructor.
+            min_damping: See the constructor.
+            use_exact_damping: See the constructor.
+
+        Returns:
+            The dampings of the two factors.
 
         Raises:
             ValueError: If a damping is negative or the damping options conflict.
@@ -161,14 +198,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
                 "A pair of dampings applies to KFAC's two factors; it cannot be "
                 "combined with heuristic or exact damping or EKFAC."
             )
-        self._damping, self._min_damping = damping, min_damping
-        self._damping_A, self._damping_G = dampings
-        self._use_heuristic_damping = use_heuristic_damping
-        self._use_exact_damping = use_exact_damping
-        self._cache, self._retry = cache, retry_double_precision
-        self._cached_matmats: list[Callable[[Tensor], Tensor]] | None = None
-        self._inverse_input_covariances: dict[str, Tensor] = {}
-        self._inverse_gradient_covariances: dict[str, Tensor] = {}
+        return dampings
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         """Multiply the block-diagonal inverse onto a matrix.
@@ -179,9 +209,10 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         Returns:
             The product, tensors ``[*param.shape, K]``.
         """
-        matmats = self._cached_matmats or self._inverse_block_matmats()
-        if self._cache:
-            self._cached_matmats = matmats
+        with self._lock:  # threads share the cached inverses
+            matmats = self._cached_matmats or self._inverse_block_matmats()
+            if self._cache:
+                self._cached_matmats = matmats
         return self._A._blockwise(X, matmats)
 
     def _damps_factors(self) -> bool:
@@ -230,7 +261,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """
         if self._inverse_gradient_covariances:
             return self._inverse_input_covariances, self._inverse_gradient_covariances
-        A_inv, G_inv = self._inverse_factors()
+        A_inv, G_inv = self._inverse_factors()  # kept only once all are inverted
         if self._cache:
             self._inverse_input_covariances = A_inv
             self._inverse_gradient_covariances = G_inv
@@ -274,7 +305,8 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """
         inverses = ({}, {})
         if self._damps_factors() and self._cache:
-            inverses = self._kept_inverse_factors()
+            with self._lock:
+                inverses = self._kept_inverse_factors()
         return {
             "A": self._A.state_dict(),
             "damping": self._damping,
@@ -291,24 +323,42 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """Load ``A``'s state, the damping options and the inverted factors.
 
         Accepts the state dicts of :meth:`state_dict` and of curvlinops 3.0.1.
-        Inverted factors that do not fit ``A``'s layers, or that exact damping and
-        EKFAC do not use, are ignored and recomputed when needed.
+        Options and ``A``'s state are checked before anything is loaded, so that
+        a state that does not fit changes neither the inverse nor ``A`` (nor its
+        model). Inverted factors that do not fit ``A``'s layers, or that exact
+        damping and EKFAC do not use, are ignored and recomputed when needed.
 
         Args:
             state_dict: The dictionary to load.
+
+        Raises:
+            ValueError: If keys are missing, the damping options are invalid, or
+                ``A``'s state does not fit ``A`` (see its ``load_state_dict``).
         """
-        self._A.load_state_dict(state_dict["A"])
-        self._configure(*(state_dict[name] for name in _OPTIONS))
-        A_inv = state_dict["inverse_input_covariances"]
-        G_inv = state_dict["inverse_gradient_covariances"]
-        weights = self._A._factor_keys("weights")
-        fits = sorted(G_inv) == sorted(self._A._mapping) and sorted(A_inv) == sorted(
-            weights
-        )
-        if self._damps_factors() and self._cache and fits:
-            move = self._A._to_operator
-            self._inverse_input_covariances = {k: move(v) for k, v in A_inv.items()}
-            self._inverse_gradient_covariances = {k: move(v) for k, v in G_inv.items()}
+        inverses = ["inverse_input_covariances", "inverse_gradient_covariances"]
+        check_state_keys(state_dict, ["A", *_OPTIONS, *inverses])
+        options = [state_dict[name] for name in _OPTIONS]
+        self._check_options(*options[:4])
+        with self._lock:
+            self._A.load_state_dict(state_dict["A"])
+            self._configure(*options)
+            A_inv, G_inv = (state_dict[key] for key in inverses)
+            fit = inverted_factors_fit(self._A, A_inv, G_inv)
+            if self._damps_factors() and self._cache and fit:
+                move = self._A._to_operator
+                self._inverse_input_covariances = {k: move(v) for k, v in A_inv.items()}
+                self._inverse_gradient_covariances = {
+                    k: move(v) for k, v in G_inv.items()
+                }
+
+    def __setstate__(self, state: dict):
+        """Restore a copied or unpickled state, with a new lock.
+
+        Args:
+            state: The state from :meth:`__getstate__`.
+        """
+        super().__setstate__(state)
+        self._lock = RLock()
 
     @classmethod
     def from_state_dict(

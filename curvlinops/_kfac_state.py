@@ -33,6 +33,14 @@ from torch.nn import Module
 
 from curvlinops._kfac_interface import MATRIX_FUNCTIONS
 from curvlinops._kfac_pass import check_kfac_arguments
+from curvlinops._kfac_validation import (
+    block_keys,
+    check_factor,
+    check_model_state,
+    check_scalar,
+    check_state_keys,
+    factor_shape,
+)
 from curvlinops._losses import SUPPORTED_LOSSES
 
 _HYPERPARAMETERS = (
@@ -139,14 +147,55 @@ class _KFACStateMixin:
         """Load model state, hyperparameters and factors from a state dict.
 
         Accepts the state dicts of :meth:`state_dict` and of curvlinops 3.0.1.
+        Everything is checked before anything is loaded: if the state does not fit
+        (another loss, architecture or layers), neither the operator nor the
+        model changes.
 
         Args:
             state_dict: The dictionary to load.
 
         Raises:
-            ValueError: If the loss function, the hyperparameters or the layers do
-                not match.
+            ValueError: If keys are missing, or the loss function, the
+                hyperparameters, the model's state or the factors do not fit.
         """
+        with self._lock:
+            hyperparameters, factors, functions = self._checked_state(state_dict)
+            saved = dict(self.__dict__)
+            try:
+                self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+                self._set_hyperparameters(hyperparameters)
+                self._progressbar = state_dict.get("progressbar", self._progressbar)
+                self._num_data = state_dict["num_data"]
+                self._setup_canonical_form()
+                if factors is None:
+                    return  # not computed when saved: compute when first needed
+                for name, value in (factors | functions).items():
+                    setattr(self, name, value)
+                self._factors_ready = True
+            except BaseException:
+                self.__dict__.clear()
+                self.__dict__.update(saved)
+                raise
+
+    def _checked_state(self, state_dict: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """Check a state dict against the operator and convert its factors.
+
+        Args:
+            state_dict: The dictionary to load.
+
+        Returns:
+            The hyperparameters; the factors by attribute name, on the operator's
+            device and dtype (``None`` if they were not computed when saved); the
+            cached matrix functions by attribute name.
+
+        Raises:
+            ValueError: If keys are missing, or the loss function, the
+                hyperparameters, the model's state, ``num_data`` or the factors do
+                not fit.
+        """
+        entries = self._FACTOR_STATE | self._EXTRA_STATE
+        fixed = ["model_func_state_dict", "loss_type", "loss_reduction", "num_data"]
+        check_state_keys(state_dict, [*fixed, *_HYPERPARAMETERS, *entries])
         loss = (state_dict["loss_type"], state_dict["loss_reduction"])
         if loss != (type(self._loss_func).__name__, self._loss_func.reduction):
             raise ValueError(
@@ -155,52 +204,65 @@ class _KFACStateMixin:
             )
         hyperparameters = _hyperparameters(state_dict)
         check_kfac_arguments(self._loss_func, hyperparameters, self._supported())
-        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
-        self._set_hyperparameters(hyperparameters)
-        self._progressbar = state_dict.get("progressbar", self._progressbar)
-        self._num_data = state_dict["num_data"]
-        self._setup_canonical_form()
-        entries = self._FACTOR_STATE | self._EXTRA_STATE
+        check_model_state(self._model_func, state_dict["model_func_state_dict"])
+        num_data = state_dict["num_data"]
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(
+                f"The state's num_data must be a positive integer, got {num_data!r}."
+            )
+        separate = hyperparameters["separate_weight_and_bias"]
         factors = {
-            attribute: self._load_factors(key, kind, state_dict[key])
+            attribute: self._load_factors(key, kind, state_dict[key], separate)
             for key, (attribute, kind) in entries.items()
             if kind != "empty"
         }
         if any(value is None for value in factors.values()):
-            return  # not computed when saved: compute when first needed
-        for attribute, value in factors.items():
-            setattr(self, attribute, value)
+            return hyperparameters, None, {}
+        functions = {}
         for name in MATRIX_FUNCTIONS:
             value = state_dict.get(name)
-            setattr(
-                self, f"_{name}", None if value is None else self._to_operator(value)
+            check_scalar(name, value)
+            functions[f"_{name}"] = (
+                None if value is None else self._to_operator(value).reshape(())
             )
-        self._factors_ready = True
+        return hyperparameters, factors, functions
 
-    def _load_factors(self, key: str, kind: str, factors: dict) -> dict | None:
+    def _load_factors(
+        self, key: str, kind: str, factors: dict, separate: bool
+    ) -> dict | None:
         """Check a saved factor dictionary and move it to the operator.
 
         Args:
             key: The state key, for error messages.
             kind: The kind of keys, as in :meth:`_factor_keys`.
             factors: The saved dictionary.
+            separate: The loaded ``separate_weight_and_bias``.
 
         Returns:
             The factors on the operator's device and dtype (keyed by block for
             ``'blocks'``), or ``None`` if the dictionary is empty but should not be.
 
         Raises:
-            ValueError: If the dictionary's keys are not the expected ones.
+            ValueError: If the dictionary's keys or a factor's shape are not the
+                expected ones.
         """
         expected = self._factor_keys(kind)
+        if not isinstance(factors, dict):
+            raise ValueError(f"The state's {key} must be a dict, got {factors!r}.")
         if not factors and expected:
             return None
         if sorted(map(str, factors)) != sorted(map(str, expected)):
             raise ValueError(
                 f"The state's {key} are for {list(factors)}, expected {expected}."
             )
+        blocks = block_keys(self._mapping, self._params, separate)
         if kind == "blocks":
-            factors = _layers_to_blocks(factors, self._block_keys, key)
+            factors = _layers_to_blocks(factors, blocks, key)
+        joint = {layer for layer, block in blocks if block == "Wb"}
+        for name, value in factors.items():
+            layer, block = name if kind == "blocks" else (name, None)
+            shape = factor_shape(self._model_func, layer, kind, block, layer in joint)
+            check_factor(key, name, value, shape)
         return {k: self._to_operator(v) for k, v in factors.items()}
 
     def _to_operator(self, value: Tensor | float) -> Tensor:
@@ -240,7 +302,8 @@ class _KFACStateMixin:
         """Create an operator from a state dict, without computing its factors.
 
         The loss function is rebuilt from ``loss_type`` and ``loss_reduction``, the
-        model's parameters are loaded from the state.
+        model's parameters are loaded from the state (after the operator was built
+        and the state checked, so that a failure leaves the model unchanged).
 
         Args:
             state_dict: A state dict of :meth:`state_dict` or of curvlinops 3.0.1.
@@ -248,8 +311,8 @@ class _KFACStateMixin:
             params: The parameters.
             data: The data.
             check_deterministic: Check at construction that model and data are
-                deterministic (computes the factors twice before loading the
-                saved ones).
+                deterministic (computes the factors twice, for the model's current
+                state, before loading the saved ones).
             batch_size_fn: Batch size of a ``MutableMapping`` input.
             process_group: See the constructor.
 
@@ -257,8 +320,12 @@ class _KFACStateMixin:
             The operator with the loaded state.
 
         Raises:
-            ValueError: If the state's loss is not supported.
+            ValueError: If the state's loss is not supported or the state does not
+                fit the model.
         """
+        required = ["model_func_state_dict", "loss_type", "loss_reduction", "num_data"]
+        check_state_keys(state_dict, [*required, *_HYPERPARAMETERS])
+        check_model_state(model_func, state_dict["model_func_state_dict"])
         losses = {loss.__name__: loss for loss in SUPPORTED_LOSSES}
         if state_dict["loss_type"] not in losses:
             raise ValueError(
@@ -268,7 +335,6 @@ class _KFACStateMixin:
         loss_func = losses[state_dict["loss_type"]](
             reduction=state_dict["loss_reduction"]
         )
-        model_func.load_state_dict(state_dict["model_func_state_dict"])
         hyperparameters = _hyperparameters(state_dict)
         operator = cls(
             model_func,

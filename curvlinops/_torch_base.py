@@ -11,6 +11,8 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from copy import deepcopy
 from numbers import Real
 
 import numpy
@@ -30,6 +32,7 @@ from torch import (
 from torch import device as torch_device
 from torch import dtype as torch_dtype
 from torch.autograd import grad
+from torch.compiler import is_compiling
 from tqdm import tqdm
 
 from curvlinops._checks import (
@@ -50,11 +53,18 @@ from curvlinops._distributed import (
     all_reduce_sum,
     check_process_group,
     first_error_over_ranks,
+    mark_shared,
+    shared_failure,
     sum_over_ranks,
 )
 from curvlinops._execution import (
+    check_parameters_current,
+    copyable_state,
+    model_lock,
     normal_tensor,
+    parameter_paths,
     restored_running_stats,
+    transient_names,
     with_autograd,
 )
 from curvlinops.utils import allclose_report
@@ -443,6 +453,28 @@ class PyTorchLinearOperator:
             f"device={self.device}>"
         )
 
+    # Copies and pickles
+
+    def __getstate__(self) -> dict:
+        """Return the state to copy or pickle, without helpers rebuilt on use.
+
+        Returns:
+            The attributes, without lazily built helpers and those listed in the
+            ``_TRANSIENT`` class attributes (see
+            :func:`curvlinops._execution.copyable_state`).
+        """
+        return copyable_state(self)
+
+    def __setstate__(self, state: dict):
+        """Restore a copied or unpickled state; transient attributes become ``None``.
+
+        Args:
+            state: The state from :meth:`__getstate__`.
+        """
+        self.__dict__.update(state)
+        for name in transient_names(type(self)):
+            setattr(self, name, None)
+
 
 def _is_real_scalar(x) -> bool:
     """Return whether ``x`` is a real number (Python, NumPy, or 0-d tensor).
@@ -514,8 +546,17 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     Normalization layers in train mode (e.g. ``BatchNorm2d``) normalize with the
     statistics of each mini-batch, which couples the data points of a batch; the
-    running statistics they update during a pass are restored afterwards, so
-    products do not change the model.
+    running statistics they update during a pass are restored afterwards (also when
+    the pass fails or is interrupted), so products do not change the model.
+
+    The operator holds the parameter tensors it was given. If the model's
+    parameters are replaced by other tensors (``model.load_state_dict(sd,
+    assign=True)``, or ``module.weight = torch.nn.Parameter(...)``), products
+    raise a ``RuntimeError`` that names the parameter: create a new operator.
+    Changing the values in place (e.g. an optimizer step) is fine. Operators copy
+    (``copy.deepcopy``, also together with their model) and pickle; the copy
+    computes with the copied model. Products of operators on one model run one at
+    a time when called from several threads.
 
     Attributes:
         SELF_ADJOINT: Whether the operator is symmetric. Default: ``False``.
@@ -527,6 +568,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     SUPPORTS_BLOCKS: bool = False
     FIXED_DATA_ORDER: bool = False
+    _TRANSIENT = ("_lock",)
 
     def __init__(
         self,
@@ -588,6 +630,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._model_func = model_func
         self._loss_func = loss_func
         self._params = list(params)
+        self._param_paths = parameter_paths(model_func, self._params)
+        self._lock = model_lock(model_func)
         self._data = data
         self._progressbar = progressbar
         self._batch_size_fn = batch_size_fn
@@ -666,19 +710,67 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
         Yields:
             Mini-batches ``(X, y)``; tensor inputs and labels on ``self.device``.
-            Normalization layers in train mode use batch statistics; the running
-            statistics they update are restored after the pass, so that products
-            leave the model as they found it.
+            Run the pass inside :meth:`_protected`, which restores the running
+            statistics of normalization layers in train mode.
         """
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
-        with restored_running_stats(self._model_func):
-            for X, y in data:
-                check_batch_input(X, self._batch_size_fn)
-                if isinstance(X, Tensor):
-                    X = normal_tensor(X.to(self.device))
-                if isinstance(y, Tensor):
-                    y = normal_tensor(y.to(self.device))
-                yield X, y
+        for X, y in data:
+            check_batch_input(X, self._batch_size_fn)
+            if isinstance(X, Tensor):
+                X = normal_tensor(X.to(self.device))
+            if isinstance(y, Tensor):
+                y = normal_tensor(y.to(self.device))
+            yield X, y
+
+    @contextmanager
+    def _protected(self) -> Iterator[None]:
+        """Run a computation over model and data as one protected unit.
+
+        It holds the lock that all operators on the model share (threads take
+        turns), checks that the model still holds the parameters, restores the
+        running statistics of normalization layers in train mode however the
+        computation ends (also on ``KeyboardInterrupt``), and reports an error to
+        the other ranks of the process group, which then raise, too. Nested
+        computations are fine.
+
+        Yields:
+            Nothing.
+        """
+        if is_compiling():  # dynamo traces neither locks nor the checks
+            with restored_running_stats(self._model_func):
+                yield
+            return
+        with self._lock, shared_failure(self._process_group, self.device):
+            check_parameters_current(self._model_func, self._params, self._param_paths)
+            with restored_running_stats(self._model_func):
+                yield
+
+    def __setstate__(self, state: dict):
+        """Restore a copied or unpickled state, with the lock of its model.
+
+        Args:
+            state: The state from :meth:`__getstate__`.
+        """
+        super().__setstate__(state)
+        self._lock = model_lock(self._model_func)
+
+    def __deepcopy__(self, memo: dict) -> CurvatureLinearOperator:
+        """Copy the operator (with model and data, unless copied along already).
+
+        A process group is shared, not copied.
+
+        Args:
+            memo: ``copy.deepcopy``'s memo of the objects copied so far.
+
+        Returns:
+            The copy.
+        """
+        if self._process_group is not None:
+            memo[id(self._process_group)] = self._process_group
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(deepcopy(self.__getstate__(), memo))
+        return copied
 
     def _batch_size(self, X: Tensor | MutableMapping) -> int:
         """Return the number of data points in a mini-batch input.
@@ -700,8 +792,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Raises:
             ValueError: If ``data`` contains no batch (on any rank).
         """
-        num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data("num_data"))
-        num_data = int(sum_over_ranks(num_data, self._process_group, self.device))
+        with self._protected():
+            batches = self._loop_over_data("num_data")
+            num_data = sum(self._batch_size(X) for X, _ in batches)
+            num_data = int(sum_over_ranks(num_data, self._process_group, self.device))
         if num_data == 0:
             raise ValueError("`data` is empty: expected at least one batch (X, y).")
         return num_data
@@ -848,19 +942,21 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 batch_sizes.append(self._batch_size(X))
                 yield X, y
 
-        passes = [
-            fingerprint_pass(
-                counted(self._loop_over_data("check_deterministic")), self._model_func
+        with self._protected():
+            passes = [
+                fingerprint_pass(
+                    counted(self._loop_over_data("check_deterministic")),
+                    self._model_func,
+                )
+                for _ in range(2)
+            ]
+            error = first_error_over_ranks(
+                compare_passes(*passes), self._process_group, self.device
             )
-            for _ in range(2)
-        ]
-        error = first_error_over_ranks(
-            compare_passes(*passes), self._process_group, self.device
-        )
-        if error is not None:
-            raise RuntimeError(error)
-        local = sum(batch_sizes) // 2  # two passes
-        num_data = int(sum_over_ranks(local, self._process_group, self.device))
+            if error is not None:
+                raise mark_shared(RuntimeError(error))
+            local = sum(batch_sizes) // 2  # two passes
+            num_data = int(sum_over_ranks(local, self._process_group, self.device))
         if num_data != self._num_data:
             raise ValueError(
                 f"`num_data={self._num_data}` was given, but the data (of all ranks) "

@@ -11,6 +11,7 @@ from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from curvlinops._autodiff import unpack_columns
 from curvlinops._checks import check_supported_loss
 from curvlinops._distributed import rank_seed
+from curvlinops._execution import with_autograd
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     label_rows,
@@ -112,6 +113,8 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
     FIXED_DATA_ORDER: bool = True
     SUPPORTS_BLOCKS: bool = False
     supported_losses = SUPPORTED_LOSSES
+    # The label generator of the running product.
+    _TRANSIENT = ("_generator", "_batch_state")
 
     def __init__(
         self,
@@ -190,6 +193,7 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
             self._model_func, self._loss_func, self._params
         )
 
+    @with_autograd  # protected: threads must not share the generator
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Re-seed the label generator, then accumulate over the data.
 

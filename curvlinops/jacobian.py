@@ -12,6 +12,7 @@ from curvlinops._distributed import (
     all_reduce_sum,
     first_over_ranks,
     gather_rows,
+    mark_shared,
     row_range,
 )
 from curvlinops._execution import autograd_enabled, lazy_attribute, with_autograd
@@ -28,6 +29,10 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
 
     # The rows are the data points in order: batches must come in the same order.
     FIXED_DATA_ORDER: bool = True
+    # Whether products use forward-mode AD (Jacobian) or only reverse mode.
+    _USES_FORWARD_MODE: bool = False
+    # A copy builds its own transpose (see `_transposed`).
+    _TRANSIENT = ("_transpose", "_transpose_of")
 
     def __init__(
         self,
@@ -86,12 +91,13 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             ValueError: If no rank has data.
         """
         trailing = None
-        for X, _ in self._loop_over_data(desc="output shape"):
-            with no_grad():
-                trailing = tuple(self._model_func(X).shape[1:])
-            break
-        # ranks with an empty shard learn the shape from the others
-        trailing = first_over_ranks(trailing, self._process_group)
+        with self._protected():
+            for X, _ in self._loop_over_data(desc="output shape"):
+                with no_grad():
+                    trailing = tuple(self._model_func(X).shape[1:])
+                break
+            # ranks with an empty shard learn the shape from the others
+            trailing = first_over_ranks(trailing, self._process_group, self.device)
         if trailing is None:
             raise ValueError("`data` is empty: expected at least one batch (X, y).")
         return Size([self._num_data, *trailing])
@@ -105,8 +111,10 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         """
         if self._process_group is None:
             return 0, self._num_data
-        num_rows = sum(self._batch_size(X) for X, _ in self._loop_over_data("rows"))
-        return row_range(num_rows, self._process_group)
+        with self._protected():
+            batches = self._loop_over_data("rows")
+            num_rows = sum(self._batch_size(X) for X, _ in batches)
+            return row_range(num_rows, self._process_group, self.device)
 
     def _row_count_error(
         self, num_rows: int, expected: int, at_least: bool = False, source: str = ""
@@ -137,6 +145,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         The operator holds the transpose it built; the transpose refers back only
         weakly. A reference cycle would keep both, and their process group, alive
         until the interpreter exits, where tearing down a gloo group can abort.
+        Copies keep neither reference: a copy builds a transpose on its own model.
 
         Args:
             cls: Class of the transposed operator.
@@ -364,10 +373,12 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
         flag = zeros(1, device=self.device, dtype=self.dtype) + (error is not None)
         *result, num_failed = all_reduce_sum([*result, flag], self._process_group)
         if error is not None:
-            raise ValueError(error)
+            raise mark_shared(ValueError(error))
         if self._process_group is not None and num_failed.item() > 0:
-            raise ValueError(
-                "Another rank's data did not match the operator: see its error."
+            raise mark_shared(
+                ValueError(
+                    "Another rank's data did not match the operator: see its error."
+                )
             )
         return result
 

@@ -63,16 +63,21 @@ class KFACLinearOperator(_KFACBase):
     positions of each data point first.
 
     The factors are computed in one pass over the data, when first needed or by
-    :meth:`compute_kronecker_factors`, and cached; create a new operator (or call
-    :meth:`compute_kronecker_factors` again) after the model changes. Products and
-    the properties :attr:`trace`, :attr:`det`, :attr:`logdet` and
-    :attr:`frobenius_norm` (cached) only use the factors. :meth:`state_dict`,
-    :meth:`load_state_dict` and :meth:`from_state_dict` save and restore the
-    operator in curvlinops 3.0.1's layout. ``_mapping`` maps the name of every layer
-    with parameters to ``{'weight': i, 'bias': j}``, their positions in ``params``;
-    ``_input_covariances`` and ``_gradient_covariances`` hold the factors
-    :math:`\mathbf{A}` and :math:`\mathbf{G}` by layer name. The operator is
-    self-adjoint.
+    :meth:`compute_kronecker_factors`, and cached (once, also when threads ask
+    at the same time); create a new operator (or call
+    :meth:`compute_kronecker_factors` again) after the model changes. If the
+    model's parameters were replaced by other tensors (``load_state_dict(...,
+    assign=True)``), computing the factors raises an error that names the
+    parameter: create a new operator. Products and the properties :attr:`trace`,
+    :attr:`det`, :attr:`logdet` and :attr:`frobenius_norm` (cached) only use the
+    factors. :meth:`state_dict`, :meth:`load_state_dict` and
+    :meth:`from_state_dict` save and restore the operator in curvlinops 3.0.1's
+    layout; a state that does not fit (another architecture, loss or layers)
+    raises before operator or model change. ``_mapping`` maps the name of every
+    layer with parameters to ``{'weight': i, 'bias': j}``, their positions in
+    ``params``; ``_input_covariances`` and ``_gradient_covariances`` hold the
+    factors :math:`\mathbf{A}` and :math:`\mathbf{G}` by layer name. The
+    operator is self-adjoint.
 
     Data-parallel (``process_group``), each rank passes its shard of the data and
     the factors are summed over the ranks with one all-reduce per pass, so that
@@ -115,14 +120,15 @@ class KFACLinearOperator(_KFACBase):
         Returns:
             Pairs ``(A, G)`` in block order; ``A`` is ``None`` for bias blocks.
         """
-        self._ensure_factors()
-        return [
-            (
-                None if role == "b" else self._input_covariances[layer],
-                self._gradient_covariances[layer],
-            )
-            for layer, role in self._block_keys
-        ]
+        with self._lock:  # a consistent set while another thread may recompute
+            self._ensure_factors()
+            return [
+                (
+                    None if role == "b" else self._input_covariances[layer],
+                    self._gradient_covariances[layer],
+                )
+                for layer, role in self._block_keys
+            ]
 
     def _matmat(self, M: list[Tensor]) -> list[Tensor]:
         """Multiply the block-diagonal Kronecker matrix onto a matrix.

@@ -59,8 +59,9 @@ class SubmatrixLinearOperator(PyTorchLinearOperator):
                 :math:`[0, N)` (likewise).
         """
         num_rows, num_cols = self._A.shape
-        self._row_idxs = _check_indices(row_idxs, num_rows, "row_idxs")
-        self._col_idxs = _check_indices(col_idxs, num_cols, "col_idxs")
+        rows = _check_indices(row_idxs, num_rows, "row_idxs")
+        cols = _check_indices(col_idxs, num_cols, "col_idxs")  # both checked first
+        self._row_idxs, self._col_idxs = rows, cols
         super().__init__(
             [(len(self._col_idxs),)],
             [(len(self._row_idxs),)],

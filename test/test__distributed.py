@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import socket
 from contextlib import contextmanager
+from copy import deepcopy
+from datetime import timedelta
+from time import perf_counter
 
 import pytest
 import torch
@@ -30,6 +33,7 @@ from curvlinops import (
 )
 from curvlinops.experimental import ActivationHessianLinearOperator
 from test.cases import Case
+from test.faults import INJECTED, FaultyData
 from test.utils import assert_close, compare_matmat
 
 # batch sizes of the full data set, and the batches of every rank per world size
@@ -37,6 +41,9 @@ BATCH_SIZES = [2, 3, 1, 3]
 SHARDS = {1: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]], 3: [[0, 1, 2], [], [3]]}
 CASES = [Case("mlp", "ce", "mean"), Case("dict_input", "mse", "sum")]
 SEED, MANY_SAMPLES = 3, 2_000
+# A rank waiting for another that failed would hang this long; failures must be
+# shared much faster (FAILURE_SECONDS).
+TIMEOUT_SECONDS, FAILURE_SECONDS = 60, 10
 # operators whose products must equal the single-process ones on all data
 EXACT = {
     "hessian": (HessianLinearOperator, {}),
@@ -60,7 +67,11 @@ def _free_port() -> int:
 
 def _init(rank: int, world_size: int, port: int):
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=TIMEOUT_SECONDS),
     )
 
 
@@ -221,6 +232,57 @@ def _check_transposed_jacobian_fails_on_all_ranks(rank, world_size):
         JT @ W
 
 
+def _raises_on_all_ranks(rank: int, data: FaultyData, compute, *args, **kwargs):
+    """Rank 1's data raises during a computation: every rank must raise at once."""
+    if rank == 1:
+        data.arm(at=1)  # the second of its two batches
+    match = INJECTED if rank == 1 else f"Rank 1 failed: RuntimeError: {INJECTED}"
+    start = perf_counter()
+    with pytest.raises(RuntimeError, match=match):
+        compute(*args, **kwargs)
+    assert perf_counter() - start < FAILURE_SECONDS
+
+
+def _check_local_failures_fail_all_ranks(rank, world_size):
+    """Rank 1's data raises mid-pass and rank 1 goes on: no rank waits for it.
+
+    Construction, products, KFAC's factors, the Jacobian and its transpose, and
+    gradients; every rank raises with rank 1's message, and retries (also of
+    copies, which share the process group) agree with one process on all data.
+    """
+    model, loss_func, params, batches = _problem(Case("mlp", "mse"))
+    shard = [batches[i] for i in SHARDS[world_size][rank]]  # two batches each
+    data, group = FaultyData(shard), dist.group.WORLD
+    builders = {
+        "ggn": lambda d, **kw: GGNLinearOperator(model, loss_func, params, d, **kw),
+        "kfac": lambda d, **kw: KFACLinearOperator(
+            model, loss_func, params, d, fisher_type="type-2", **kw
+        ),
+        "jacobian": lambda d, **kw: JacobianLinearOperator(model, params, d, **kw),
+    }
+    M = _columns(sum(p.numel() for p in params))
+    kwargs = {"process_group": group, "check_deterministic": False}
+    for build in builders.values():
+        _raises_on_all_ranks(rank, data, build, data, **kwargs)  # counting data
+        op, reference = build(data, **kwargs), build(batches)
+        _raises_on_all_ranks(rank, data, _pass_over_data, op, M)
+        for copy in (op, deepcopy(op)):
+            assert_close(_pass_over_data(copy, M), _pass_over_data(reference, M))
+    JT, W = op.adjoint(), torch.ones(op.shape[0], 1, dtype=float64)
+    _raises_on_all_ranks(rank, data, JT.__matmul__, W)
+    assert_close(JT @ W, reference.adjoint() @ W)
+    G = builders["ggn"](data, **kwargs)
+    _raises_on_all_ranks(rank, data, G.gradient_and_loss)
+    assert_close(G.gradient_and_loss(), builders["ggn"](batches).gradient_and_loss())
+
+
+def _pass_over_data(op, M):
+    """Multiply, after computing KFAC's factors anew."""
+    if isinstance(op, KFACLinearOperator):
+        op.compute_kronecker_factors()
+    return op @ M
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_products_equal_single_process(world_size):
     checks = [
@@ -230,6 +292,7 @@ def test_products_equal_single_process(world_size):
         checks += [
             (_check_probe_fails_on_all_ranks, ()),
             (_check_transposed_jacobian_fails_on_all_ranks, ()),
+            (_check_local_failures_fail_all_ranks, ()),
         ]
     _spawn(world_size, checks)
 

@@ -11,6 +11,12 @@ from torch.nn import Linear, MSELoss, ReLU, Sequential
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator, KFACType
 from test.cases import Case
+from test.faults import (
+    assert_same_object_state,
+    assert_same_state,
+    model_state,
+    object_state,
+)
 from test.kfac_references import block_indices, ekfac_dense, kfac_dense
 from test.utils import assert_close, compare_matmat
 
@@ -241,3 +247,76 @@ def test_state_without_factors_computes_them_when_needed(cls):
     compare_matmat(
         loaded, (kfac_dense if cls is KFACLinearOperator else ekfac_dense)(op)
     )
+
+
+def _mlp(hidden: int, seed: int):
+    manual_seed(seed)
+    return Sequential(Linear(5, hidden), ReLU(), Linear(hidden, 3)).to(float64)
+
+
+def _unfitting_states(cls) -> dict:
+    """States that do not fit an operator on ``_mlp(4, 0)``, by what differs."""
+    X, y = rand(6, 5, dtype=float64), rand(6, 3, dtype=float64)
+    states = {}
+    for name, hidden, kwargs in [
+        ("architecture", 6, {}),
+        ("fitting", 4, {}),
+        ("joint", 4, {"separate_weight_and_bias": False}),
+    ]:
+        model = _mlp(hidden, seed=1)
+        op = cls(model, MSELoss(), list(model.parameters()), [(X, y)], **kwargs)
+        states[name] = op.state_dict()
+    fitting, model_state = states.pop("fitting"), states["architecture"]
+    states["factor shape"] = {**model_state, **_model_of(fitting)}
+    states["factor keys"] = {**fitting, "gradient_covariances": {"0": eye(4)}}
+    states["separate_weight_and_bias"] = {
+        **states.pop("joint"),
+        "separate_weight_and_bias": True,
+    }
+    states["loss"] = {**fitting, "loss_type": "BCEWithLogitsLoss"}
+    states["missing key"] = {k: v for k, v in fitting.items() if k != "seed"}
+    states["num_data"] = {**fitting, "num_data": 0}
+    return states
+
+
+MATCHES = {
+    "architecture": r"model_func_state_dict\['0.weight'\] is \[6, 5\]",
+    "factor shape": r"input_covariances\['2'\] is a torch.float64 tensor of shape",
+    "factor keys": r"gradient_covariances are for \['0'\]",
+    "separate_weight_and_bias": r"input_covariances\['0'\] is .* shape \[6, 6\]",
+    "loss": "BCEWithLogitsLoss",
+    "missing key": r"lacks the keys \['seed'\]",
+    "num_data": "num_data`? must be",
+}
+
+
+def _model_of(state: dict) -> dict:
+    return {"model_func_state_dict": state["model_func_state_dict"]}
+
+
+@OPERATORS
+def test_state_that_does_not_fit_changes_nothing(cls):
+    """Another architecture, factor shapes, keys, loss or hyperparameters raise.
+
+    Before the error, nothing of the operator or its model changed; the operator
+    multiplies as before, like a fresh one.
+    """
+    model = _mlp(4, seed=0)
+    params = list(model.parameters())
+    data = [(rand(6, 5, dtype=float64), rand(6, 3, dtype=float64))]
+    op = cls(model, MSELoss(), params, data)
+    v = rand(op.shape[1], dtype=float64)
+    expected = op @ v
+    for what, state in _unfitting_states(cls).items():
+        before_model, before_op = model_state(model), object_state(op)
+        with pytest.raises(ValueError, match=MATCHES[what]):
+            op.load_state_dict(state)
+        assert_same_state(before_model, model_state(model))
+        assert_same_object_state(before_op, object_state(op))
+        assert torch.equal(op @ v, expected), what
+        if what == "loss":  # from_state_dict builds the state's loss
+            continue
+        with pytest.raises(ValueError, match=MATCHES[what]):
+            cls.from_state_dict(state, model, params, data)
+        assert_same_state(before_model, model_state(model))
+    assert_close(cls(model, MSELoss(), params, data) @ v, expected)

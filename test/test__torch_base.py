@@ -1,15 +1,21 @@
-"""Tests for curvlinops._torch_base: formats, algebra, SciPy export, data loop."""
+"""Tests for curvlinops._torch_base: formats, algebra, SciPy, data loop, copies."""
+
+import pickle
+from copy import deepcopy
 
 import numpy
 import pytest
 from scipy.sparse.linalg import eigsh
 from torch import (
     Tensor,
+    allclose,
     cat,
+    equal,
     eye,
     float32,
     float64,
     manual_seed,
+    no_grad,
     rand,
     randn,
     zeros,
@@ -19,13 +25,19 @@ from torch.nn import Dropout, Linear, MSELoss, Sequential
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvlinops import (
+    CGInverseLinearOperator,
     CurvatureLinearOperator,
     EFLinearOperator,
+    EKFACLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
     PyTorchLinearOperator,
+    SubmatrixLinearOperator,
 )
 from curvlinops._algebra import (
     _ChainPyTorchLinearOperator,
@@ -37,6 +49,7 @@ from curvlinops.examples.functorch import (
     functorch_gradient_and_loss,
     functorch_hessian,
 )
+from curvlinops.experimental import ActivationHessianLinearOperator
 from test.cases import Case
 from test.utils import assert_close, compare_matmat
 
@@ -436,3 +449,93 @@ def test_shape_keyword_is_checked():
     assert J.shape == (15, dim)  # 5 data, 3 outputs each
     with pytest.raises(ValueError, match="shape"):
         FisherMCLinearOperator(model, loss_func, params, data, shape=(1, 1))
+
+
+def _identity(op):
+    return IdentityLinearOperator(op._in_shape, op.device, op.dtype)
+
+
+# Builders of every kind of operator from a model, loss, parameters and data.
+COPYABLE = {
+    "hessian": lambda m, f, p, d: HessianLinearOperator(m, f, p, d),
+    "ggn": lambda m, f, p, d: GGNLinearOperator(m, f, p, d),
+    "ef": lambda m, f, p, d: EFLinearOperator(m, f, p, d),
+    "mc_fisher": lambda m, f, p, d: FisherMCLinearOperator(m, f, p, d),
+    "jacobian": lambda m, f, p, d: JacobianLinearOperator(m, p, d),
+    "jacobian_t": lambda m, f, p, d: JacobianLinearOperator(m, p, d).adjoint(),
+    "kfac": lambda m, f, p, d: KFACLinearOperator(m, f, p, d),
+    "ekfac": lambda m, f, p, d: EKFACLinearOperator(m, f, p, d),
+    "kfac_inverse": lambda m, f, p, d: KFACLinearOperator(m, f, p, d).inverse(
+        damping=1e-2
+    ),
+    "ekfac_inverse": lambda m, f, p, d: EKFACLinearOperator(m, f, p, d).inverse(
+        damping=1e-2
+    ),
+    "activation_hessian": lambda m, f, p, d: ActivationHessianLinearOperator(
+        m, f, ("1", "output", 0), d[:1]
+    ),
+    "cg": lambda m, f, p, d: CGInverseLinearOperator(
+        (G := GGNLinearOperator(m, f, p, d)) + _identity(G)
+    ),
+    "lsmr": lambda m, f, p, d: LSMRInverseLinearOperator(
+        JacobianLinearOperator(m, p, d), damp=1.0
+    ),
+    "neumann": lambda m, f, p, d: NeumannInverseLinearOperator(
+        (G := GGNLinearOperator(m, f, p, d)) + _identity(G), num_terms=3, scale=0.5
+    ),
+    "submatrix": lambda m, f, p, d: SubmatrixLinearOperator(
+        GGNLinearOperator(m, f, p, d), [0, 5, 2], [3, 1]
+    ),
+    "algebra": lambda m, f, p, d: (
+        (2.0 * GGNLinearOperator(m, f, p, d) - HessianLinearOperator(m, f, p, d))
+        @ EFLinearOperator(m, f, p, d)
+    ),
+    "tensor": lambda m, f, p, d: TensorLinearOperator(_dense(4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", COPYABLE)
+def test_copies_and_pickles_multiply_like_the_original(name):
+    """Deep copies and pickles of an operator used before give identical products.
+
+    Lazily built helpers (closures over the model, cached inverses, the
+    transpose) are rebuilt on use.
+    """
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    op = COPYABLE[name](model, loss_func, params, data)
+    M = randn(op.shape[1], 2, dtype=float64)
+    expected = op @ M
+    for copied in (deepcopy(op), pickle.loads(pickle.dumps(op))):
+        assert equal(copied @ M, expected)
+    assert equal(op @ M, expected)
+
+
+def test_copy_with_its_model_computes_with_the_copied_model():
+    """``deepcopy((model, G))``: the copy's products use the copied buffers."""
+    model, loss_func, params, data = Case("batchnorm_eval", "ce").make()
+    G = GGNLinearOperator(model, loss_func, params, data)
+    M = randn(G.shape[1], 2, dtype=float64)
+    expected = G @ M
+    model_copy, G_copy = deepcopy((model, G))
+    with no_grad():
+        model_copy[1].running_mean.add_(1.0)
+    fresh = GGNLinearOperator(
+        model_copy, loss_func, list(model_copy.parameters()), data
+    )
+    assert equal(G_copy @ M, fresh @ M)
+    assert not allclose(G_copy @ M, expected)
+    assert equal(G @ M, expected)
+
+
+def test_copied_transpose_does_not_link_back():
+    """A copy of ``J.adjoint()`` builds its own Jacobian, on its own model."""
+    model, _, params, data = Case("mlp", "ce").make()
+    J = JacobianLinearOperator(model, params, data)
+    JT = J.adjoint()
+    assert JT.adjoint() is J
+    JT_copy = deepcopy(JT)
+    J_copy = JT_copy.adjoint()
+    assert J_copy is not J and J_copy._model_func is JT_copy._model_func
+    assert JT_copy._model_func is not model and J_copy.adjoint() is JT_copy
+    v = randn(J.shape[1], dtype=float64)
+    assert equal(J_copy @ v, J @ v)

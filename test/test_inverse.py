@@ -137,6 +137,10 @@ def test_cg_rejects_bad_input():
         CGInverseLinearOperator(A, x0=zeros(5, dtype=float64)) @ rand(8, dtype=float64)
     with pytest.raises(TypeError, match="unexpected keyword"):
         CGInverseLinearOperator(A, rtol=1e-3)
+    A_inv, b = CGInverseLinearOperator(A, tol=1e-12), rand(8, dtype=float64)
+    with pytest.raises(ValueError, match="square"):  # changes no setting
+        A_inv.set_cg_hyperparameters(tol=1.0, maxiter=1, M=A[:, :5])
+    assert_close(A_inv @ b, linalg.solve(A, b))
 
 
 # CG with curvlinops 3.x's (GPyTorch-style) keywords, preconditioning

@@ -3,6 +3,7 @@
 from math import sqrt
 
 import pytest
+import torch
 from torch import eye, float32, float64, kron, manual_seed, rand, randn
 from torch.linalg import cholesky_ex, inv
 from torch.nn import Linear, MSELoss
@@ -14,6 +15,12 @@ from curvlinops import (
 )
 from curvlinops.examples import TensorLinearOperator
 from test.cases import Case
+from test.faults import (
+    assert_same_object_state,
+    assert_same_state,
+    model_state,
+    object_state,
+)
 from test.kfac_references import block_indices, ekfac_dense, kfac_dense
 from test.utils import assert_close, compare_matmat
 
@@ -224,3 +231,31 @@ def test_a_pair_of_dampings_damps_each_factor():
         op.inverse(damping=(damping_A, damping_G), use_exact_damping=True)
     with pytest.raises(ValueError, match="non-negative"):
         op.inverse(damping=(damping_A, -1.0))
+
+
+def test_inverse_state_that_does_not_fit_changes_nothing():
+    """A state that does not fit changes neither the inverse nor ``A`` (nor model).
+
+    Invalid options, or ``A``'s state without keys, raise before anything is
+    loaded; a state's inverted factors of wrong shapes are ignored (recomputed).
+    """
+    op = _operator(Case("mlp", "ce"))
+    op_inv = KFACInverseLinearOperator(op, damping=DAMPING)
+    expected = op_inv @ _identity(op)
+    other = _operator(Case("mlp", "ce", seed=1))
+    state = KFACInverseLinearOperator(other, damping=DAMPING).state_dict()
+    model = op._model_func
+    for bad, match in [({"damping": -1.0}, "non-negative"), ({"A": {}}, "lacks")]:
+        before = (model_state(model), object_state(op), object_state(op_inv))
+        with pytest.raises(ValueError, match=match):
+            op_inv.load_state_dict({**state, **bad})
+        assert_same_state(before[0], model_state(model))
+        assert_same_object_state(before[1], object_state(op))
+        assert_same_object_state(before[2], object_state(op_inv))
+        assert torch.equal(op_inv @ _identity(op), expected)
+    wrong = {
+        layer: eye(2, dtype=float64) for layer in state["inverse_input_covariances"]
+    }
+    op_inv.load_state_dict({**state, "inverse_input_covariances": wrong})
+    reference = KFACInverseLinearOperator(other, damping=DAMPING)
+    assert_close(op_inv @ _identity(op), reference @ _identity(op))

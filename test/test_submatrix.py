@@ -31,6 +31,9 @@ def test_set_submatrix_changes_shape_and_selection():
     A_sub.set_submatrix(COLS, ROWS)
     assert A_sub.shape == (len(COLS), len(ROWS))
     compare_matmat(A_sub, A[COLS][:, ROWS])
+    with pytest.raises(ValueError, match="col_idxs"):  # valid rows, invalid columns
+        A_sub.set_submatrix(ROWS, [-1])
+    compare_matmat(A_sub, A[COLS][:, ROWS])  # unchanged
 
 
 def test_numpy_integer_indices():

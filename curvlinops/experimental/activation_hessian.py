@@ -11,7 +11,7 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._execution import with_autograd
+from curvlinops._execution import restored_running_stats, with_autograd
 from curvlinops._torch_base import CurvatureLinearOperator
 
 
@@ -123,8 +123,9 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
             )
         (X, _) = next(iter(data))
         features = []
-        with no_grad(), store_activation(model_func, *activation, features):
-            model_func(X)
+        with no_grad(), restored_running_stats(model_func):
+            with store_activation(model_func, *activation, features):
+                model_func(X)
         _check_ran_once(features)
         super().__init__(
             model_func,

@@ -187,10 +187,10 @@ class HutchPPTraceEstimator:
             The sample, a float for NumPy/SciPy operators and a scalar tensor otherwise.
         """
         check_distribution(distribution)
-        if self._Q is None:
-            self._Q = _sketch_basis(self._A, self._basis_dim, self._basis_distribution)
-            AQ = self._A.operator @ self._Q
-            self._basis_trace = einsum("nk,nk->", self._Q, AQ)
+        if self._Q is None:  # kept only once complete (a product may fail)
+            Q = _sketch_basis(self._A, self._basis_dim, self._basis_distribution)
+            basis_trace = einsum("nk,nk->", Q, self._A.operator @ Q)
+            self._Q, self._basis_trace = Q, basis_trace
         v = self._A.random_columns(1, distribution)
         v = v - self._Q @ (self._Q.T @ v)
         estimate = self._basis_trace + einsum("nk,nk->", v, self._A.operator @ v)

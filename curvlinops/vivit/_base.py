@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import count
 
+from backpack import memory_cleanup
 from torch import Tensor
+from torch._C import _current_graph_task_id
+from torch.autograd import Variable
 from torch.nn import Module
 
 from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
@@ -55,6 +59,19 @@ def check_non_negative(value, name: str, kind: type):
         )
 
 
+@dataclass
+class _BackwardPass:
+    """What a hook knows about the backward pass it runs in.
+
+    Attributes:
+        task: Autograd's id of the backward pass, ``None`` before the first one.
+        error: The error of a group's computation, raised when the pass ends.
+    """
+
+    task: int | None = None
+    error: Exception | None = None
+
+
 class ViViTComputation:
     """Base class: builds the extension hook and stores results per parameter group.
 
@@ -63,7 +80,16 @@ class ViViTComputation:
     gradients), ``_RESULTS`` (names of the attributes that hold the results, dicts
     keyed by ``id(group)``), and implement :meth:`_compute`. Each instance stores
     its quantities on the parameters under its own attribute names, so that several
-    computations can share one backward pass.
+    computations can share one backward pass (a copy or unpickled instance gets
+    names of its own).
+
+    A hook computes the results of one backward pass at a time; each backward pass
+    starts afresh. If a group's computation fails (e.g. its ``criterion`` raises),
+    the results of the pass are discarded and the rest of the pass only cleans up
+    (BackPACK's stored inputs and outputs on the modules, the quantities on the
+    parameters); the error is raised when the backward pass ends. Interrupts
+    (``KeyboardInterrupt``) are raised at once, after the same clean-up of the
+    parameters and of the current module.
     """
 
     _GROUP_KEYS: tuple[str, ...] = ()
@@ -83,12 +109,29 @@ class ViViTComputation:
         self._subsampling_ggn = subsampling_ggn
         self._mc_samples = mc_samples
         self._verbose = verbose
+        self._name_fields()
+        self._clear_results()
+
+    def _name_fields(self):
+        """Choose the attribute names, unique to this instance, for the parameters."""
         uid = next(_INSTANCES)
         self._factor_field = f"_vivit_factor_{uid}"
         self._gradient_field = f"_vivit_gradients_{uid}"
         self._fields = [self._factor_field]
         if self._NEEDS_GRADIENTS:
             self._fields.append(self._gradient_field)
+
+    def __setstate__(self, state: dict):
+        """Restore a copied or unpickled instance, with attribute names of its own.
+
+        Args:
+            state: The instance's attributes.
+        """
+        self.__dict__.update(state)
+        self._name_fields()
+
+    def _clear_results(self):
+        """Forget the results of all groups."""
         for name in self._RESULTS:
             setattr(self, name, {})
 
@@ -111,20 +154,80 @@ class ViViTComputation:
         """
         self._check_param_groups(param_groups)
         group_of = {id(p): g for g in param_groups for p in g["params"]}
-        for name in self._RESULTS:
-            setattr(self, name, {})
-        for group in param_groups:  # leftovers of an interrupted backward pass
-            self._free(group["params"])
+        group_params = [p for g in param_groups for p in g["params"]]
+        self._clear_results()
+        self._free(group_params)  # leftovers of an interrupted backward pass
+        backward = _BackwardPass()
 
         def hook(module: Module):
-            for param in module.parameters(recurse=False):
-                group = group_of.get(id(param))
-                if group is None:
-                    self._free([param])
-                elif self._ready(group):
-                    self._run(group, module)
+            task = _current_graph_task_id()
+            if task != backward.task:  # a new backward pass starts afresh
+                self._start(backward, task, group_params)
+            try:
+                if backward.error is None:
+                    self._visit(module, group_of)
+            except Exception as error:
+                self._abandon(group_params, module)
+                if task == -1:  # called outside a backward pass
+                    raise
+                backward.error = error
+            except BaseException:
+                self._abandon(group_params, module)
+                memory_cleanup(module)
+                raise
+            finally:
+                if backward.error is not None:
+                    self._free(list(module.parameters(recurse=False)))
 
         return hook
+
+    def _start(self, backward: _BackwardPass, task: int, params: list[Tensor]):
+        """Begin a backward pass: forget earlier results and leftovers.
+
+        At the end of the pass, quantities on the parameters of groups that did not
+        complete are freed, and a group's error is raised.
+
+        Args:
+            backward: The hook's record of the pass.
+            task: Autograd's id of the pass (``-1`` outside a backward pass).
+            params: The parameters of all groups.
+        """
+        backward.task, backward.error = task, None
+        self._clear_results()
+        self._free(params)
+
+        def finish():
+            self._free(params)
+            error, backward.task, backward.error = backward.error, None, None
+            if error is not None:
+                raise error
+
+        if task != -1:
+            Variable._execution_engine.queue_callback(finish)
+
+    def _visit(self, module: Module, group_of: dict[int, dict]):
+        """Compute the groups that a module's parameters complete; free the others.
+
+        Args:
+            module: The module BackPACK just processed.
+            group_of: Parameter ids mapped to their groups.
+        """
+        for param in module.parameters(recurse=False):
+            group = group_of.get(id(param))
+            if group is None:
+                self._free([param])
+            elif self._ready(group):
+                self._run(group, module)
+
+    def _abandon(self, params: list[Tensor], module: Module):
+        """Discard all results and the quantities on the parameters after an error.
+
+        Args:
+            params: The parameters of all groups.
+            module: The module being processed.
+        """
+        self._clear_results()
+        self._free([*params, *module.parameters(recurse=False)])
 
     def _ready(self, group: dict) -> bool:
         """Return whether all quantities of a not yet computed group are available.

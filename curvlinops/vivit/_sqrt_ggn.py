@@ -28,6 +28,7 @@ from backpack.core.derivatives.bcewithlogitsloss import BCELossWithLogitsDerivat
 from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
 from backpack.core.derivatives.mseloss import MSELossDerivatives
 from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.saved_quantities import SavedQuantities
 from torch import Tensor, nn
 
 from curvlinops._losses import check_no_ignored_labels
@@ -144,13 +145,20 @@ class SqrtGGN(BackpropExtension):
             g_inp: Gradients w.r.t. the module inputs.
             g_out: Gradients w.r.t. the module output.
 
+        After an error, the factors backpropagated so far are discarded, so that
+        the extension can be used for another backward pass.
+
         Raises:
             NotImplementedError: If the module has no rule.
         """
-        if type(module) not in LAYERS and type(module) not in _LOSSES:
-            supported = [*LAYERS, *_LOSSES]
-            raise NotImplementedError(unsupported_message(module, supported))
-        super().__call__(module, g_inp, g_out)
+        try:
+            if type(module) not in LAYERS and type(module) not in _LOSSES:
+                supported = [*LAYERS, *_LOSSES]
+                raise NotImplementedError(unsupported_message(module, supported))
+            super().__call__(module, g_inp, g_out)
+        except BaseException:
+            self.saved_quantities = SavedQuantities()
+            raise
 
     def expects_backpropagation_quantities(self) -> bool:
         """Return that the factor is backpropagated.

@@ -2,16 +2,17 @@
 
 import numpy
 import pytest
-from torch import float32, manual_seed, rand
+from torch import float32, float64, manual_seed, rand
 from torch.autograd import grad
 from torch.func import hessian
-from torch.nn import Linear, Module, MSELoss, ReLU, Sequential
+from torch.nn import BatchNorm1d, Linear, Module, MSELoss, ReLU, Sequential
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from curvlinops.experimental import ActivationHessianLinearOperator
 from curvlinops.experimental.activation_hessian import store_activation
 from test.cases import CASES, Case
+from test.faults import assert_same_state, model_state
 from test.utils import assert_close, compare_matmat
 
 SEQUENTIAL = {"mlp", "cnn", "sequence", "batchnorm_eval"}
@@ -173,3 +174,14 @@ def test_activation_hessian_shape_keyword():
         ActivationHessianLinearOperator(
             model, loss_func, ("1", "input", 0), data, shape=(11, 11)
         )
+
+
+def test_activation_hessian_leaves_train_mode_statistics_unchanged():
+    """Locating the feature (a forward pass at construction) restores BatchNorm's."""
+    manual_seed(0)
+    model = Sequential(Linear(3, 4), BatchNorm1d(4), ReLU(), Linear(4, 2)).double()
+    data = [(rand(5, 3, dtype=float64), rand(5, 2, dtype=float64))]
+    before = model_state(model.train())
+    H = ActivationHessianLinearOperator(model, MSELoss(), ("2", "output", 0), data)
+    H @ rand(H.shape[1], dtype=float64)
+    assert_same_state(before, model_state(model))

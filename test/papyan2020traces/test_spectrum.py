@@ -1,5 +1,7 @@
 """Tests for curvlinops.papyan2020traces.spectrum."""
 
+import pickle
+from copy import deepcopy
 from math import log
 
 import numpy
@@ -7,6 +9,7 @@ import pytest
 from scipy.sparse.linalg import ArpackNoConvergence
 from torch import (
     cat,
+    equal,
     float64,
     full,
     linalg,
@@ -291,3 +294,17 @@ def test_fast_lanczos_is_one_quadrature_in_the_callers_world(kind):
     assert isinstance(density, numpy.ndarray)  # NumPy in, NumPy out
     with pytest.raises(ValueError, match="ncv"):
         fast_lanczos(A, ncv=11)
+
+
+def test_cached_spectra_of_curvature_operators_copy_and_pickle():
+    """Copies of a spectrum with cached quadratures (of a GGN used before) agree."""
+    model, loss_func, params, data = Case("mlp", "ce").make()
+    G = GGNLinearOperator(model, loss_func, params, data)
+    manual_seed(0)
+    spectrum = LanczosApproximateSpectrumCached(G, ncv=8, boundaries=(0.0, 1.0))
+    grid, density = spectrum.approximate_spectrum(num_repeats=2, num_points=50)
+    for copied in (deepcopy(spectrum), pickle.loads(pickle.dumps(spectrum))):
+        copied_grid, copied_density = copied.approximate_spectrum(
+            num_repeats=2, num_points=50
+        )
+        assert equal(copied_grid, grid) and equal(copied_density, density)

@@ -6,6 +6,7 @@ from torch.linalg import qr
 
 from curvlinops import HutchPPTraceEstimator, hutchinson_trace, hutchpp_trace
 from curvlinops.examples import IdentityLinearOperator, TensorLinearOperator
+from test.faults import INJECTED
 from test.operator_kinds import (
     OPERATOR_KINDS,
     ColumnDrawer,
@@ -143,3 +144,31 @@ def test_hutchpp_rejects_bad_input():
             HutchPPTraceEstimator(A, basis_dim=basis_dim)
     with pytest.raises(ValueError, match="distribution"):
         HutchPPTraceEstimator(A, basis_distribution="uniform")
+
+
+class _FailingOnce(CountingOperator):
+    """Raises at its ``at``-th product (from 0), once."""
+
+    def __init__(self, operator, at: int):
+        super().__init__(operator)
+        self.countdown = at
+
+    def _matmat(self, M):
+        self.countdown -= 1
+        if self.countdown == -1:
+            raise RuntimeError(INJECTED)
+        return super()._matmat(M)
+
+
+def test_estimator_class_keeps_no_half_computed_basis():
+    """A product that fails while the basis is computed leaves nothing cached."""
+    A = _random_matrix(6)
+    failing = _FailingOnce(TensorLinearOperator(A), at=1)  # the product A Q
+    estimator = HutchPPTraceEstimator(failing, basis_dim=2)
+    manual_seed(0)
+    with pytest.raises(RuntimeError, match=INJECTED):
+        estimator.sample()
+    manual_seed(0)
+    retry = estimator.sample()
+    manual_seed(0)
+    assert_close(retry, HutchPPTraceEstimator(A, basis_dim=2).sample())

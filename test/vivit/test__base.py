@@ -1,7 +1,12 @@
 """Tests for curvlinops.vivit._base: arguments, parameter groups, results, cleanup."""
 
+import pickle
+from copy import deepcopy
+
 import pytest
 from backpack import backpack
+from torch.autograd import grad
+from torch.nn import Sequential
 
 from curvlinops.vivit import (
     DirectionalDampedNewtonComputation,
@@ -10,6 +15,7 @@ from curvlinops.vivit import (
     EigvalshComputation,
 )
 from test.cases import Case
+from test.faults import INJECTED, assert_same_state, model_state
 from test.utils import assert_close
 from test.vivit.utils import make_problem, run, top_three
 
@@ -118,3 +124,115 @@ def test_computations_share_a_backward_pass():
         alone = type(computation)()
         run(problem, alone, [group])
         assert_close(computation.get_result(group), alone.get_result(group))
+
+
+def _failing(*args):
+    raise RuntimeError(INJECTED)
+
+
+def _interrupting(*args):
+    raise KeyboardInterrupt
+
+
+def _problem_state(problem) -> dict:
+    return model_state(Sequential(problem.model, problem.loss_func))
+
+
+@pytest.mark.parametrize("cls", COMPUTATIONS[1:], ids=IDS[1:])
+def test_failing_group_function_leaves_nothing_behind(cls):
+    """A group's callable raises after another group completed.
+
+    The backward pass ends (BackPACK frees its stored inputs and outputs), then
+    the error is raised: no quantities on the parameters, no results; the
+    gradients are those of the whole pass. A retry gives a fresh computation's
+    results.
+    """
+    problem = make_problem(Case("mlp", "ce"))
+    params = problem.params
+    keys = ["criterion", "damping"][
+        : 2 if cls is DirectionalDampedNewtonComputation else 1
+    ]
+    for key in keys:
+        for p in params:
+            p.grad = None
+        computation = cls()
+        groups = [
+            {"params": params[:2], **KEYS, key: _failing},  # completes last
+            {"params": params[2:], **KEYS},
+        ]
+        before = _problem_state(problem)
+        with pytest.raises(RuntimeError, match=INJECTED):
+            run(problem, computation, groups)
+        gradient = grad(
+            problem.reference_loss(problem.reference(problem.X), problem.y),
+            problem.reference_params,
+        )
+        assert_close([p.grad for p in params], list(gradient))
+        for p in params:
+            p.grad = None
+        assert_same_state(before, _problem_state(problem))
+        for group in groups:
+            with pytest.raises(KeyError):
+                computation.get_result(group)
+        groups[0][key] = KEYS[key]
+        run(problem, computation, groups)
+        fresh = cls()
+        run(problem, fresh, groups)
+        for group in groups:
+            assert_close(computation.get_result(group), fresh.get_result(group))
+
+
+def test_interrupted_group_function_frees_the_parameters():
+    """``KeyboardInterrupt`` in a criterion is raised at once.
+
+    It leaves no results and no quantities on the parameters; the hook works for
+    the next backward pass.
+    """
+    problem = make_problem(Case("mlp", "ce"))
+    computation = EighComputation()
+    interrupted = {"params": problem.params[:2], "criterion": _interrupting}
+    groups = [interrupted, {"params": problem.params[2:], **KEYS}]
+    hook = computation.get_extension_hook(groups)
+    with pytest.raises(KeyboardInterrupt):
+        with backpack(computation.get_extension(), extension_hook=hook):
+            problem.loss_func(problem.model(problem.X), problem.y).backward()
+    for p in problem.params:
+        assert not [name for name in vars(p) if name.startswith("_vivit")]
+    with pytest.raises(KeyError):
+        computation.get_result(groups[1])
+    interrupted["criterion"] = top_three
+    with backpack(computation.get_extension(), extension_hook=hook):
+        problem.loss_func(problem.model(problem.X), problem.y).backward()
+    fresh = EighComputation()
+    run(problem, fresh, groups)
+    for group in groups:
+        assert_close(computation.get_result(group), fresh.get_result(group))
+
+
+@pytest.mark.parametrize("cls", COMPUTATIONS, ids=IDS)
+def test_copies_and_pickles_have_their_own_names(cls):
+    """Copies keep the results and store quantities under names of their own.
+
+    So a computation and its copies can share a backward pass.
+    """
+    problem = make_problem(Case("mlp", "mse"))
+    group = {"params": problem.params, **KEYS}
+    computation = cls()
+    run(problem, computation, [group])
+    expected = computation.get_result(group)
+    copies = [deepcopy(computation), pickle.loads(pickle.dumps(computation))]
+    fields = {c._factor_field for c in [computation, *copies]}
+    assert len(fields) == 3
+    for copied in copies:
+        assert_close(copied.get_result(group), expected)
+    hooks = [c.get_extension_hook([group]) for c in [computation, *copies]]
+    several = hasattr(computation, "get_extensions")
+    extensions = [
+        e
+        for c in [computation, *copies]
+        for e in (c.get_extensions() if several else [c.get_extension()])
+    ]
+    with backpack(*extensions, extension_hook=lambda m: [h(m) for h in hooks]):
+        problem.loss_func(problem.model(problem.X), problem.y).backward()
+    for c in [computation, *copies]:
+        assert_close(c.get_result(group), expected)
