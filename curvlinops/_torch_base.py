@@ -902,6 +902,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                     loss = loss.detach()
             yield (X, y), prediction.detach(), loss, gradient
 
+    @with_autograd
     def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
         """Evaluate the empirical risk and its gradient over all data.
 
