@@ -23,6 +23,7 @@ from typing import Any
 from torch import Generator, Size, Tensor, cat, ones, zeros_like
 from torch.nn import Conv2d, Linear, Module
 
+from curvlinops._checks import check_integer, check_params_in_model, is_integer
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_loss_options,
@@ -70,6 +71,7 @@ def supported_layer_mapping(
     wanted = {id(p) for p in params}
     if len(wanted) != len(params):
         raise ValueError("`params` contains a parameter more than once.")
+    check_params_in_model(model, params)
     mapping, owner = {}, {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -80,9 +82,6 @@ def supported_layer_mapping(
             owner[id(param)] = module_name
             role = "W" if param_name == "weight" else "b"
             mapping.setdefault(module_name, {})[role] = full_name
-    missing = [idx for idx, p in enumerate(params) if id(p) not in owner]
-    if missing:
-        raise ValueError(f"params{missing} are not parameters of the model.")
     return mapping
 
 
@@ -409,15 +408,17 @@ def _check_counts(hyperparameters: dict[str, Any]):
         hyperparameters: KFAC's hyperparameters.
 
     Raises:
-        ValueError: If a count is not a positive integer, or ``mc_samples`` is not
-            1 for a ``fisher_type`` other than ``'mc'``.
+        ValueError: If a count is not a positive integer, ``seed`` not an integer,
+            or ``mc_samples`` is not 1 for a ``fisher_type`` other than ``'mc'``.
     """
     for name in ("mc_samples", "num_per_example_loss_terms"):
         value = hyperparameters[name]
         if (value is not None or name == "mc_samples") and (
-            not isinstance(value, int) or value < 1
+            not is_integer(value) or value < 1
         ):
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        hyperparameters[name] = None if value is None else int(value)
+    hyperparameters["seed"] = check_integer(hyperparameters["seed"], "seed")
     fisher_type, mc_samples = (
         hyperparameters["fisher_type"],
         hyperparameters["mc_samples"],

@@ -11,6 +11,7 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from math import inf
 from numbers import Real
 
 import numpy
@@ -21,6 +22,9 @@ from torch import (
     Tensor,
     as_tensor,
     cat,
+    float16,
+    float32,
+    float64,
     randn,
     zeros,
     zeros_like,
@@ -34,8 +38,12 @@ from curvlinops._checks import (
     check_batch_input,
     check_block_sizes,
     check_data,
+    check_input_dtype,
+    check_integer,
     check_params,
+    check_params_in_model,
     check_reduction,
+    num_data_error,
 )
 from curvlinops._determinism import (
     DETERMINISM_ATOL,
@@ -54,6 +62,7 @@ from curvlinops._execution import (
     restored_running_stats,
     with_autograd,
 )
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops.utils import allclose_report
 
 
@@ -248,10 +257,11 @@ class PyTorchLinearOperator:
             X: NumPy vector ``[N]`` or matrix ``[N, K]``.
 
         Returns:
-            NumPy result of the operator's dtype.
+            NumPy result of the operator's dtype (float32 for dtypes that NumPy
+            lacks, such as bfloat16).
         """
         X_torch = as_tensor(numpy.asarray(X)).to(self.device, self.dtype)
-        return self._matmul_tensor(X_torch).detach().cpu().numpy()
+        return _to_numpy(self._matmul_tensor(X_torch))
 
     def _matmul_tensor(self, X: Tensor) -> Tensor:
         """Multiply onto a flat vector ``[N]`` or matrix ``[N, K]``.
@@ -288,11 +298,18 @@ class PyTorchLinearOperator:
             The result in tensor-list format, with column axis if ``X`` has one.
 
         Raises:
+            TypeError: If an entry is not a tensor (e.g. a NumPy array).
             ValueError: If number, shapes, devices or dtypes of the tensors mismatch.
         """
         if len(X) != len(self._in_shape):
             raise ValueError(f"Expected {len(self._in_shape)} tensors, got {len(X)}.")
-        for x in X:
+        for idx, x in enumerate(X):
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"A tensor list must hold torch.Tensors, got {type(x).__name__} at "
+                    f"index {idx}. Convert the entries with torch.as_tensor, or pass "
+                    "a NumPy vector or matrix instead of a list."
+                )
             self._check_device_and_dtype(x)
         if all(x.shape == s for x, s in zip(X, self._in_shape)):
             return [r.squeeze(-1) for r in self._matmat([x.unsqueeze(-1) for x in X])]
@@ -407,14 +424,18 @@ class PyTorchLinearOperator:
 
         Args:
             dtype: NumPy dtype the SciPy operator reports and returns. Defaults to the
-                NumPy equivalent of the operator's dtype.
+                NumPy equivalent of the operator's dtype; float32 for float16 and
+                bfloat16 operators, whose products are upcast for SciPy (its solvers
+                do not support half precision; inputs are cast to the operator's
+                dtype).
 
         Returns:
             A SciPy linear operator with ``matvec``, ``matmat``, ``rmatvec`` and
             ``rmatmat``.
         """
         if dtype is None:
-            dtype = zeros(0, dtype=self.dtype).numpy().dtype
+            dtype = _to_numpy(zeros(0, dtype=self.dtype)).dtype
+            dtype = numpy.float32 if dtype == numpy.float16 else dtype
         adjoint = self.adjoint()
 
         def apply(op: PyTorchLinearOperator, X: numpy.ndarray) -> numpy.ndarray:
@@ -453,6 +474,21 @@ def _is_real_scalar(x) -> bool:
     if isinstance(x, Tensor):
         return x.ndim == 0 and not x.is_complex()
     return isinstance(x, Real)
+
+
+def _to_numpy(x: Tensor) -> numpy.ndarray:
+    """Convert a tensor to NumPy, upcasting dtypes that NumPy lacks to float32.
+
+    Args:
+        x: A tensor.
+
+    Returns:
+        The NumPy array (float32 for, e.g., bfloat16 tensors).
+    """
+    x = x.detach().cpu()
+    if x.is_floating_point() and x.dtype not in (float16, float32, float64):
+        x = x.to(float32)
+    return x.numpy()
 
 
 def _split_columns(M: Tensor, shapes: list[Size]) -> list[Tensor]:
@@ -518,6 +554,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     """
 
     SUPPORTS_BLOCKS: bool = False
+    # Whether ``params`` must belong to the model (if it is a ``torch.nn.Module``).
+    _PARAMS_OF_MODEL: bool = True
 
     def __init__(
         self,
@@ -544,12 +582,16 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 the curvature matrix's rows and columns, in this order.
             data: An iterable of mini-batches ``(X, y)``, e.g. a list or a
                 ``DataLoader``, presented in the same order on every pass. ``X`` may
-                be a tensor or a ``MutableMapping`` (then ``batch_size_fn`` is
-                required and the model must move the dict's content to its device).
+                be a tensor (floating point ones with the parameters' dtype) or a
+                ``MutableMapping`` (then ``batch_size_fn`` is required and the model
+                must move the dict's content to its device). Every pass checks
+                that the data hold ``num_data`` points; one that yields more (e.g.
+                an endless stream) stops with a ``ValueError`` as soon as it does.
             progressbar: Show a progress bar during the passes over the data.
             check_deterministic: Probe at construction that two passes over data and
                 model agree. Turn off only if you know both are deterministic.
-            num_data: Number of data points. Inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite).
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             block_sizes: Numbers of consecutive parameters that form the diagonal
                 blocks of a block-diagonal approximation. ``None`` means one block.
@@ -561,10 +603,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 shards, available on every rank. ``None`` (default): single process.
 
         Raises:
-            ValueError: If an argument is invalid (see the messages).
+            ValueError: If an argument is invalid (see the messages), e.g. a
+                parameter does not belong to a ``torch.nn.Module`` model.
             RuntimeError: If the determinism probe fails.
         """
         check_params(params)
+        if self._PARAMS_OF_MODEL:
+            check_params_in_model(model_func, params)
         check_data(data)
         check_process_group(process_group)
         self._process_group = process_group
@@ -579,9 +624,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._progressbar = progressbar
         self._batch_size_fn = batch_size_fn
         self._block_sizes = check_block_sizes(block_sizes, len(self._params))
+        self._num_data_verified = False  # by a pass over all ranks' data
+        if num_data is not None:
+            num_data = check_integer(num_data, "num_data", minimum=1)
         self._num_data = self._count_data() if num_data is None else num_data
-        if self._num_data <= 0:
-            raise ValueError(f"`num_data` must be positive, got {self._num_data}.")
         super().__init__(self._infer_in_shape(), self._infer_out_shape())
         if check_deterministic:
             self._check_deterministic()
@@ -622,27 +668,73 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     # Data loop
 
-    def _loop_over_data(self, desc: str | None = None) -> Iterable:
+    def _loop_over_data(
+        self, desc: str | None = None, check_count: bool = True
+    ) -> Iterable:
         """Yield the mini-batches, moved to the operator's device.
+
+        The batch sizes are summed as they come (Python integers, no
+        synchronization) and compared with ``num_data``: a pass stops as soon as
+        it exceeds ``num_data`` (endless data), and one that completes must match.
 
         Args:
             desc: Label of the progress bar.
+            check_count: Raise a ``ValueError`` on a mismatch with ``num_data``. If
+                ``False``, an exceeding pass just ends after the batch that exceeds
+                (for callers that compare counts themselves).
 
         Yields:
             Mini-batches ``(X, y)``; tensor inputs and labels on ``self.device``.
             Normalization layers in train mode use batch statistics; the running
             statistics they update are restored after the pass, so that products
             leave the model as they found it.
+
+        Raises:
+            ValueError: If a floating point input's dtype is not the parameters',
+                or (with ``check_count``) the pass holds more or fewer data points
+                than ``num_data``.
         """
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
+        num_data, num_seen = self.__dict__.get("_num_data"), 0  # None: counting
         with restored_running_stats(self._model_func):
             for X, y in data:
                 check_batch_input(X, self._batch_size_fn)
+                num_seen = num_seen + self._batch_size(X)
+                exceeded = isinstance(num_seen, int) and num_seen > (num_data or inf)
+                if exceeded and check_count:
+                    raise ValueError(num_data_error(num_seen, num_data, more=True))
                 if isinstance(X, Tensor):
+                    check_input_dtype(X, self.dtype)
                     X = normal_tensor(X.to(self.device))
                 if isinstance(y, Tensor):
                     y = normal_tensor(y.to(self.device))
                 yield X, y
+                if exceeded:
+                    return
+        if check_count and num_data is not None:
+            self._check_num_data(num_seen)
+
+    def _check_num_data(self, num_seen: int | Tensor):
+        """Compare the data points of a completed pass with ``num_data``.
+
+        In a single process, every pass is checked (a comparison of integers).
+        Data-parallel, the first completed pass sums the counts over the ranks
+        (one all-reduce); later passes are not checked again.
+
+        Args:
+            num_seen: Number of data points this rank's pass yielded.
+
+        Raises:
+            ValueError: If the data (of all ranks) hold another number of points.
+        """
+        if self._process_group is not None:
+            if self._num_data_verified:
+                return
+            num_seen = sum_over_ranks(num_seen, self._process_group, self.device)
+        error = num_data_error(int(num_seen), self._num_data)
+        if error is not None:
+            raise ValueError(error)
+        self._num_data_verified = True
 
     def _batch_size(self, X: Tensor | MutableMapping) -> int:
         """Return the number of data points in a mini-batch input.
@@ -744,7 +836,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         gradient = [zeros_like(p) for p in self._params]
         for X, y in self._loop_over_data(desc="gradient_and_loss"):
             weight = self._batch_weight(X)
-            batch_loss = self._loss_func(self._model_func(X), y)
+            output = self._model_func(X)
+            if isinstance(self._loss_func, SUPPORTED_LOSSES):
+                check_output_and_labels(self._loss_func, output, y)
+            batch_loss = self._loss_func(output, y)
             for g, g_batch in zip(gradient, grad(batch_loss, self._params)):
                 g.add_(g_batch, alpha=weight)
             loss.add_(batch_loss.detach(), alpha=weight)
@@ -770,7 +865,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
         passes = [
             fingerprint_pass(
-                counted(self._loop_over_data("check_deterministic")), self._model_func
+                counted(self._loop_over_data("check_deterministic", False)),
+                self._model_func,
             )
             for _ in range(2)
         ]
@@ -781,11 +877,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             raise RuntimeError(error)
         local = sum(batch_sizes) // 2  # two passes
         num_data = int(sum_over_ranks(local, self._process_group, self.device))
+        more = num_data > self._num_data  # passes stop once they exceed num_data
         if num_data != self._num_data:
-            raise ValueError(
-                f"`num_data={self._num_data}` was given, but the data (of all ranks) "
-                f"holds {num_data} data points."
-            )
+            raise ValueError(num_data_error(num_data, self._num_data, more))
+        self._num_data_verified = True
         generator = Generator(device=self.device).manual_seed(0)
         M = randn(self.shape[1], 2, generator=generator, device=self.device)
         M = M.to(self.dtype)

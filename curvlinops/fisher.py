@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 
 from torch import Generator, Tensor
 
-from curvlinops._checks import check_supported_loss
+from curvlinops._checks import check_integer, check_supported_loss
 from curvlinops._distributed import rank_seed
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
@@ -149,12 +149,8 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
                 an integer.
         """
         check_supported_loss(loss_func, SUPPORTED_LOSSES, type(self).__name__)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
-            raise ValueError(f"`mc_samples` must be an integer, got {mc_samples!r}.")
-        if mc_samples < 1:
-            raise ValueError(f"`mc_samples` must be positive, got {mc_samples}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        mc_samples = check_integer(mc_samples, "mc_samples", minimum=1)
+        seed = check_integer(seed, "seed")
         self._seed, self._mc_samples = seed, mc_samples
         super().__init__(
             model_func,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from curvlinops._autodiff import DifferentiationModes, hvp
 from curvlinops._execution import lazy_attribute
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import split_list
 
@@ -86,7 +87,9 @@ class HessianLinearOperator(CurvatureLinearOperator):
         M_blocks = split_list([m.movedim(-1, 0) for m in M], self._block_sizes)
 
         def compute(forward_mode: bool) -> list[Tensor]:
-            loss = self._loss_func(self._model_func(X), y)
-            return hvp(loss, param_blocks, M_blocks)
+            output = self._model_func(X)
+            if isinstance(self._loss_func, SUPPORTED_LOSSES):
+                check_output_and_labels(self._loss_func, output, y)
+            return hvp(self._loss_func(output, y), param_blocks, M_blocks)
 
         return [r.movedim(0, -1) for r in self._modes(compute)]

@@ -19,6 +19,7 @@ import numpy
 from torch import Tensor, as_tensor, isfinite
 
 from curvlinops._adapter import adapt, adapt_square
+from curvlinops._checks import check_integer, check_symmetry
 from curvlinops._kfac_inverse import KFACInverseLinearOperator
 from curvlinops._krylov import conjugate_gradients, lsmr
 from curvlinops._torch_base import (
@@ -113,20 +114,27 @@ class CGInverseLinearOperator(_InverseLinearOperator):
 
     SELF_ADJOINT: bool = True
 
-    def __init__(self, A, **cg_hyperparameters):
+    def __init__(self, A, *, check_symmetric: bool = True, **cg_hyperparameters):
         """Store the operator and the hyperparameters of CG.
 
         Args:
             A: Symmetric positive definite operator: a
                 :class:`~curvlinops.PyTorchLinearOperator`, a torch or NumPy matrix,
                 or a SciPy ``LinearOperator``.
+            check_symmetric: Probe that ``A`` is symmetric (one product with 8
+                columns, skipped for operators with ``SELF_ADJOINT`` such as the
+                curvature operators) and raise a ``ValueError`` if it is not; CG
+                silently returns wrong solutions for non-symmetric operators.
+                Default: ``True``.
             **cg_hyperparameters: Keyword arguments of
                 :meth:`set_cg_hyperparameters`.
 
         Raises:
-            ValueError: If the operator is not square.
+            ValueError: If the operator is not square or not symmetric.
         """
         super().__init__(adapt_square(A))
+        if check_symmetric:
+            check_symmetry(self._A, "CGInverseLinearOperator")
         self.set_cg_hyperparameters(**cg_hyperparameters)
 
     def set_cg_hyperparameters(
@@ -288,8 +296,8 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
                 f"Expected non-negative values, got {damp=}, {atol=}, {btol=}, "
                 f"{conlim=}."
             )
-        if maxiter is not None and maxiter < 1:
-            raise ValueError(f"`maxiter` must be positive, got {maxiter}.")
+        if maxiter is not None:
+            maxiter = check_integer(maxiter, "maxiter", minimum=1)
         self._hyperparameters = {
             "damp": damp,
             "atol": atol,
@@ -395,8 +403,7 @@ class NeumannInverseLinearOperator(_InverseLinearOperator):
         Raises:
             ValueError: If ``num_terms`` is negative or ``scale`` is not positive.
         """
-        if not isinstance(num_terms, int) or num_terms < 0:
-            raise ValueError(f"`num_terms` must be an integer >= 0, got {num_terms}.")
+        num_terms = check_integer(num_terms, "num_terms", minimum=0)
         if scale <= 0:
             raise ValueError(f"`scale` must be positive, got {scale}.")
         self._num_terms, self._scale, self._check_nan = num_terms, scale, check_nan

@@ -83,7 +83,7 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             ValueError: If no rank has data.
         """
         trailing = None
-        for X, _ in self._loop_over_data(desc="output shape"):
+        for X, _ in self._loop_over_data("output shape", check_count=False):
             with no_grad():
                 trailing = tuple(self._model_func(X).shape[1:])
             break

@@ -8,6 +8,8 @@ from torch import Tensor, allclose
 from torch.func import functional_call
 from torch.nn import Module
 
+from curvlinops._checks import check_params_in_model
+
 
 def split_list(x: list, sizes: list[int]) -> list[list]:
     """Split a list into consecutive sub-lists of given lengths.
@@ -141,11 +143,6 @@ def parameter_names(
     Raises:
         ValueError: If a parameter is not part of the model.
     """
+    check_params_in_model(model, params)
     name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    missing = [idx for idx, p in enumerate(params) if id(p) not in name_of]
-    if missing:
-        raise ValueError(
-            f"params{missing} are not parameters of the model; all parameters must be "
-            "part of `model_func.parameters()`."
-        )
     return [name_of[id(p)] for p in params]

@@ -11,6 +11,7 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
+from curvlinops._checks import is_integer
 from curvlinops._execution import with_autograd
 from curvlinops._torch_base import CurvatureLinearOperator
 
@@ -71,6 +72,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
     """
 
     SELF_ADJOINT: bool = True
+    _PARAMS_OF_MODEL: bool = False  # the feature is no parameter of the model
 
     def __init__(
         self,
@@ -271,8 +273,8 @@ def _locate(model_func: Module, activation: tuple[str, str, int]):
         raise ValueError(f"No layer named {name!r}; available names: {list(modules)}.")
     if io not in _IO_KINDS:
         raise ValueError(f"`activation[1]` must be 'input' or 'output', got {io!r}.")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+    if not is_integer(index) or index < 0:
         raise ValueError(
             f"`activation[2]` must be a non-negative integer, got {index!r}."
         )
-    return modules[name], io, index
+    return modules[name], io, int(index)

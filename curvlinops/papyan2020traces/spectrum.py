@@ -22,6 +22,7 @@ from numpy import ndarray
 from torch import Tensor, cat
 
 from curvlinops._adapter import adapt_square
+from curvlinops._checks import check_symmetry
 from curvlinops.papyan2020traces._quadrature import (
     check_boundaries,
     check_int,
@@ -36,7 +37,14 @@ Boundaries = tuple[float | None, float | None] | None
 class _CachedLanczosQuadratures:
     """Operator, settings and cached Lanczos quadratures of the spectrum classes."""
 
-    def __init__(self, A, ncv: int, boundaries: Boundaries, boundaries_tol: float):
+    def __init__(
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries,
+        boundaries_tol: float,
+        check_symmetric: bool = True,
+    ):
         """Store the operator and the settings of the Lanczos iterations.
 
         Args:
@@ -44,12 +52,16 @@ class _CachedLanczosQuadratures:
             ncv: Number of Lanczos vectors, an integer in :math:`[2, N]`.
             boundaries: Boundaries of the spectrum; ``None`` entries are estimated.
             boundaries_tol: Relative accuracy of estimated boundaries.
+            check_symmetric: Probe that the operator is symmetric.
 
         Raises:
-            ValueError: If ``boundaries_tol`` is negative.
+            ValueError: If ``boundaries_tol`` is negative or the operator is not
+                symmetric.
         """
         self._A = adapt_square(A)
-        check_int("ncv", ncv, 2, self._A.shape[0])
+        if check_symmetric:
+            check_symmetry(self._A.operator, "Lanczos spectral density estimation")
+        ncv = check_int("ncv", ncv, 2, self._A.shape[0])
         if boundaries_tol < 0:
             raise ValueError(f"`boundaries_tol` must be >= 0, got {boundaries_tol}.")
         self._ncv, self._boundaries_tol = ncv, boundaries_tol
@@ -65,7 +77,7 @@ class _CachedLanczosQuadratures:
         Returns:
             Nodes and weights, each of shape ``[num_repeats, ncv]``.
         """
-        check_int("num_repeats", num_repeats, 1)
+        num_repeats = check_int("num_repeats", num_repeats, 1)
         num_cached = 0 if self._nodes is None else self._nodes.shape[0]
         if num_repeats > num_cached:
             nodes, weights = lanczos_quadrature(
@@ -128,7 +140,12 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
     """
 
     def __init__(
-        self, A, ncv: int, boundaries: Boundaries = None, boundaries_tol: float = 1e-2
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries = None,
+        boundaries_tol: float = 1e-2,
+        check_symmetric: bool = True,
     ):
         r"""Store the operator and the settings of the Lanczos iterations.
 
@@ -143,8 +160,11 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
                 are estimated with :func:`scipy.sparse.linalg.eigsh`.
             boundaries_tol: Relative accuracy of the estimated boundaries
                 (``0``: machine precision). Default: ``1e-2``.
+            check_symmetric: Probe that ``A`` is symmetric (one product with 8
+                columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+                ``ValueError`` if it is not. Default: ``True``.
         """
-        super().__init__(A, ncv, boundaries, boundaries_tol)
+        super().__init__(A, ncv, boundaries, boundaries_tol, check_symmetric)
 
     def approximate_spectrum(
         self,
@@ -185,10 +205,13 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
             Smallest and largest eigenvalue.
         """
         low, high = self._boundaries
+        estimated = low is None and high is None
         if low is None:
             low = self._extreme_eigenvalue("SA")
         if high is None:
             high = self._extreme_eigenvalue("LA")
+        if estimated and low > high:  # a zero-width spectrum, up to rounding
+            low, high = high, low
         self._boundaries = (low, high)
         return low, high
 
@@ -219,7 +242,12 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
     """
 
     def __init__(
-        self, A, ncv: int, boundaries: Boundaries = None, boundaries_tol: float = 1e-2
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries = None,
+        boundaries_tol: float = 1e-2,
+        check_symmetric: bool = True,
     ):
         r"""Store the operator and the settings of the Lanczos iterations.
 
@@ -235,8 +263,11 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
                 smallest is taken from the Lanczos nodes of the first quadrature.
             boundaries_tol: Relative accuracy of the estimated boundaries
                 (``0``: machine precision). Default: ``1e-2``.
+            check_symmetric: Probe that ``A`` is symmetric (one product with 8
+                columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+                ``ValueError`` if it is not. Default: ``True``.
         """
-        super().__init__(A, ncv, boundaries, boundaries_tol)
+        super().__init__(A, ncv, boundaries, boundaries_tol, check_symmetric)
 
     def approximate_log_spectrum(
         self,
@@ -284,10 +315,13 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
             Smallest and largest eigenvalue of ``|A|``.
         """
         low, high = self._boundaries
+        estimated = low is None and high is None
         if high is None:
             high = self._extreme_eigenvalue("LM")
         if low is None:
             low = self._quadratures(1)[0][0].abs().min().item()
+        if estimated and low > high:  # a zero-width spectrum, up to rounding
+            low, high = high, low
         self._boundaries = (low, high)
         return low, high
 
@@ -301,6 +335,7 @@ def lanczos_approximate_spectrum(
     boundaries: Boundaries = None,
     margin: float = 0.05,
     boundaries_tol: float = 1e-2,
+    check_symmetric: bool = True,
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
     r"""Approximate the spectral density of a symmetric operator (Papyan, 2020).
 
@@ -327,6 +362,9 @@ def lanczos_approximate_spectrum(
             Default: ``0.05``.
         boundaries_tol: Relative accuracy of estimated boundaries. Default:
             ``1e-2``.
+        check_symmetric: Probe that ``A`` is symmetric (one product with 8
+            columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+            ``ValueError`` if it is not. Default: ``True``.
 
     Returns:
         Grid points :math:`\lambda` and the density :math:`p(\lambda)`, each of
@@ -341,7 +379,9 @@ def lanczos_approximate_spectrum(
         >>> type(density).__name__, density.shape
         ('ndarray', (200,))
     """
-    spectrum = LanczosApproximateSpectrumCached(A, ncv, boundaries, boundaries_tol)
+    spectrum = LanczosApproximateSpectrumCached(
+        A, ncv, boundaries, boundaries_tol, check_symmetric
+    )
     return spectrum.approximate_spectrum(num_repeats, num_points, kappa, margin)
 
 
@@ -355,6 +395,7 @@ def lanczos_approximate_log_spectrum(
     margin: float = 0.05,
     boundaries_tol: float = 1e-2,
     epsilon: float = 1e-5,
+    check_symmetric: bool = True,
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
     r"""Approximate the spectral density of :math:`\log(|\mathbf{A}| + \epsilon)`.
 
@@ -382,6 +423,9 @@ def lanczos_approximate_log_spectrum(
         boundaries_tol: Relative accuracy of estimated boundaries. Default:
             ``1e-2``.
         epsilon: Positive shift :math:`\epsilon`. Default: ``1e-5``.
+        check_symmetric: Probe that ``A`` is symmetric (one product with 8
+            columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+            ``ValueError`` if it is not. Default: ``True``.
 
     Returns:
         Grid points (values of :math:`\log(|\lambda| + \epsilon)`) and the
@@ -396,7 +440,9 @@ def lanczos_approximate_log_spectrum(
         >>> grid.shape, density.shape
         (torch.Size([1024]), torch.Size([1024]))
     """
-    spectrum = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol)
+    spectrum = LanczosApproximateLogSpectrumCached(
+        A, ncv, boundaries, boundaries_tol, check_symmetric
+    )
     return spectrum.approximate_log_spectrum(
         num_repeats, num_points, kappa, margin, epsilon
     )

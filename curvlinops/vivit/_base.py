@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import count
+from numbers import Integral, Real
 
 from torch import Tensor
 from torch.nn import Module
 
+from curvlinops._checks import is_integer
 from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 from curvlinops.vivit._sqrt_ggn import SqrtGGN
 
@@ -30,7 +32,7 @@ def check_subsampling(subsampling: list[int] | None, name: str):
     if (
         not isinstance(subsampling, (list, tuple))
         or len(subsampling) == 0
-        or any(not isinstance(i, int) or i < 0 for i in subsampling)
+        or any(not is_integer(i) or i < 0 for i in subsampling)
     ):
         raise ValueError(
             f"`{name}` must be None or a non-empty list of sample indices, got "
@@ -49,7 +51,8 @@ def check_non_negative(value, name: str, kind: type):
     Raises:
         ValueError: If ``value`` has the wrong type or is negative.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, kind)) or value < 0:
+    numbers = Integral if kind is int else Real  # Python or NumPy numbers
+    if isinstance(value, bool) or not isinstance(value, numbers) or value < 0:
         raise ValueError(
             f"`{name}` must be a non-negative {kind.__name__}, got {value!r}."
         )
@@ -81,7 +84,7 @@ class ViViTComputation:
         check_subsampling(subsampling_ggn, "subsampling")
         check_non_negative(mc_samples, "mc_samples", int)
         self._subsampling_ggn = subsampling_ggn
-        self._mc_samples = mc_samples
+        self._mc_samples = int(mc_samples)
         self._verbose = verbose
         uid = next(_INSTANCES)
         self._factor_field = f"_vivit_factor_{uid}"
