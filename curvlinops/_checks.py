@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
-from numbers import Integral
+from operator import index
 
 from torch import Generator, Tensor, finfo, float64, randn
 
@@ -119,6 +119,10 @@ def check_block_sizes(block_sizes: list[int] | None, num_params: int) -> list[in
     """
     if block_sizes is None:
         return [num_params]
+    if not isinstance(block_sizes, (list, tuple)):
+        raise ValueError(
+            f"`block_sizes` must be a list of integers, got {block_sizes!r}."
+        )
     if any(not is_integer(b) or b <= 0 for b in block_sizes) or (
         sum(block_sizes) != num_params
     ):
@@ -126,7 +130,7 @@ def check_block_sizes(block_sizes: list[int] | None, num_params: int) -> list[in
             f"`block_sizes` must be positive integers that sum to the number of "
             f"parameters ({num_params}), got {block_sizes}."
         )
-    return [int(b) for b in block_sizes]
+    return [index(b) for b in block_sizes]
 
 
 def check_data(data):
@@ -144,6 +148,54 @@ def check_data(data):
             "`data` must be iterable more than once, e.g. a list of batches or a "
             f"DataLoader; got a {type(data).__name__}, which one pass exhausts."
         )
+
+
+def unpack_batch(batch) -> tuple:
+    """Verify that a mini-batch is a pair ``(X, y)`` and return its entries.
+
+    Args:
+        batch: An entry of ``data``.
+
+    Returns:
+        The input ``X`` and the labels ``y``.
+
+    Raises:
+        TypeError: If the batch is not a tuple or list of two entries.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (
+            f"a {type(batch).__name__} of {len(batch)} entries"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise TypeError(
+            f"Every entry of `data` must be a mini-batch (X, y), got {what}. Pass "
+            "e.g. a list of (X, y) pairs (one batch: [(X, y)]) or a DataLoader "
+            "that yields them."
+        )
+    return batch[0], batch[1]
+
+
+def check_batch_size(batch_size) -> int | Tensor:
+    """Verify that a batch size is an integer (or an integer tensor).
+
+    Args:
+        batch_size: The batch size, e.g. returned by ``batch_size_fn``.
+
+    Returns:
+        The batch size; a Python ``int`` unless it is a tensor (not synchronized).
+
+    Raises:
+        TypeError: If the batch size is not an integer.
+    """
+    if isinstance(batch_size, Tensor) and not batch_size.is_floating_point():
+        return batch_size
+    if not is_integer(batch_size):
+        raise TypeError(
+            f"The batch size must be an integer, got {batch_size!r}; check "
+            "`batch_size_fn`."
+        )
+    return index(batch_size)
 
 
 def check_batch_input(X, batch_size_fn: Callable | None):
@@ -207,7 +259,9 @@ def check_num_matvecs(num_matvecs: int, multiple_of: int = 1, minimum: int = 1):
 
 
 def is_integer(value) -> bool:
-    """Return whether a value is an integer: a Python or NumPy integer, not a bool.
+    """Return whether a value is an integer: Python, NumPy, or an integer tensor.
+
+    Booleans are not integers here. Integer tensors with one entry count.
 
     Args:
         value: Candidate integer.
@@ -215,7 +269,13 @@ def is_integer(value) -> bool:
     Returns:
         Whether ``value`` is an integer.
     """
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.numel() != 1):
+        return False
+    try:
+        index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_integer(value, name: str, minimum: int | None = None) -> int:
@@ -235,7 +295,7 @@ def check_integer(value, name: str, minimum: int | None = None) -> int:
     if not is_integer(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"`{name}` must be an integer{bound}, got {value!r}.")
-    return int(value)
+    return index(value)
 
 
 def num_data_error(num_seen: int, num_data: int, more: bool = False) -> str | None:

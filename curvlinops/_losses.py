@@ -129,18 +129,27 @@ def check_output_and_labels(loss_func, output, y):
         y: The mini-batch's labels.
 
     Raises:
-        TypeError: If the output is not a tensor.
+        TypeError: If the output is not a tensor, or a supported loss gets labels
+            that are not a tensor (e.g. ``None`` or a NumPy array).
         ValueError: If the labels' shape does not fit the output's for a supported
             loss: the output's shape, or for cross-entropy ``[B, *]`` (integer class
-            indices) or the output's shape (class probabilities); or if
-            cross-entropy gets an output without class axis ``[B, C, *]``.
+            indices) or the output's shape (class probabilities); if cross-entropy
+            gets an output without class axis ``[B, C, *]``; or if BCE gets
+            labels that are not floating point.
     """
     if not isinstance(output, Tensor):
         raise TypeError(
             f"The model must return one tensor, got {type(output).__name__}."
         )
-    if not isinstance(loss_func, SUPPORTED_LOSSES) or not isinstance(y, Tensor):
+    if not isinstance(loss_func, SUPPORTED_LOSSES):
         return
+    name = type(loss_func).__name__
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} needs labels y as tensors, got {type(y).__name__}.")
+    if isinstance(loss_func, BCEWithLogitsLoss) and not y.is_floating_point():
+        raise ValueError(
+            f"{name} needs floating point labels (probabilities), got {y.dtype}."
+        )
     expected = [output.shape]
     if isinstance(loss_func, CrossEntropyLoss):
         _check_cross_entropy_output_and_labels(output, y)
@@ -148,9 +157,8 @@ def check_output_and_labels(loss_func, output, y):
     if y.shape not in expected:
         shapes = " or ".join(str(list(shape)) for shape in expected)
         raise ValueError(
-            f"{type(loss_func).__name__} on model outputs of shape "
-            f"{list(output.shape)} expects labels of shape {shapes}, "
-            f"got {list(y.shape)}."
+            f"{name} on model outputs of shape {list(output.shape)} expects labels "
+            f"of shape {shapes}, got {list(y.shape)}."
         )
 
 

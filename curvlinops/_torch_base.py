@@ -11,7 +11,7 @@ that model and data are deterministic. Concrete operators only supply products.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
-from math import inf
+from math import inf, isfinite
 from numbers import Real
 
 import numpy
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from curvlinops._checks import (
     check_batch_input,
+    check_batch_size,
     check_block_sizes,
     check_data,
     check_input_dtype,
@@ -44,6 +45,7 @@ from curvlinops._checks import (
     check_params_in_model,
     check_reduction,
     num_data_error,
+    unpack_batch,
 )
 from curvlinops._determinism import (
     DETERMINISM_ATOL,
@@ -283,6 +285,8 @@ class PyTorchLinearOperator:
             )
         is_vec = X.ndim == 1
         M = X.unsqueeze(-1) if is_vec else X
+        if M.shape[1] == 0:  # no columns, no products
+            return M.new_zeros(self.shape[0], 0)
         AM = self._matmat(_split_columns(M, self._in_shape))
         AM = _flatten_columns(AM)
         return AM.squeeze(-1) if is_vec else AM
@@ -317,6 +321,8 @@ class PyTorchLinearOperator:
         if len(num_cols) == 1 and all(
             x.shape[:-1] == s for x, s in zip(X, self._in_shape)
         ):
+            if num_cols == {0}:  # no columns, no products
+                return [X[0].new_zeros(*s, 0) for s in self._out_shape]
             return self._matmat(X)
         raise ValueError(
             f"Expected tensors of shapes {[list(s) for s in self._in_shape]}, "
@@ -376,9 +382,14 @@ class PyTorchLinearOperator:
 
         Returns:
             The scaled operator.
+
+        Raises:
+            ValueError: If ``scalar`` is not finite.
         """
         if not _is_real_scalar(scalar):
             return NotImplemented
+        if not isfinite(float(scalar)):
+            raise ValueError(f"Cannot scale a linear operator by {float(scalar)}.")
         from curvlinops._algebra import _ScaledPyTorchLinearOperator
 
         return _ScaledPyTorchLinearOperator(self, float(scalar))
@@ -432,10 +443,16 @@ class PyTorchLinearOperator:
         Returns:
             A SciPy linear operator with ``matvec``, ``matmat``, ``rmatvec`` and
             ``rmatmat``.
+
+        Raises:
+            ValueError: If ``dtype`` is not a floating point type (results would be
+                truncated).
         """
         if dtype is None:
             dtype = _to_numpy(zeros(0, dtype=self.dtype)).dtype
             dtype = numpy.float32 if dtype == numpy.float16 else dtype
+        if numpy.dtype(dtype).kind not in "fc":
+            raise ValueError(f"`dtype` must be a floating point type, got {dtype}.")
         adjoint = self.adjoint()
 
         def apply(op: PyTorchLinearOperator, X: numpy.ndarray) -> numpy.ndarray:
@@ -676,6 +693,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         The batch sizes are summed as they come (Python integers, no
         synchronization) and compared with ``num_data``: a pass stops as soon as
         it exceeds ``num_data`` (endless data), and one that completes must match.
+        Empty batches are skipped.
 
         Args:
             desc: Label of the progress bar.
@@ -690,6 +708,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             leave the model as they found it.
 
         Raises:
+            TypeError: If a batch is not a pair ``(X, y)``.
             ValueError: If a floating point input's dtype is not the parameters',
                 or (with ``check_count``) the pass holds more or fewer data points
                 than ``num_data``.
@@ -697,9 +716,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
         num_data, num_seen = self.__dict__.get("_num_data"), 0  # None: counting
         with restored_running_stats(self._model_func):
-            for X, y in data:
+            for batch in data:
+                X, y = unpack_batch(batch)
                 check_batch_input(X, self._batch_size_fn)
-                num_seen = num_seen + self._batch_size(X)
+                batch_size = check_batch_size(self._batch_size(X))
+                if isinstance(batch_size, int) and batch_size == 0:
+                    continue  # an empty batch contributes nothing
+                num_seen = num_seen + batch_size
                 exceeded = isinstance(num_seen, int) and num_seen > (num_data or inf)
                 if exceeded and check_count:
                     raise ValueError(num_data_error(num_seen, num_data, more=True))

@@ -85,13 +85,38 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         trailing = None
         for X, _ in self._loop_over_data("output shape", check_count=False):
             with no_grad():
-                trailing = tuple(self._model_func(X).shape[1:])
+                output = self._model_func(X)
+            self._check_output(output)
+            trailing = tuple(output.shape[1:])
             break
         # ranks with an empty shard learn the shape from the others
         trailing = first_over_ranks(trailing, self._process_group)
         if trailing is None:
             raise ValueError("`data` is empty: expected at least one batch (X, y).")
         return Size([self._num_data, *trailing])
+
+    def _check_output(self, output: Tensor):
+        """Verify that a batch's output is a tensor with the stacked outputs' layout.
+
+        Args:
+            output: Model output on a mini-batch.
+
+        Raises:
+            TypeError: If the output is not a tensor.
+            ValueError: If its shape after the batch axis differs from the first
+                batch's (the rows of all batches are stacked).
+        """
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"The model must return one tensor, got {type(output).__name__}."
+            )
+        stacked = self.__dict__.get("_stacked_output_shape")  # None: first batch
+        if stacked is not None and output.shape[1:] != stacked[1:]:
+            expected = "[" + ", ".join(["B", *map(str, stacked[1:])]) + "]"
+            raise ValueError(
+                f"The model's outputs must have the shape {expected} on every batch "
+                f"(the Jacobian stacks their rows), got {list(output.shape)}."
+            )
 
     @lazy_attribute
     def _row_range(self) -> tuple[int, int]:
@@ -261,7 +286,9 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         """
 
         def compute(jvp) -> Tensor:
-            return jvp(X, M, output_graph=False)[1]
+            output, JM = jvp(X, M, output_graph=False)
+            self._check_output(output)
+            return JM
 
         return self._jacobian.run(compute).detach()
 
@@ -390,6 +417,7 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
 
         def compute(_) -> list[Tensor]:
             output = self._model_func(X)
+            self._check_output(output)
             return vjp([output], self._params, [V], retain_graph=False)
 
         return self._jacobian.run(compute)

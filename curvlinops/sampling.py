@@ -81,8 +81,15 @@ def random_tensor(
 
     Returns:
         The random tensor.
+
+    Raises:
+        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
     """
     check_distribution(distribution)
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+        )
     if distribution == "normal":
         return randn(shape, generator=generator, device=device, dtype=dtype)
     uniform = rand(shape, generator=generator, device=device, dtype=float32)

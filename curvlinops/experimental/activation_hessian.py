@@ -11,8 +11,9 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
-from curvlinops._checks import is_integer
+from curvlinops._checks import check_input_dtype, is_integer, unpack_batch
 from curvlinops._execution import with_autograd
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops._torch_base import CurvatureLinearOperator
 
 _IO_KINDS = ("input", "output")
@@ -121,7 +122,9 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
                 "The activation Hessian is defined for exactly one mini-batch, but "
                 f"`data` holds {num_batches}."
             )
-        (X, _) = next(iter(data))
+        X, _ = unpack_batch(next(iter(data)))
+        if isinstance(X, Tensor) and any(True for _ in model_func.parameters()):
+            check_input_dtype(X, next(model_func.parameters()).dtype)
         with no_grad():
             _, feature = self._forward(model_func, X)
         super().__init__(
@@ -186,6 +189,8 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
 
         def compute(forward_mode: bool) -> list[Tensor]:
             output, feature = self._forward(self._model_func, X)
+            if isinstance(self._loss_func, SUPPORTED_LOSSES):
+                check_output_and_labels(self._loss_func, output, y)
             loss = self._loss_func(output, y)
             return hvp(loss, [[feature]], [[M_leading]])
 

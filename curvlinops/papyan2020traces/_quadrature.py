@@ -8,7 +8,7 @@ nodes and weights of a Gauss quadrature of the operator's spectral density.
 
 from __future__ import annotations
 
-from math import log, pi, sqrt
+from math import isfinite, log, pi, sqrt
 
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import (
@@ -223,6 +223,21 @@ def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -
     return int(value)
 
 
+def _is_finite_number(value) -> bool:
+    """Return whether a value is a finite real number (Python, NumPy or 0-d tensor).
+
+    Args:
+        value: Candidate number.
+
+    Returns:
+        Whether ``value`` is a finite real number.
+    """
+    try:
+        return isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def check_boundaries(boundaries: tuple | None) -> tuple[float | None, float | None]:
     """Verify boundaries of a spectrum.
 
@@ -233,12 +248,17 @@ def check_boundaries(boundaries: tuple | None) -> tuple[float | None, float | No
         The pair of boundaries.
 
     Raises:
-        ValueError: If ``boundaries`` is not such a pair or is decreasing.
+        ValueError: If ``boundaries`` is not such a pair, has entries that are not
+            finite numbers, or is decreasing.
     """
     if boundaries is None:
         return (None, None)
     if len(boundaries) != 2:
         raise ValueError(f"`boundaries` must be a pair, got {boundaries}.")
+    if any(b is not None and not _is_finite_number(b) for b in boundaries):
+        raise ValueError(
+            f"`boundaries` must hold finite numbers or None, got {boundaries}."
+        )
     low, high = boundaries
     if low is not None and high is not None and low > high:
         raise ValueError(f"`boundaries` must be increasing, got {boundaries}.")

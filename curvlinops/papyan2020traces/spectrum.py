@@ -266,8 +266,16 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
             check_symmetric: Probe that ``A`` is symmetric (one product with 8
                 columns, skipped for operators with ``SELF_ADJOINT``) and raise a
                 ``ValueError`` if it is not. Default: ``True``.
+
+        Raises:
+            ValueError: If a given boundary is negative.
         """
         super().__init__(A, ncv, boundaries, boundaries_tol, check_symmetric)
+        if any(b is not None and b < 0 for b in self._boundaries):
+            raise ValueError(
+                f"`boundaries` bound the eigenvalues of |A| and must be >= 0, got "
+                f"{boundaries}."
+            )
 
     def approximate_log_spectrum(
         self,
