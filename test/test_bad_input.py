@@ -89,6 +89,13 @@ def _dense(op) -> Tensor:
     return op @ eye(op.shape[1], dtype=op.dtype)
 
 
+def _columns(op, num_columns: int = 3) -> Tensor:
+    """Multiply an operator onto seeded random columns (cheaper than densifying)."""
+    generator = Generator().manual_seed(1)
+    M = randn(op.shape[1], num_columns, generator=generator, dtype=float64)
+    return op @ M.to(op.dtype)
+
+
 # 1. One-dimensional outputs [N] have one loss term per datum
 
 
@@ -353,17 +360,17 @@ def test_float64_labels_with_a_float32_model(name: str, loss: str):
     """Like the loss itself, the operators accept wider labels (promoted, cast back)."""
     model, loss_func, params, data = Case("mlp", loss).make()
     kwargs = {"fisher_type": "empirical"} if name in {"kfac", "ekfac"} else {}
-    reference = _dense(_build(name, model, loss_func, params, data, **kwargs))
+    reference = _columns(_build(name, model, loss_func, params, data, **kwargs))
     model = model.float()
     data32 = [(X.float(), y) for X, y in data]  # float64 labels
     op = _build(name, model, loss_func, list(model.parameters()), data32, **kwargs)
     if name == "mc_fisher":  # labels drawn in float32: compare with float32 labels
         data32 = [(X, y.float()) for X, y in data32]
-        reference = _dense(
+        reference = _columns(
             _build(name, model, loss_func, list(model.parameters()), data32)
         ).double()
     scale = reference.abs().max().item()
-    assert_close(_dense(op).double(), reference, rtol=1e-4, atol=1e-5 * scale)
+    assert_close(_columns(op).double(), reference, rtol=1e-4, atol=1e-5 * scale)
 
 
 def _numpy_int_cases():
@@ -399,7 +406,7 @@ def _numpy_int_cases():
         return HutchPPTraceEstimator(A, basis_dim=basis_dim).sample()
 
     def product(cls, *args, **kwargs):
-        return _dense(cls(*problem, *args, **kwargs))
+        return _columns(cls(*problem, *args, **kwargs))
 
     def kfac(n):
         return product(
@@ -509,3 +516,144 @@ def test_constant_spectrum_with_estimated_boundaries(seed: int):
             grid, density = density_of(A, ncv=4)
             peak = transform(A[0, 0])
             assert abs(grid[density.argmax()] - peak) < 1e-2 * max(abs(peak), 1)
+
+
+# More of the same classes of defect
+
+
+@pytest.mark.parametrize("name", list(LOSS_OPERATORS))
+def test_empty_batches_contribute_nothing(name: str):
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    X, y = data[0]
+    with_empty = [data[0], (X[:0], y[:0]), data[1]]
+    expected = _columns(_build(name, model, loss_func, params, data))
+    assert_close(_columns(_build(name, model, loss_func, params, with_empty)), expected)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ("triples", "got a tuple of 3 entries"),
+        ("tensor", "got a Tensor"),
+        ("one_batch", r"got a Tensor. .*one batch: \[\(X, y\)\]"),
+    ],
+)
+def test_batches_must_be_pairs(data: str, match: str):
+    model, loss_func, params, batches = Case("mlp", "mse").make()
+    data = {
+        "triples": [(X, y, y) for X, y in batches],
+        "tensor": batches[0][0],
+        "one_batch": batches[0],
+    }[data]
+    with pytest.raises(TypeError, match=match):
+        GGNLinearOperator(model, loss_func, params, data)
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (None, TypeError, "MSELoss needs labels y as tensors, got NoneType"),
+        ("numpy", TypeError, "MSELoss needs labels y as tensors, got ndarray"),
+    ],
+)
+@pytest.mark.parametrize("name", list(LOSS_OPERATORS))
+def test_labels_must_be_tensors(name: str, labels, error, match: str):
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    data = [(X, y.numpy() if labels == "numpy" else labels) for X, y in data]
+    with pytest.raises(error, match=match):
+        _build(name, model, loss_func, params, data)
+
+
+@pytest.mark.parametrize("name", list(LOSS_OPERATORS))
+def test_bce_needs_floating_labels(name: str):
+    model, loss_func, params, data = Case("mlp", "bce").make()
+    data = [(X, y.long()) for X, y in data]
+    with pytest.raises(ValueError, match="needs floating point labels"):
+        _build(name, model, loss_func, params, data)
+
+
+def test_products_with_zero_columns():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    G = GGNLinearOperator(model, loss_func, params, data)
+    assert (G @ zeros(G.shape[1], 0, dtype=float64)).shape == (G.shape[0], 0)
+    result = G @ [zeros(*p.shape, 0, dtype=float64) for p in params]
+    assert [r.shape for r in result] == [(*p.shape, 0) for p in params]
+    assert (G @ numpy.zeros((G.shape[1], 0))).shape == (G.shape[0], 0)
+
+
+def test_scales_and_scipy_dtypes_are_checked():
+    op = TensorLinearOperator(eye(3, dtype=float64))
+    for scale in (float("nan"), float("inf"), numpy.float64("-inf")):
+        with pytest.raises(ValueError, match="Cannot scale a linear operator by"):
+            scale * op
+    with pytest.raises(ValueError, match="must be a floating point type"):
+        op.to_scipy(dtype=numpy.int64)
+
+
+@pytest.mark.parametrize("name", list(JACOBIANS))
+def test_jacobian_outputs_must_keep_their_shape(name: str):
+    manual_seed(0)
+    model = Linear(3, 2).double()
+    data = [(rand(2, 4, 3, dtype=float64), None), (rand(2, 5, 3, dtype=float64), None)]
+    with pytest.raises(ValueError, match=r"shape \[B, 4, 2\] on every batch"):
+        op = _build(name, model, None, list(model.parameters()), data)
+        op @ rand(op.shape[1], dtype=float64)
+
+
+def test_jacobian_of_a_model_that_returns_no_tensor():
+    class DictOutput(Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = Linear(3, 2).double()
+
+        def forward(self, x: Tensor) -> dict:
+            return {"logits": self.linear(x)}
+
+    model = DictOutput()
+    with pytest.raises(TypeError, match="must return one tensor, got dict"):
+        JacobianLinearOperator(
+            model, list(model.parameters()), [(rand(2, 3, dtype=float64), None)]
+        )
+
+
+def test_bad_spectrum_boundaries():
+    A = _non_symmetric()
+    A = A + A.T
+    for boundaries in ((float("nan"), 1.0), (0.0, float("inf")), ("low", 1.0)):
+        with pytest.raises(ValueError, match="must hold finite numbers or None"):
+            lanczos_approximate_spectrum(A, 4, boundaries=boundaries)
+    with pytest.raises(ValueError, match=r"eigenvalues of \|A\| and must be >= 0"):
+        lanczos_approximate_log_spectrum(A, 4, boundaries=(-1.0, 2.0))
+
+
+def test_generators_must_be_generators():
+    from curvlinops import hutchinson_trace
+
+    with pytest.raises(TypeError, match="must be a torch.Generator, got int"):
+        hutchinson_trace(eye(3, dtype=float64), 2, generator=0)
+
+
+def test_block_sizes_and_batch_sizes_must_be_integers():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    with pytest.raises(ValueError, match="must be a list of integers, got 2"):
+        HessianLinearOperator(model, loss_func, params, data, block_sizes=2)
+    model, loss_func, params, data = Case("dict_input", "mse").make()
+    with pytest.raises(TypeError, match="batch size must be an integer, got '3'"):
+        HessianLinearOperator(
+            model, loss_func, params, data, batch_size_fn=lambda X: "3"
+        )
+
+
+def test_activation_hessian_checks_labels_and_dtypes():
+    from curvlinops.experimental import ActivationHessianLinearOperator
+
+    model, loss_func, _, data = Case("mlp", "mse").make()
+    X, y = data[0]
+    with pytest.raises(ValueError, match=r"expects labels of shape \[3, 3\]"):
+        ActivationHessianLinearOperator(
+            model, loss_func, ("0", "output", 0), [(X, y[:, :1])]
+        )
+    with pytest.raises(ValueError, match="Inputs X have dtype torch.float32"):
+        ActivationHessianLinearOperator(
+            model, loss_func, ("0", "output", 0), [(X.float(), y)]
+        )
