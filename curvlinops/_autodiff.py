@@ -99,10 +99,15 @@ def vjp(
         vs if batched else [v.squeeze(0) for v in vs],
         retain_graph=retain_graph,
         allow_unused=True,
-        materialize_grads=True,
         is_grads_batched=batched,
     )
-    return list(result) if batched else [r.unsqueeze(0) for r in result]
+    # unused inputs (``None``) get zeros with the column axis
+    return [
+        zeros(num_cols, *x.shape, dtype=x.dtype, device=x.device)
+        if r is None
+        else (r if batched else r.unsqueeze(0))
+        for r, x in zip(result, inputs)
+    ]
 
 
 def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tensor]]):

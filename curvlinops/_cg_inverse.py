@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from curvlinops._adapter import adapt_square
+from curvlinops._checks import check_integer, check_symmetry, is_integer
 from curvlinops._inverse_base import _InverseLinearOperator
 from curvlinops._krylov import batched_conjugate_gradients, conjugate_gradients
 
@@ -83,14 +84,21 @@ class CGInverseLinearOperator(_InverseLinearOperator):
                 or a SciPy ``LinearOperator``.
             **cg_hyperparameters: Keyword arguments of either
                 :meth:`set_cg_hyperparameters` (SciPy's names) or
-                :meth:`set_batched_cg_hyperparameters` (curvlinops 3.x's names).
+                :meth:`set_batched_cg_hyperparameters` (curvlinops 3.x's names),
+                and ``check_symmetric``: probe that ``A`` is symmetric (one
+                product with 8 columns, skipped for operators with
+                ``SELF_ADJOINT`` such as the curvature operators and their sums)
+                and raise a ``ValueError`` if it is not, since CG silently returns
+                wrong solutions for non-symmetric operators. Default: ``True``.
 
         Raises:
-            ValueError: If the operator is not square, or keywords of both sets are
-                mixed.
+            ValueError: If the operator is not square or not symmetric, or keywords
+                of both sets are mixed.
             TypeError: If a keyword belongs to neither set.
         """
         super().__init__(adapt_square(A))
+        if cg_hyperparameters.pop("check_symmetric", True):
+            check_symmetry(self._A, type(self).__name__)
         self.tridiag_matrices = None
         batched = set(cg_hyperparameters) & set(_BATCHED_CG_KEYWORDS)
         scipy = set(cg_hyperparameters) & set(_SCIPY_CG_KEYWORDS)
@@ -136,7 +144,8 @@ class CGInverseLinearOperator(_InverseLinearOperator):
             atol: Absolute tolerance on the residual norm. Default: ``0``.
 
         Raises:
-            ValueError: If a tolerance is negative or ``maxiter`` is not positive.
+            ValueError: If a tolerance is negative or ``maxiter`` is not a positive
+                integer.
         """
         if tol < 0 or (atol is not None and atol < 0):
             raise ValueError(f"Tolerances must be >= 0, got {tol=} and {atol=}.")
@@ -193,7 +202,10 @@ class CGInverseLinearOperator(_InverseLinearOperator):
                 f"{stop_updating_after=}."
             )
         if not (
-            isinstance(n_tridiag, int) and n_tridiag >= 0 and max_tridiag_iter >= 1
+            is_integer(n_tridiag)
+            and n_tridiag >= 0
+            and is_integer(max_tridiag_iter)
+            and max_tridiag_iter >= 1
         ):
             raise ValueError(
                 f"Expected n_tridiag >= 0 and max_tridiag_iter >= 1, got {n_tridiag=} "
@@ -204,8 +216,8 @@ class CGInverseLinearOperator(_InverseLinearOperator):
             "tolerance": tolerance,
             "eps": eps,
             "stop_updating_after": stop_updating_after,
-            "n_tridiag": n_tridiag,
-            "max_tridiag_iter": max_tridiag_iter,
+            "n_tridiag": int(n_tridiag),
+            "max_tridiag_iter": int(max_tridiag_iter),
         }
 
     def _set_common(self, x0, maxiter: int, preconditioner, maxiter_name: str):
@@ -218,10 +230,10 @@ class CGInverseLinearOperator(_InverseLinearOperator):
             maxiter_name: Name of the iteration limit in error messages.
 
         Raises:
-            ValueError: If the iteration limit is not positive.
+            ValueError: If the iteration limit is not a positive integer (Python or
+                NumPy).
         """
-        if maxiter < 1:
-            raise ValueError(f"`{maxiter_name}` must be positive, got {maxiter}.")
+        maxiter = check_integer(maxiter, maxiter_name, minimum=1)
         precondition = self._as_preconditioner(preconditioner)  # checked first
         self._x0, self._maxiter, self._preconditioner = x0, maxiter, precondition
 

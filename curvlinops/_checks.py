@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
+from operator import index
 
-from torch import Tensor
+from torch import Generator, Tensor, finfo, float64, randn
 
 from curvlinops._losses import check_loss_options
 from curvlinops.utils import assert_divisible_by
@@ -119,14 +120,18 @@ def check_block_sizes(block_sizes: list[int] | None, num_params: int) -> list[in
     """
     if block_sizes is None:
         return [num_params]
-    if any(not isinstance(b, int) or b <= 0 for b in block_sizes) or (
+    if not isinstance(block_sizes, (list, tuple)):
+        raise ValueError(
+            f"`block_sizes` must be a list of integers, got {block_sizes!r}."
+        )
+    if any(not is_integer(b) or b <= 0 for b in block_sizes) or (
         sum(block_sizes) != num_params
     ):
         raise ValueError(
             f"`block_sizes` must be positive integers that sum to the number of "
             f"parameters ({num_params}), got {block_sizes}."
         )
-    return list(block_sizes)
+    return [index(b) for b in block_sizes]
 
 
 def check_data(data):
@@ -144,6 +149,54 @@ def check_data(data):
             "`data` must be iterable more than once, e.g. a list of batches or a "
             f"DataLoader; got a {type(data).__name__}, which one pass exhausts."
         )
+
+
+def unpack_batch(batch) -> tuple:
+    """Verify that a mini-batch is a pair ``(X, y)`` and return its entries.
+
+    Args:
+        batch: An entry of ``data``.
+
+    Returns:
+        The input ``X`` and the labels ``y``.
+
+    Raises:
+        TypeError: If the batch is not a tuple or list of two entries.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (
+            f"a {type(batch).__name__} of {len(batch)} entries"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise TypeError(
+            f"Every entry of `data` must be a mini-batch (X, y), got {what}. Pass "
+            "e.g. a list of (X, y) pairs (one batch: [(X, y)]) or a DataLoader "
+            "that yields them."
+        )
+    return batch[0], batch[1]
+
+
+def check_batch_size(batch_size) -> int | Tensor:
+    """Verify that a batch size is an integer (or an integer tensor).
+
+    Args:
+        batch_size: The batch size, e.g. returned by ``batch_size_fn``.
+
+    Returns:
+        The batch size; a Python ``int`` unless it is a tensor (not synchronized).
+
+    Raises:
+        TypeError: If the batch size is not an integer.
+    """
+    if isinstance(batch_size, Tensor) and not batch_size.is_floating_point():
+        return batch_size
+    if not is_integer(batch_size):
+        raise TypeError(
+            f"The batch size must be an integer, got {batch_size!r}; check "
+            "`batch_size_fn`."
+        )
+    return index(batch_size)
 
 
 def check_batch_input(X, batch_size_fn: Callable | None):
@@ -199,9 +252,165 @@ def check_num_matvecs(num_matvecs: int, multiple_of: int = 1, minimum: int = 1):
         ValueError: If ``num_matvecs`` is not an integer, too small, or not a
             multiple of ``multiple_of``.
     """
-    is_int = isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool)
-    if not is_int or num_matvecs < minimum:
+    if not is_integer(num_matvecs) or num_matvecs < minimum:
         raise ValueError(
             f"`num_matvecs` must be an integer >= {minimum}, got {num_matvecs!r}."
         )
     assert_divisible_by(num_matvecs, multiple_of, "num_matvecs")
+
+
+def is_integer(value) -> bool:
+    """Return whether a value is an integer: Python, NumPy, or an integer tensor.
+
+    Booleans are not integers here. Integer tensors with one entry count.
+
+    Args:
+        value: Candidate integer.
+
+    Returns:
+        Whether ``value`` is an integer.
+    """
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.numel() != 1):
+        return False
+    try:
+        index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_integer(value, name: str, minimum: int | None = None) -> int:
+    """Verify that a value is an integer (Python or NumPy) and return it as ``int``.
+
+    Args:
+        value: Candidate integer.
+        name: Name of the value in the error message.
+        minimum: Smallest allowed value, ``None`` for no limit.
+
+    Returns:
+        The value as Python ``int``.
+
+    Raises:
+        ValueError: If ``value`` is not an integer or smaller than ``minimum``.
+    """
+    if not is_integer(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"`{name}` must be an integer{bound}, got {value!r}.")
+    return index(value)
+
+
+def num_data_error(num_seen: int, num_data: int, more: bool = False) -> str | None:
+    """Describe a mismatch between the data points of a pass and ``num_data``.
+
+    Args:
+        num_seen: Number of data points the pass yielded (of all ranks).
+        num_data: Number of data points the operator was built for.
+        more: Whether the pass was stopped early because it exceeded ``num_data``.
+
+    Returns:
+        The error message, or ``None`` if the numbers agree.
+    """
+    if num_seen == num_data:
+        return None
+    if more:
+        return (
+            f"`num_data={num_data}` was given, but the data yielded at least "
+            f"{num_seen} data points (an endless stream?). Pass data that holds "
+            "exactly `num_data` points, e.g. a list of batches or a DataLoader over "
+            "a finite dataset."
+        )
+    return (
+        f"`num_data={num_data}` was given, but the data yielded {num_seen} data "
+        "points (summed over all ranks, if data-parallel)."
+    )
+
+
+def check_input_dtype(X: Tensor, dtype):
+    """Verify that a floating point mini-batch input has the parameters' dtype.
+
+    Integer inputs (e.g. token indices) are not checked.
+
+    Args:
+        X: Mini-batch input tensor.
+        dtype: The parameters' dtype.
+
+    Raises:
+        ValueError: If ``X`` is floating point with another dtype.
+    """
+    if X.is_floating_point() and X.dtype != dtype:
+        raise ValueError(
+            f"Inputs X have dtype {X.dtype}, but the parameters have dtype {dtype}. "
+            f"Cast the data (or the model) so that both agree, e.g. X.to({dtype})."
+        )
+
+
+def check_params_in_model(model, params: list[Tensor]):
+    """Verify that parameters belong to a model (if it is a ``torch.nn.Module``).
+
+    Args:
+        model: The model; anything but a ``torch.nn.Module`` is not checked.
+        params: The parameters.
+
+    Raises:
+        ValueError: If a parameter is not among ``model.parameters()``; the message
+            names its position in ``params`` and its shape.
+    """
+    if not hasattr(model, "named_parameters"):
+        return
+    owned = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+    foreign = [
+        f"params[{idx}] (shape {list(p.shape)})"
+        for idx, p in enumerate(params)
+        if id(p) not in owned
+    ]
+    if foreign:
+        raise ValueError(
+            f"Entries of `params` are not parameters of the model "
+            f"({type(model).__name__}): {', '.join(foreign)}. All parameters must be "
+            "part of `model_func.parameters()`."
+        )
+
+
+# Columns per side of the symmetry probe (``K**2`` bilinear forms from ``2 K``).
+_SYMMETRY_PROBES = 4
+
+
+def check_symmetry(A, who: str):
+    r"""Verify cheaply that an operator is symmetric, unless it is self-adjoint.
+
+    Compares the bilinear forms :math:`\mathbf{U}^\top (\mathbf{A} \mathbf{V})` and
+    :math:`(\mathbf{A} \mathbf{U})^\top \mathbf{V}` for seeded random
+    :math:`\mathbf{U}, \mathbf{V} \in \mathbb{R}^{N \times 4}` (one product with
+    eight columns). They agree for symmetric :math:`\mathbf{A}`; the check fails if
+    their difference exceeds :math:`\epsilon^{1/3}` relative to their Frobenius
+    norm (:math:`\epsilon` the machine precision of ``A.dtype``: about ``5e-3``
+    for float32, ``6e-6`` for float64), far above rounding errors. Operators with
+    ``SELF_ADJOINT`` are skipped without products. The global random number
+    generators are left untouched.
+
+    Args:
+        A: Square :class:`~curvlinops.PyTorchLinearOperator`.
+        who: Name of the algorithm that needs symmetry, for the error message.
+
+    Raises:
+        ValueError: If the operator is (clearly) not symmetric.
+    """
+    if A.SELF_ADJOINT:
+        return
+    generator = Generator(device=A.device).manual_seed(0)
+    UV = randn(A.shape[1], 2 * _SYMMETRY_PROBES, generator=generator, device=A.device)
+    UV = UV.to(A.dtype)
+    AUV = (A @ UV).to(float64)
+    UV = UV.to(float64)
+    U, V = UV.split(_SYMMETRY_PROBES, dim=1)
+    AU, AV = AUV.split(_SYMMETRY_PROBES, dim=1)
+    UtAV, AUtV = U.T @ AV, AU.T @ V
+    scale = max(UtAV.norm().item(), AUtV.norm().item())
+    difference = (UtAV - AUtV).norm().item()
+    if difference > finfo(A.dtype).eps ** (1 / 3) * scale:
+        raise ValueError(
+            f"{who} needs a symmetric operator, but this one is not: for random "
+            f"u, v, u^T A v and v^T A u differ by {difference / scale:.1e} "
+            "(relative). Pass `check_symmetric=False` to skip this check (one "
+            "product with 8 columns)."
+        )

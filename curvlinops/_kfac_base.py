@@ -124,7 +124,11 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 if given, it is checked against them.
             separate_weight_and_bias: Give weight and bias of a layer separate
                 blocks instead of one joint block.
-            num_data: Number of data points; inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite). Every
+                pass over the data counts its points and raises a ``ValueError``
+                if they are not ``num_data``; data that yield more (e.g. an
+                endless stream) stop with it as soon as they do.
             batch_size_fn: Batch size of a ``MutableMapping`` input.
             loss_average: How the approximation is scaled. ``None`` (default):
                 as the loss's reduction implies, like curvlinops 3.0.1 -- for

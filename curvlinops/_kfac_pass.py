@@ -21,14 +21,16 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Generator, Size, Tensor, cat, ones, zeros_like
-from torch.nn import Conv2d, CrossEntropyLoss, Linear, Module
+from torch.nn import Conv2d, Linear, Module
 from torch.nn.functional import unfold
 
+from curvlinops._checks import check_integer, check_params_in_model, is_integer
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_loss_options,
     hessian_sqrt,
     loss_terms,
+    output_rows,
     sample_labels,
     term_gradients,
 )
@@ -73,6 +75,7 @@ def supported_layer_mapping(
     position = {id(p): idx for idx, p in enumerate(params)}
     if len(position) != len(params):
         raise ValueError("`params` contains a parameter more than once.")
+    check_params_in_model(model, params)
     mapping, owner = {}, {}
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -81,9 +84,6 @@ def supported_layer_mapping(
             _check_supported(module, module_name, param_name, owner.get(id(param)))
             owner[id(param)] = module_name
             mapping.setdefault(module_name, {})[param_name] = position[id(param)]
-    missing = [idx for idx, p in enumerate(params) if id(p) not in owner]
-    if missing:
-        raise ValueError(f"params{missing} are not parameters of the model.")
     return {
         layer: {role: roles[role] for role in _ROLES if role in roles}
         for layer, roles in mapping.items()
@@ -310,7 +310,7 @@ def terms_per_datum(
     Args:
         loss_func: The loss function.
         output: Model output on the mini-batch (``[B, C, *]`` for cross-entropy,
-            else ``[B, *, C]``).
+            else ``[B, *, C]`` or ``[B]``).
         batch_size: Number of data points in the mini-batch.
         expected: Expected number of loss terms per data point, or ``None``.
 
@@ -321,8 +321,7 @@ def terms_per_datum(
         ValueError: If the loss terms do not split evenly over the data points,
             or their number per data point differs from ``expected``.
     """
-    num_outputs = output.shape[1 if isinstance(loss_func, CrossEntropyLoss) else -1]
-    num_terms = output.numel() // num_outputs
+    num_terms = output_rows(loss_func, output).shape[0]
     per_datum, remainder = divmod(num_terms, batch_size)
     if remainder != 0 or (expected is not None and per_datum != expected):
         raise ValueError(
@@ -423,15 +422,17 @@ def _check_counts(hyperparameters: dict[str, Any]):
         hyperparameters: KFAC's hyperparameters.
 
     Raises:
-        ValueError: If a count is not a positive integer, or ``mc_samples`` is not
-            1 for a ``fisher_type`` other than ``'mc'``.
+        ValueError: If a count is not a positive integer, ``seed`` not an integer,
+            or ``mc_samples`` is not 1 for a ``fisher_type`` other than ``'mc'``.
     """
     for name in ("mc_samples", "num_per_example_loss_terms"):
         value = hyperparameters[name]
         if (value is not None or name == "mc_samples") and (
-            not isinstance(value, int) or value < 1
+            not is_integer(value) or value < 1
         ):
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        hyperparameters[name] = None if value is None else int(value)
+    hyperparameters["seed"] = check_integer(hyperparameters["seed"], "seed")
     fisher_type, mc_samples = (
         hyperparameters["fisher_type"],
         hyperparameters["mc_samples"],

@@ -31,6 +31,7 @@ from typing import Any
 from torch import Tensor, as_tensor
 from torch.nn import Module
 
+from curvlinops._checks import is_integer
 from curvlinops._kfac_interface import MATRIX_FUNCTIONS
 from curvlinops._kfac_pass import check_kfac_arguments
 from curvlinops._kfac_validation import (
@@ -206,7 +207,7 @@ class _KFACStateMixin:
         check_kfac_arguments(self._loss_func, hyperparameters, self._supported())
         check_model_state(self._model_func, state_dict["model_func_state_dict"])
         num_data = state_dict["num_data"]
-        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+        if not is_integer(num_data) or num_data < 1:
             raise ValueError(
                 f"The state's num_data must be a positive integer, got {num_data!r}."
             )

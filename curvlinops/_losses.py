@@ -129,35 +129,75 @@ def check_output_and_labels(loss_func, output, y):
         y: The mini-batch's labels.
 
     Raises:
-        TypeError: If the output is not a tensor.
+        TypeError: If the output is not a tensor, or a supported loss gets labels
+            that are not a tensor (e.g. ``None`` or a NumPy array).
         ValueError: If the labels' shape does not fit the output's for a supported
-            loss: the output's shape, or for cross-entropy ``[B, *]`` (class
-            indices) or the output's shape (class probabilities).
+            loss: the output's shape, or for cross-entropy ``[B, *]`` (integer class
+            indices) or the output's shape (class probabilities); if cross-entropy
+            gets an output without class axis ``[B, C, *]``; or if BCE gets
+            labels that are not floating point.
     """
     if not isinstance(output, Tensor):
         raise TypeError(
             f"The model must return one tensor, got {type(output).__name__}."
         )
-    if not isinstance(loss_func, SUPPORTED_LOSSES) or not isinstance(y, Tensor):
+    if not isinstance(loss_func, SUPPORTED_LOSSES):
         return
+    name = type(loss_func).__name__
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} needs labels y as tensors, got {type(y).__name__}.")
+    if isinstance(loss_func, BCEWithLogitsLoss) and not y.is_floating_point():
+        raise ValueError(
+            f"{name} needs floating point labels (probabilities), got {y.dtype}."
+        )
     expected = [output.shape]
     if isinstance(loss_func, CrossEntropyLoss):
+        _check_cross_entropy_output_and_labels(output, y)
         expected.insert(0, output.shape[:1] + output.shape[2:])
     if y.shape not in expected:
         shapes = " or ".join(str(list(shape)) for shape in expected)
         raise ValueError(
-            f"{type(loss_func).__name__} on model outputs of shape "
-            f"{list(output.shape)} expects labels of shape {shapes}, "
-            f"got {list(y.shape)}."
+            f"{name} on model outputs of shape {list(output.shape)} expects labels "
+            f"of shape {shapes}, got {list(y.shape)}."
+        )
+
+
+def _check_cross_entropy_output_and_labels(output: Tensor, y: Tensor):
+    """Raise if cross-entropy gets no class axis, or float labels without one.
+
+    Args:
+        output: Model output.
+        y: Labels.
+
+    Raises:
+        ValueError: If the output has fewer than two axes, or the labels are
+            floating point but not laid out like the output (class probabilities).
+    """
+    if output.ndim < 2:
+        raise ValueError(
+            f"CrossEntropyLoss expects model outputs [B, C, *] with a class axis C, "
+            f"got shape {list(output.shape)}."
+        )
+    if y.is_floating_point() and y.shape != output.shape:
+        indices_shape = list(output.shape[:1] + output.shape[2:])
+        raise ValueError(
+            f"CrossEntropyLoss on model outputs of shape {list(output.shape)} expects "
+            f"integer class indices of shape {indices_shape} or class probabilities "
+            f"of shape {list(output.shape)}; got labels of dtype {y.dtype} and shape "
+            f"{list(y.shape)} (use y.long() for indices)."
         )
 
 
 def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Rearrange a mini-batch's outputs and labels into one row per loss term.
 
+    A one-dimensional output ``[B]`` (square loss or BCE) has one term per datum,
+    each with one output (``C = 1``).
+
     Args:
         loss_func: The loss function.
-        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``.
+        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``
+            or ``[B]``.
         y: Labels; ``[B, *]`` class indices or ``[B, C, *]`` class probabilities
             for cross-entropy, else of the output's shape.
 
@@ -170,16 +210,20 @@ def loss_terms(loss_func, output: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def output_rows(loss_func, output: Tensor) -> Tensor:
     """Rearrange a model output into one row per loss term.
 
+    A one-dimensional output ``[B]`` (square loss or BCE) has one row per datum.
+
     Args:
         loss_func: The loss function.
-        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``.
+        output: Model output; ``[B, C, *]`` for cross-entropy, else ``[B, *, C]``
+            or ``[B]``.
 
     Returns:
         Outputs ``[T, C]``; unchanged if already of that form.
     """
     if isinstance(loss_func, CrossEntropyLoss):
         output = output.movedim(1, -1)
-    return output.reshape(-1, output.shape[-1])
+    num_outputs = 1 if output.ndim == 1 else output.shape[-1]
+    return output.reshape(-1, num_outputs)
 
 
 def label_rows(loss_func, y: Tensor) -> Tensor:
@@ -272,7 +316,23 @@ def term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
             :math:`\mathrm{softmax}(\mathbf{f}_t) \sum_c p_{t,c} - \mathbf{p}_t`.
 
     Returns:
-        Gradients of shape ``[*, T, C]`` (leading axes of ``y_terms``).
+        Gradients of shape ``[*, T, C]`` (leading axes of ``y_terms``), with the
+        outputs' dtype: labels of a wider dtype take part in that precision and
+        the result is cast back, as autograd does for the loss itself.
+    """
+    return _term_gradients(loss_func, output_terms, y_terms).to(output_terms.dtype)
+
+
+def _term_gradients(loss_func, output_terms: Tensor, y_terms: Tensor) -> Tensor:
+    """Compute the gradients of un-reduced terms, in the promoted dtype.
+
+    Args:
+        loss_func: The loss function.
+        output_terms: Outputs in rows, ``[T, C]``.
+        y_terms: Labels in rows, optionally with leading sample axes.
+
+    Returns:
+        Gradients of shape ``[*, T, C]``.
     """
     if isinstance(loss_func, MSELoss):
         return 2 * (output_terms - y_terms)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from copy import deepcopy
+from math import inf, isfinite
 from numbers import Real
 
 import numpy
@@ -24,6 +25,9 @@ from torch import (
     as_tensor,
     cat,
     enable_grad,
+    float16,
+    float32,
+    float64,
     inference_mode,
     randn,
     zeros,
@@ -37,11 +41,17 @@ from tqdm import tqdm
 
 from curvlinops._checks import (
     check_batch_input,
+    check_batch_size,
     check_block_sizes,
     check_data,
+    check_input_dtype,
+    check_integer,
     check_params,
+    check_params_in_model,
     check_reduction,
     check_shape,
+    num_data_error,
+    unpack_batch,
 )
 from curvlinops._determinism import (
     DETERMINISM_ATOL,
@@ -67,6 +77,7 @@ from curvlinops._execution import (
     transient_names,
     with_autograd,
 )
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops.utils import allclose_report
 
 
@@ -261,10 +272,11 @@ class PyTorchLinearOperator:
             X: NumPy vector ``[N]`` or matrix ``[N, K]``.
 
         Returns:
-            NumPy result of the operator's dtype.
+            NumPy result of the operator's dtype (float32 for dtypes that NumPy
+            lacks, such as bfloat16).
         """
         X_torch = as_tensor(numpy.asarray(X)).to(self.device, self.dtype)
-        return self._matmul_tensor(X_torch).detach().cpu().numpy()
+        return _to_numpy(self._matmul_tensor(X_torch))
 
     def _matmul_tensor(self, X: Tensor) -> Tensor:
         """Multiply onto a flat vector ``[N]`` or matrix ``[N, K]``.
@@ -286,6 +298,8 @@ class PyTorchLinearOperator:
             )
         is_vec = X.ndim == 1
         M = X.unsqueeze(-1) if is_vec else X
+        if M.shape[1] == 0:  # no columns, no products
+            return M.new_zeros(self.shape[0], 0)
         AM = self._matmat(_split_columns(M, self._in_shape))
         AM = _flatten_columns(AM)
         return AM.squeeze(-1) if is_vec else AM
@@ -301,11 +315,18 @@ class PyTorchLinearOperator:
             The result in tensor-list format, with column axis if ``X`` has one.
 
         Raises:
+            TypeError: If an entry is not a tensor (e.g. a NumPy array).
             ValueError: If number, shapes, devices or dtypes of the tensors mismatch.
         """
         if len(X) != len(self._in_shape):
             raise ValueError(f"Expected {len(self._in_shape)} tensors, got {len(X)}.")
-        for x in X:
+        for idx, x in enumerate(X):
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"A tensor list must hold torch.Tensors, got {type(x).__name__} at "
+                    f"index {idx}. Convert the entries with torch.as_tensor, or pass "
+                    "a NumPy vector or matrix instead of a list."
+                )
             self._check_device_and_dtype(x)
         if all(x.shape == s for x, s in zip(X, self._in_shape)):
             return [r.squeeze(-1) for r in self._matmat([x.unsqueeze(-1) for x in X])]
@@ -313,6 +334,8 @@ class PyTorchLinearOperator:
         if len(num_cols) == 1 and all(
             x.shape[:-1] == s for x, s in zip(X, self._in_shape)
         ):
+            if num_cols == {0}:  # no columns, no products
+                return [X[0].new_zeros(*s, 0) for s in self._out_shape]
             return self._matmat(X)
         raise ValueError(
             f"Expected tensors of shapes {[list(s) for s in self._in_shape]}, "
@@ -372,9 +395,14 @@ class PyTorchLinearOperator:
 
         Returns:
             The scaled operator.
+
+        Raises:
+            ValueError: If ``scalar`` is not finite.
         """
         if not _is_real_scalar(scalar):
             return NotImplemented
+        if not isfinite(float(scalar)):
+            raise ValueError(f"Cannot scale a linear operator by {float(scalar)}.")
         from curvlinops._algebra import _ScaledPyTorchLinearOperator
 
         return _ScaledPyTorchLinearOperator(self, float(scalar))
@@ -420,14 +448,24 @@ class PyTorchLinearOperator:
 
         Args:
             dtype: NumPy dtype the SciPy operator reports and returns. Defaults to the
-                NumPy equivalent of the operator's dtype.
+                NumPy equivalent of the operator's dtype; float32 for float16 and
+                bfloat16 operators, whose products are upcast for SciPy (its solvers
+                do not support half precision; inputs are cast to the operator's
+                dtype).
 
         Returns:
             A SciPy linear operator with ``matvec``, ``matmat``, ``rmatvec`` and
             ``rmatmat``.
+
+        Raises:
+            ValueError: If ``dtype`` is not a floating point type (results would be
+                truncated).
         """
         if dtype is None:
-            dtype = zeros(0, dtype=self.dtype).numpy().dtype
+            dtype = _to_numpy(zeros(0, dtype=self.dtype)).dtype
+            dtype = numpy.float32 if dtype == numpy.float16 else dtype
+        if numpy.dtype(dtype).kind not in "fc":
+            raise ValueError(f"`dtype` must be a floating point type, got {dtype}.")
         adjoint = self.adjoint()
 
         def apply(op: PyTorchLinearOperator, X: numpy.ndarray) -> numpy.ndarray:
@@ -488,6 +526,21 @@ def _is_real_scalar(x) -> bool:
     if isinstance(x, Tensor):
         return x.ndim == 0 and not x.is_complex()
     return isinstance(x, Real)
+
+
+def _to_numpy(x: Tensor) -> numpy.ndarray:
+    """Convert a tensor to NumPy, upcasting dtypes that NumPy lacks to float32.
+
+    Args:
+        x: A tensor.
+
+    Returns:
+        The NumPy array (float32 for, e.g., bfloat16 tensors).
+    """
+    x = x.detach().cpu()
+    if x.is_floating_point() and x.dtype not in (float16, float32, float64):
+        x = x.to(float32)
+    return x.numpy()
 
 
 def _split_columns(M: Tensor, shapes: list[Size]) -> list[Tensor]:
@@ -569,6 +622,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
     SUPPORTS_BLOCKS: bool = False
     FIXED_DATA_ORDER: bool = False
     _TRANSIENT = ("_lock",)
+    # Whether ``params`` must belong to the model (if it is a ``torch.nn.Module``).
+    _PARAMS_OF_MODEL: bool = True
 
     def __init__(
         self,
@@ -596,12 +651,17 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 the curvature matrix's rows and columns, in this order.
             data: An iterable of mini-batches ``(X, y)``, e.g. a list or a
                 ``DataLoader``, presented in the same order on every pass. ``X`` may
-                be a tensor or a ``MutableMapping`` (then ``batch_size_fn`` is
-                required and the model must move the dict's content to its device).
+                be a tensor (floating point ones with the parameters' dtype) or a
+                ``MutableMapping`` (then ``batch_size_fn`` is required and the model
+                must move the dict's content to its device).
             progressbar: Show a progress bar during the passes over the data.
             check_deterministic: Probe at construction that two passes over data and
                 model agree. Turn off only if you know both are deterministic.
-            num_data: Number of data points. Inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite). Every
+                pass over the data counts its points and raises a ``ValueError``
+                if they are not ``num_data``; data that yield more (e.g. an
+                endless stream) stop with it as soon as they do.
             block_sizes: Numbers of consecutive parameters that form the diagonal
                 blocks of a block-diagonal approximation. ``None`` means one block.
                 Only for operators with ``SUPPORTS_BLOCKS``.
@@ -616,10 +676,13 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 (default): no check.
 
         Raises:
-            ValueError: If an argument is invalid (see the messages).
+            ValueError: If an argument is invalid (see the messages), e.g. a
+                parameter does not belong to a ``torch.nn.Module`` model.
             RuntimeError: If the determinism probe fails.
         """
         check_params(params)
+        if self._PARAMS_OF_MODEL:
+            check_params_in_model(model_func, params)
         check_data(data)
         check_process_group(process_group)
         self._process_group = process_group
@@ -636,9 +699,11 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         self._progressbar = progressbar
         self._batch_size_fn = batch_size_fn
         self._block_sizes = check_block_sizes(block_sizes, len(self._params))
+        self._num_data_verified = False  # by a pass over all ranks' data
+        if num_data is not None:
+            num_data = check_integer(num_data, "num_data", minimum=1)
         self._num_data = self._count_data() if num_data is None else num_data
-        if self._num_data <= 0:
-            raise ValueError(f"`num_data` must be positive, got {self._num_data}.")
+        self._data_count = self._num_data  # what every pass must yield
         super().__init__(self._get_in_shape(), self._get_out_shape())
         check_shape(shape, self.shape, type(self).__name__)
         if check_deterministic:
@@ -655,7 +720,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     @_N_data.setter
     def _N_data(self, value: int):  # noqa: N802
-        """Set the number of data points.
+        """Set the number of data points that normalize ``'mean'`` losses (3.x).
+
+        Only the batch weights ``|B| / N`` follow; passes over the data
+        are still checked against the number the operator was built for.
 
         Args:
             value: The number of data points.
@@ -702,25 +770,77 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
 
     # Data loop
 
-    def _loop_over_data(self, desc: str | None = None) -> Iterable:
+    def _loop_over_data(
+        self, desc: str | None = None, check_count: bool = True
+    ) -> Iterable:
         """Yield the mini-batches, moved to the operator's device.
+
+        The batch sizes are summed as they come (Python integers, no
+        synchronization) and compared with ``num_data``: a pass stops as soon as
+        it exceeds ``num_data`` (endless data), and one that completes must match.
+        Empty batches are skipped.
 
         Args:
             desc: Label of the progress bar.
+            check_count: Raise a ``ValueError`` on a mismatch with ``num_data``. If
+                ``False``, an exceeding pass just ends after the batch that exceeds
+                (for callers that compare counts themselves).
 
         Yields:
             Mini-batches ``(X, y)``; tensor inputs and labels on ``self.device``.
             Run the pass inside :meth:`_protected`, which restores the running
             statistics of normalization layers in train mode.
+
+        Raises:
+            TypeError: If a batch is not a pair ``(X, y)``.
+            ValueError: If a floating point input's dtype is not the parameters',
+                or (with ``check_count``) the pass holds more or fewer data points
+                than ``num_data``.
         """
         data = tqdm(self._data, desc=desc) if self._progressbar else self._data
-        for X, y in data:
+        num_data, num_seen = self.__dict__.get("_data_count"), 0  # None: counting
+        for batch in data:
+            X, y = unpack_batch(batch)
             check_batch_input(X, self._batch_size_fn)
+            batch_size = check_batch_size(self._batch_size(X))
+            if isinstance(batch_size, int) and batch_size == 0:
+                continue  # an empty batch contributes nothing
+            num_seen = num_seen + batch_size
+            exceeded = isinstance(num_seen, int) and num_seen > (num_data or inf)
+            if exceeded and check_count:
+                raise ValueError(num_data_error(num_seen, num_data, more=True))
             if isinstance(X, Tensor):
+                check_input_dtype(X, self.dtype)
                 X = normal_tensor(X.to(self.device))
             if isinstance(y, Tensor):
                 y = normal_tensor(y.to(self.device))
             yield X, y
+            if exceeded:
+                return
+        if check_count and num_data is not None:
+            self._check_num_data(num_seen)
+
+    def _check_num_data(self, num_seen: int | Tensor):
+        """Compare the data points of a completed pass with ``num_data``.
+
+        In a single process, every pass is checked (a comparison of integers).
+        Data-parallel, the first completed pass sums the counts over the ranks
+        (one all-reduce); later passes are not checked again.
+
+        Args:
+            num_seen: Number of data points this rank's pass yielded.
+
+        Raises:
+            ValueError: If the data (of all ranks) hold another number of points.
+        """
+        if self._process_group is not None:
+            if self._num_data_verified:
+                return
+            num_seen = sum_over_ranks(num_seen, self._process_group, self.device)
+        error = num_data_error(int(num_seen), self._data_count)
+        if error is not None:
+            raise ValueError(error)
+        self._num_data_verified = True
 
     @contextmanager
     def _protected(self) -> Iterator[None]:
@@ -895,6 +1015,8 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             loss, gradient = None, None
             with inference_mode(False), enable_grad():
                 prediction = self._model_func(X)
+                if isinstance(self._loss_func, SUPPORTED_LOSSES):
+                    check_output_and_labels(self._loss_func, prediction, y)
                 if self._loss_func is not None:
                     weight = self._get_normalization_factor(X, y)
                     loss = self._loss_func(prediction, y) * weight
@@ -946,7 +1068,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         with self._protected():
             passes = [
                 fingerprint_pass(
-                    counted(self._loop_over_data("check_deterministic")),
+                    counted(self._loop_over_data("check_deterministic", False)),
                     self._model_func,
                 )
                 for _ in range(2)
@@ -958,11 +1080,10 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 raise mark_shared(RuntimeError(error))
             local = sum(batch_sizes) // 2  # two passes
             num_data = int(sum_over_ranks(local, self._process_group, self.device))
-        if num_data != self._num_data:
-            raise ValueError(
-                f"`num_data={self._num_data}` was given, but the data (of all ranks) "
-                f"holds {num_data} data points."
-            )
+            more = num_data > self._data_count  # passes stop once they exceed it
+        if num_data != self._data_count:
+            raise ValueError(num_data_error(num_data, self._data_count, more))
+        self._num_data_verified = True
         generator = Generator(device=self.device).manual_seed(0)
         M = randn(self.shape[1], 2, generator=generator, device=self.device)
         M = M.to(self.dtype)

@@ -9,7 +9,7 @@ from torch import Generator, Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
 from curvlinops._autodiff import unpack_columns
-from curvlinops._checks import check_supported_loss
+from curvlinops._checks import check_integer, check_supported_loss
 from curvlinops._distributed import rank_seed
 from curvlinops._execution import with_autograd
 from curvlinops._losses import (
@@ -150,7 +150,11 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
                 start of every product. Default: ``2147483647``.
             mc_samples: Number :math:`M` of sampled labels per loss term.
                 Default: ``1``.
-            num_data: Number of data points. Inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite). Every
+                pass over the data counts its points and raises a ``ValueError``
+                if they are not ``num_data``; data that yield more (e.g. an
+                endless stream) stop with it as soon as they do.
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             process_group: A ``torch.distributed`` process group for data-parallel
                 products over the union of all ranks' shards (see
@@ -166,9 +170,8 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
                 an integer.
         """
         check_supported_loss(loss_func, self.supported_losses, type(self).__name__)
-        check_mc_samples(mc_samples)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        mc_samples = check_integer(mc_samples, "mc_samples", minimum=1)
+        seed = check_integer(seed, "seed")
         self._seed, self._mc_samples = seed, mc_samples
         super().__init__(
             model_func,
@@ -223,21 +226,6 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
         return list(self._mp(X, y, *M, self._mc_samples, self._generator))
 
 
-def check_mc_samples(mc_samples: int):
-    """Verify a number of Monte-Carlo samples.
-
-    Args:
-        mc_samples: The number of samples.
-
-    Raises:
-        ValueError: If it is not a positive integer.
-    """
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
-        raise ValueError(f"`mc_samples` must be an integer, got {mc_samples!r}.")
-    if mc_samples < 1:
-        raise ValueError(f"`mc_samples` must be positive, got {mc_samples}.")
-
-
 def make_grad_output_sampler(
     loss_func: MSELoss | CrossEntropyLoss | BCEWithLogitsLoss,
 ) -> Callable[[Tensor, int, Tensor, Generator], Tensor]:
@@ -285,7 +273,7 @@ def make_grad_output_sampler(
     def sample_grad_output(
         output: Tensor, num_samples: int, y: Tensor | None, generator: Generator
     ) -> Tensor:
-        check_mc_samples(num_samples)
+        num_samples = check_integer(num_samples, "mc_samples", minimum=1)
         output_terms = output_rows(loss_func, output.detach())
         y_terms = None if y is None else label_rows(loss_func, y)
         labels = sample_labels(loss_func, output_terms, num_samples, generator)

@@ -122,7 +122,11 @@ class EFLinearOperator(_JacobianSandwichLinearOperator):
             progressbar: Show a progress bar during the passes over the data.
             check_deterministic: Probe at construction that two passes over data and
                 model agree.
-            num_data: Number of data points. Inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite). Every
+                pass over the data counts its points and raises a ``ValueError``
+                if they are not ``num_data``; data that yield more (e.g. an
+                endless stream) stop with it as soon as they do.
             block_sizes: Numbers of consecutive parameters that form the diagonal
                 blocks of a block-diagonal approximation (the EFs of the blocks'
                 gradients). ``None`` (default): the EF.

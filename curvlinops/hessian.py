@@ -9,6 +9,7 @@ from torch import Tensor
 from curvlinops._autodiff import DifferentiationModes, hvp, unpack_columns
 from curvlinops._checks import check_block_sizes
 from curvlinops._execution import autograd_enabled, lazy_attribute
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import split_list
 
@@ -144,8 +145,10 @@ def make_batch_hessian_matrix_product(
         M_blocks = split_list(M, block_sizes)
 
         def compute(forward_mode: bool) -> list[Tensor]:
-            loss = loss_func(model_func(X), y)
-            return hvp(loss, param_blocks, M_blocks)
+            output = model_func(X)
+            if isinstance(loss_func, SUPPORTED_LOSSES):
+                check_output_and_labels(loss_func, output, y)
+            return hvp(loss_func(output, y), param_blocks, M_blocks)
 
         return tuple(r.movedim(0, -1) for r in modes(compute))
 

@@ -19,6 +19,7 @@ from torch import Tensor, isfinite
 
 from curvlinops._adapter import adapt_square
 from curvlinops._cg_inverse import CGInverseLinearOperator
+from curvlinops._checks import check_integer
 from curvlinops._inverse_base import _InverseLinearOperator
 from curvlinops._kfac_inverse import KFACInverseLinearOperator, KFACInvType
 from curvlinops._krylov import lsmr
@@ -108,8 +109,8 @@ class LSMRInverseLinearOperator(_InverseLinearOperator):
                 f"Expected non-negative values, got {damp=}, {atol=}, {btol=}, "
                 f"{conlim=}."
             )
-        if maxiter is not None and maxiter < 1:
-            raise ValueError(f"`maxiter` must be positive, got {maxiter}.")
+        if maxiter is not None:
+            maxiter = check_integer(maxiter, "maxiter", minimum=1)
         self._hyperparameters = {
             "damp": damp,
             "atol": atol,
@@ -222,8 +223,7 @@ class NeumannInverseLinearOperator(_InverseLinearOperator):
         Raises:
             ValueError: If ``num_terms`` is negative or ``scale`` is not positive.
         """
-        if not isinstance(num_terms, int) or num_terms < 0:
-            raise ValueError(f"`num_terms` must be an integer >= 0, got {num_terms}.")
+        num_terms = check_integer(num_terms, "num_terms", minimum=0)
         if scale <= 0:
             raise ValueError(f"`scale` must be positive, got {scale}.")
         self._num_terms, self._scale, self._check_nan = num_terms, scale, check_nan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping
+from functools import partial
 from weakref import ref
 
 from torch import Size, Tensor, cat, no_grad, zeros
@@ -58,7 +59,11 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
             progressbar: Show a progress bar during the passes over the data.
             check_deterministic: Probe at construction that two passes over data and
                 model agree.
-            num_data: Number of data points. Inferred with one pass if ``None``.
+            num_data: Number of data points (an integer, also a NumPy one). Inferred
+                with one pass if ``None`` (then ``data`` must be finite). Every
+                pass over the data counts its points and raises a ``ValueError``
+                if they are not ``num_data``; data that yield more (e.g. an
+                endless stream) stop with it as soon as they do.
             batch_size_fn: Returns the batch size of a ``MutableMapping`` input.
             process_group: A ``torch.distributed`` process group: each rank passes
                 its shard of the data, and the operator is the Jacobian (transpose)
@@ -92,9 +97,11 @@ class _ModelJacobianLinearOperator(CurvatureLinearOperator):
         """
         trailing = None
         with self._protected():
-            for X, _ in self._loop_over_data(desc="output shape"):
+            for X, _ in self._loop_over_data("output shape", check_count=False):
                 with no_grad():
-                    trailing = tuple(self._model_func(X).shape[1:])
+                    output = self._model_func(X)
+                _check_output(output, None)  # the first batch sets the shape
+                trailing = tuple(output.shape[1:])
                 break
             # ranks with an empty shard learn the shape from the others
             trailing = first_over_ranks(trailing, self._process_group, self.device)
@@ -226,7 +233,8 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
         Returns:
             ``mp(X, *M) -> [B, *output.shape[1:], K]``.
         """
-        return make_batch_jacobian_matrix_product(self._model_func, self._params)
+        check = partial(_check_output, stacked=self._out_shape[0])
+        return _make_batch_jvp(self._model_func, self._params, check)
 
     def _get_out_shape(self) -> list[Size]:
         """Return the range's format: the outputs stacked over all data.
@@ -316,9 +324,8 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             ``mp(X, M) -> tuple`` (see
             :func:`make_batch_transposed_jacobian_matrix_product`).
         """
-        return make_batch_transposed_jacobian_matrix_product(
-            self._model_func, self._params
-        )
+        check = partial(_check_output, stacked=self._in_shape[0])
+        return _make_batch_vjp(self._model_func, self._params, check)
 
     def _get_in_shape(self) -> list[Size]:
         """Return the domain's format: the outputs stacked over all data.
@@ -391,6 +398,30 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
         return self._transposed(JacobianLinearOperator)
 
 
+def _check_output(output: Tensor, stacked: Size | None):
+    """Verify that a batch's output is a tensor with the stacked outputs' layout.
+
+    Args:
+        output: Model output on a mini-batch.
+        stacked: Shape ``[N, *]`` of the outputs on all data, ``None`` if unknown.
+
+    Raises:
+        TypeError: If the output is not a tensor.
+        ValueError: If its shape after the batch axis differs from ``stacked``'s
+            (the rows of all batches are stacked).
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"The model must return one tensor, got {type(output).__name__}."
+        )
+    if stacked is not None and output.shape[1:] != stacked[1:]:
+        expected = "[" + ", ".join(["B", *map(str, stacked[1:])]) + "]"
+        raise ValueError(
+            f"The model's outputs must have the shape {expected} on every batch "
+            f"(the Jacobian stacks their rows), got {list(output.shape)}."
+        )
+
+
 def make_batch_jacobian_matrix_product(
     model_func: Callable[[Tensor | MutableMapping], Tensor], params: tuple[Tensor, ...]
 ) -> Callable[..., Tensor]:
@@ -425,6 +456,25 @@ def make_batch_jacobian_matrix_product(
         >>> JM.allclose(einsum("nj,cjk->nck", X, M))  # f(X) = X Wᵀ
         True
     """
+    return _make_batch_jvp(model_func, params)
+
+
+def _make_batch_jvp(
+    model_func: Callable[[Tensor | MutableMapping], Tensor],
+    params: tuple[Tensor, ...],
+    check_output: Callable[[Tensor], None] | None = None,
+) -> Callable[..., Tensor]:
+    """Build :func:`make_batch_jacobian_matrix_product`'s function.
+
+    Args:
+        model_func: Maps a mini-batch input to outputs (a module or a function).
+        params: Parameters (requiring grad) that define the Jacobian's columns.
+        check_output: Called with every mini-batch's output (e.g. to verify its
+            shape). ``None``: no check.
+
+    Returns:
+        ``mp(X, *M) -> Tensor`` (see :func:`make_batch_jacobian_matrix_product`).
+    """
     jacobian = ModelJacobian(model_func, list(params), forward_mode=True)
 
     @autograd_enabled
@@ -432,7 +482,10 @@ def make_batch_jacobian_matrix_product(
         M = [m.movedim(-1, 0) for m in unpack_columns(M)]
 
         def compute(jvp) -> Tensor:
-            return jvp(X, M, output_graph=False)[1]
+            output, JM = jvp(X, M, output_graph=False)
+            if check_output is not None:
+                check_output(output)
+            return JM
 
         return jacobian.run(compute).detach().movedim(0, -1)
 
@@ -470,6 +523,26 @@ def make_batch_transposed_jacobian_matrix_product(
         >>> JTM.allclose(einsum("nj,nck->cjk", X, M))
         True
     """
+    return _make_batch_vjp(model_func, params)
+
+
+def _make_batch_vjp(
+    model_func: Callable[[Tensor | MutableMapping], Tensor],
+    params: tuple[Tensor, ...],
+    check_output: Callable[[Tensor], None] | None = None,
+) -> Callable[..., tuple[Tensor, ...]]:
+    """Build :func:`make_batch_transposed_jacobian_matrix_product`'s function.
+
+    Args:
+        model_func: Maps a mini-batch input to outputs (a module or a function).
+        params: Parameters (requiring grad) that define the Jacobian's columns.
+        check_output: Called with every mini-batch's output (e.g. to verify its
+            shape). ``None``: no check.
+
+    Returns:
+        ``mp(X, M) -> tuple`` (see
+        :func:`make_batch_transposed_jacobian_matrix_product`).
+    """
     params = list(params)
     jacobian = ModelJacobian(model_func, params, forward_mode=False)
 
@@ -480,6 +553,8 @@ def make_batch_transposed_jacobian_matrix_product(
 
         def compute(_) -> list[Tensor]:
             output = model_func(X)
+            if check_output is not None:
+                check_output(output)
             return vjp([output], params, [V], retain_graph=False)
 
         return tuple(r.movedim(0, -1) for r in jacobian.run(compute))

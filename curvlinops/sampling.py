@@ -10,10 +10,14 @@ distributions are supported:
 
 from __future__ import annotations
 
+from operator import index
+
 import numpy
 from torch import Generator, Tensor, float32, get_default_dtype, rand, randn, where
 from torch import device as torch_device
 from torch import dtype as torch_dtype
+
+from curvlinops._checks import is_integer
 
 SUPPORTED_DISTRIBUTIONS = ("rademacher", "normal")
 
@@ -58,7 +62,7 @@ def rademacher(
         >>> bool((v.abs() == 1).all()), abs(v.mean().item()) < 0.1
         (True, True)
     """
-    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    shape = (index(dim),) if is_integer(dim) else tuple(dim)
     uniform = rand(shape, generator=generator, device=device, dtype=float32)
     return where(uniform < 0.5, -1.0, 1.0).to(dtype or get_default_dtype())
 
@@ -87,7 +91,7 @@ def normal(
         >>> v.dtype, abs(v.std().item() - 1) < 0.05
         (torch.float64, True)
     """
-    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    shape = (index(dim),) if is_integer(dim) else tuple(dim)
     return randn(shape, generator=generator, device=device, dtype=dtype)
 
 
@@ -142,8 +146,15 @@ def random_tensor(
 
     Returns:
         The random tensor.
+
+    Raises:
+        TypeError: If ``generator`` is neither ``None`` nor a ``torch.Generator``.
     """
     check_distribution(distribution)
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+        )
     return _DRAW[distribution](shape, device, dtype, generator)
 
 

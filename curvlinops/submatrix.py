@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from operator import index
 
 from numpy import ndarray
 from torch import Tensor, as_tensor, long, zeros
 
 from curvlinops._adapter import adapt
+from curvlinops._checks import is_integer
 from curvlinops._torch_base import PyTorchLinearOperator
 
 
@@ -114,15 +115,16 @@ def _check_indices(idxs: list[int], dim: int, name: str) -> Tensor:
     idxs = list(idxs)
     if not idxs:
         raise ValueError(f"`{name}` is empty: expected at least one index.")
-    non_int = [i for i in idxs if isinstance(i, bool) or not isinstance(i, Integral)]
+    non_int = [i for i in idxs if not is_integer(i)]
     if non_int:
         raise ValueError(f"`{name}` must contain integers, got {non_int}.")
+    idxs = [index(i) for i in idxs]
     if len(set(idxs)) != len(idxs):
         raise ValueError(f"`{name}` must not contain duplicates, got {idxs}.")
     outside = [i for i in idxs if not 0 <= i < dim]
     if outside:
         raise ValueError(f"`{name}` must lie in [0, {dim}), got {outside}.")
-    return as_tensor([int(i) for i in idxs], dtype=long)
+    return as_tensor(idxs, dtype=long)
 
 
 __all__ = ["SubmatrixLinearOperator"]

@@ -300,11 +300,8 @@ def parameter_names(
     Raises:
         ValueError: If a parameter is not part of the model.
     """
+    from curvlinops._checks import check_params_in_model  # imports this module
+
+    check_params_in_model(model, params)
     name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    missing = [idx for idx, p in enumerate(params) if id(p) not in name_of]
-    if missing:
-        raise ValueError(
-            f"params{missing} are not parameters of the model; all parameters must be "
-            "part of `model_func.parameters()`."
-        )
     return [name_of[id(p)] for p in params]

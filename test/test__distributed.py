@@ -141,26 +141,30 @@ def _references(case: Case, world_size: int) -> dict:
     expected["gradient_and_loss"] = _build(
         GGNLinearOperator, case, problem, batches, **off
     ).gradient_and_loss()
-    # sampled operators: sum of the shards' single-process operators, rank seeds
+    # sampled operators: sum of the shards' single-process operators, rank seeds,
+    # rescaled from their shard's number of data points to all of them (the input
+    # covariances always average over the data, the rest for reduction='mean')
     num_data = sum(BATCH_SIZES)
     fisher, A, G = 0, {}, {}
     for rank, shard in enumerate(SHARDS[world_size]):
         if not shard:
             continue
         data, seed = [batches[i] for i in shard], _rank_seed(SEED, rank)
-        kwargs = {**off, "num_data": num_data, "seed": seed}
+        fraction = sum(BATCH_SIZES[i] for i in shard) / num_data
+        weight = fraction if case.reduction == "mean" else 1.0
+        kwargs = {**off, "seed": seed}
         for name, (cls, cls_kwargs) in SAMPLED.items():
             op = _build(cls, case, problem, data, **{**cls_kwargs, **kwargs})
             if name == "fisher_mc":
-                fisher = fisher + op @ M
+                fisher = fisher + weight * (op @ M)
                 continue
             op.compute_kronecker_factors()
-            for total, factors in [
-                (A, op._input_covariances),
-                (G, op._gradient_covariances),
+            for total, factors, scale in [
+                (A, op._input_covariances, fraction),
+                (G, op._gradient_covariances, weight),
             ]:
                 for layer, factor in factors.items():
-                    total[layer] = total.get(layer, 0) + factor
+                    total[layer] = total.get(layer, 0) + scale * factor
     expected["fisher_mc"], expected["kfac_mc"] = fisher, (A, G)
     return expected
 

@@ -238,16 +238,16 @@ def test_num_data_is_inferred_and_can_be_given():
     model, loss_func, params, data = Case("mlp", "mse").make()
     H = HessianLinearOperator(model, loss_func, params, data)
     assert H._num_data == sum(X.shape[0] for X, _ in data)
-    H_double = HessianLinearOperator(
+    H_given = HessianLinearOperator(
         model,
         loss_func,
         params,
         data,
-        num_data=2 * H._num_data,
+        num_data=H._num_data,
         check_deterministic=False,
     )
     v = rand(H.shape[1], dtype=float64)
-    assert_close(H_double @ v, (H @ v) / 2)
+    assert_close(H_given @ v, H @ v)
 
 
 def test_dataloader_and_progressbar(capsys):

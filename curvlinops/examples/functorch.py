@@ -330,11 +330,12 @@ def functorch_empirical_fisher(
         (\nabla_{\mathbf{\theta}} \ell_t)^\top
 
     The terms :math:`\ell_t` are the entries of the un-reduced loss
-    (``reduction='none'``), summed over the output axis except for cross-entropy,
-    whose un-reduced entries already are the terms. :math:`R_{\mathcal{B}}` is the
-    number of un-reduced entries (for cross-entropy those whose label is not
-    ``ignore_index``) for ``reduction='mean'`` and one for ``'sum'``.
-    Per-term gradients come from the Jacobian of the terms w.r.t. the parameters.
+    (``reduction='none'``), summed over the output axis except for cross-entropy
+    and one-dimensional outputs ``[B]``, whose un-reduced entries already are the
+    terms. :math:`R_{\mathcal{B}}` is the number of un-reduced entries (for
+    cross-entropy those whose label is not ``ignore_index``) for
+    ``reduction='mean'`` and one for ``'sum'``. Per-term gradients come from the
+    Jacobian of the terms w.r.t. the parameters.
 
     Args:
         model_func: The neural network (a ``torch.nn.Module``).
@@ -367,7 +368,8 @@ def functorch_empirical_fisher(
 
         def terms(theta: Tensor, X=X, y=y) -> Tensor:
             entries = unreduced(f(theta, X), y)
-            return (entries if per_entry_terms else entries.sum(-1)).flatten()
+            one_per_term = per_entry_terms or entries.ndim == 1  # output [B]
+            return (entries if one_per_term else entries.sum(-1)).flatten()
 
         G = jacrev(terms)(theta)
         averaged = losses.numel()

@@ -11,7 +11,9 @@ from torch.autograd import grad
 from torch.nn import Module
 
 from curvlinops._autodiff import DifferentiationModes, hvp
+from curvlinops._checks import check_input_dtype, is_integer, unpack_batch
 from curvlinops._execution import restored_running_stats, with_autograd
+from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops._torch_base import CurvatureLinearOperator
 
 
@@ -70,6 +72,7 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
     """
 
     SELF_ADJOINT: bool = True
+    _PARAMS_OF_MODEL: bool = False  # the feature is no parameter of the model
 
     def __init__(
         self,
@@ -121,10 +124,14 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
                 "The activation Hessian is defined for exactly one mini-batch, but "
                 f"`data` holds {num_batches}."
             )
-        (X, _) = next(iter(data))
+        X, _ = unpack_batch(next(iter(data)))
+        if isinstance(X, Tensor) and any(True for _ in model_func.parameters()):
+            check_input_dtype(X, next(model_func.parameters()).dtype)
         features = []
         with no_grad(), restored_running_stats(model_func):
-            with store_activation(model_func, *activation, features):
+            with store_activation(
+                model_func, activation[0], self._io, self._index, features
+            ):
                 model_func(X)
         _check_ran_once(features)
         super().__init__(
@@ -186,6 +193,8 @@ class ActivationHessianLinearOperator(CurvatureLinearOperator):
 
         def compute(forward_mode: bool) -> list[Tensor]:
             output, feature = self._forward(self._model_func, X)
+            if isinstance(self._loss_func, SUPPORTED_LOSSES):
+                check_output_and_labels(self._loss_func, output, y)
             loss = self._loss_func(output, y)
             return hvp(loss, [[feature]], [[M_leading]])
 
@@ -398,8 +407,8 @@ def _locate(model_func: Module, activation: tuple[str, str, int]):
         raise ValueError(f"No layer named {name!r}; available names: {list(modules)}.")
     if io not in store_activation.SUPPORTED_IO_TYPES:
         raise ValueError(f"`activation[1]` must be 'input' or 'output', got {io!r}.")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+    if not is_integer(index) or index < 0:
         raise ValueError(
             f"`activation[2]` must be a non-negative integer, got {index!r}."
         )
-    return modules[name], io, index
+    return modules[name], io, int(index)

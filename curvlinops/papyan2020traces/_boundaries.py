@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import isfinite
 
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import eye
@@ -168,13 +169,33 @@ def check_boundaries(boundaries: tuple | None) -> tuple[float | None, float | No
         The pair of boundaries.
 
     Raises:
-        ValueError: If ``boundaries`` is not such a pair or is decreasing.
+        ValueError: If ``boundaries`` is not such a pair, has entries that are not
+            finite numbers, or is decreasing.
     """
     if boundaries is None:
         return (None, None)
     if len(boundaries) != 2:
         raise ValueError(f"`boundaries` must be a pair, got {boundaries}.")
+    if any(b is not None and not _is_finite_number(b) for b in boundaries):
+        raise ValueError(
+            f"`boundaries` must hold finite numbers or None, got {boundaries}."
+        )
     low, high = boundaries
     if low is not None and high is not None and low > high:
         raise ValueError(f"`boundaries` must be increasing, got {boundaries}.")
     return (low, high)
+
+
+def _is_finite_number(value) -> bool:
+    """Return whether a value is a finite real number (Python, NumPy or 0-d tensor).
+
+    Args:
+        value: Candidate number.
+
+    Returns:
+        Whether ``value`` is a finite real number.
+    """
+    try:
+        return isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -30,6 +30,7 @@ from torch import (
 from torch.linalg import eigh, vector_norm
 
 from curvlinops._adapter import AdaptedOperator
+from curvlinops._checks import is_integer
 
 
 def lanczos_iterations(
@@ -162,7 +163,7 @@ def smoothed_density(
     Raises:
         ValueError: If ``kappa``, ``margin`` or the boundaries are invalid.
     """
-    check_int("num_points", num_points, 2)
+    num_points = check_int("num_points", num_points, 2)
     if kappa <= 1:
         raise ValueError(f"`kappa` must be greater than 1, got {kappa}.")
     if margin < 0:
@@ -314,8 +315,8 @@ def _lanczos_iter_tensors(lanczos_iter) -> tuple[Tensor, Tensor, Callable]:
     return evals, evecs, to_caller
 
 
-def check_int(name: str, value: int, minimum: int, maximum: int | None = None):
-    """Verify that a value is an integer in a range.
+def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    """Verify that a value is an integer (Python or NumPy) in a range.
 
     Args:
         name: Name of the value in the error message.
@@ -323,12 +324,17 @@ def check_int(name: str, value: int, minimum: int, maximum: int | None = None):
         minimum: Smallest allowed value.
         maximum: Largest allowed value, ``None`` for no limit.
 
+    Returns:
+        The value as Python ``int``.
+
     Raises:
         ValueError: If the value is not an integer in the range.
     """
-    too_large = maximum is not None and value > maximum
-    if not isinstance(value, int) or value < minimum or too_large:
+    is_int = is_integer(value)
+    too_large = is_int and maximum is not None and value > maximum
+    if not is_int or value < minimum or too_large:
         upper = "" if maximum is None else f", at most {maximum}"
         raise ValueError(
             f"`{name}` must be an integer >= {minimum}{upper}, got {value!r}."
         )
+    return int(value)

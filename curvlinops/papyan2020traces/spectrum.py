@@ -25,6 +25,7 @@ from numpy import ndarray
 from torch import Tensor, stack
 
 from curvlinops._adapter import adapt_square
+from curvlinops._checks import check_symmetry
 from curvlinops.papyan2020traces._boundaries import (
     Boundaries,
     approximate_boundaries,
@@ -42,7 +43,7 @@ from curvlinops.papyan2020traces._quadrature import (
 
 
 def fast_lanczos(
-    A, ncv: int, use_eigh_tridiagonal: bool = False
+    A, ncv: int, use_eigh_tridiagonal: bool = False, check_symmetric: bool = True
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
     r"""Run one Lanczos process and eigen-decompose its tridiagonal matrix.
 
@@ -65,11 +66,18 @@ def fast_lanczos(
             :math:`[2, N]`.
         use_eigh_tridiagonal: Decompose :math:`\mathbf{T}` with SciPy's
             ``eigh_tridiagonal`` instead of a dense ``eigh``. Default: ``False``.
+        check_symmetric: Probe that ``A`` is symmetric (one product with 8
+            columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+            ``ValueError`` if it is not. Default: ``True``.
 
     Returns:
         Eigenvalues ``[ncv]`` and eigenvectors ``[ncv, ncv]`` (as columns) of
         :math:`\mathbf{T}`, in float64: tensors for torch inputs, NumPy arrays
         otherwise.
+
+    Raises:
+        ValueError: If ``ncv`` is not an integer in :math:`[2, N]` or ``A`` is not
+            symmetric.
 
     Example:
         >>> from torch import float64, linspace, manual_seed
@@ -82,7 +90,9 @@ def fast_lanczos(
         True
     """
     A = adapt_square(A)
-    check_int("ncv", ncv, 2, A.shape[0])
+    if check_symmetric:
+        check_symmetry(A.operator, "Lanczos (fast_lanczos)")
+    ncv = check_int("ncv", ncv, 2, A.shape[0])
     evals, evecs = lanczos_iterations(A, ncv, 1, use_eigh_tridiagonal)
     return A.to_caller(evals[0]), A.to_caller(evecs[0])
 
@@ -90,7 +100,14 @@ def fast_lanczos(
 class _CachedLanczosQuadratures:
     """Operator, settings and cached Lanczos processes of the spectrum classes."""
 
-    def __init__(self, A, ncv: int, boundaries: Boundaries, boundaries_tol: float):
+    def __init__(
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries,
+        boundaries_tol: float,
+        check_symmetric: bool = True,
+    ):
         """Store the operator and the settings of the Lanczos iterations.
 
         Args:
@@ -98,12 +115,16 @@ class _CachedLanczosQuadratures:
             ncv: Number of Lanczos vectors, an integer in :math:`[2, N]`.
             boundaries: Boundaries of the spectrum; ``None`` entries are estimated.
             boundaries_tol: Relative accuracy of estimated boundaries.
+            check_symmetric: Probe that the operator is symmetric.
 
         Raises:
-            ValueError: If ``boundaries_tol`` is negative.
+            ValueError: If ``boundaries_tol`` is negative or the operator is not
+                symmetric.
         """
         self._A = adapt_square(A)
-        check_int("ncv", ncv, 2, self._A.shape[0])
+        if check_symmetric:
+            check_symmetry(self._A.operator, "Lanczos spectral density estimation")
+        ncv = check_int("ncv", ncv, 2, self._A.shape[0])
         if boundaries_tol < 0:
             raise ValueError(f"`boundaries_tol` must be >= 0, got {boundaries_tol}.")
         self._ncv, self._boundaries_tol = ncv, boundaries_tol
@@ -120,7 +141,7 @@ class _CachedLanczosQuadratures:
             ``num_repeats`` pairs of eigenvalues ``[ncv]`` and eigenvectors
             ``[ncv, ncv]`` of the tridiagonal matrices.
         """
-        check_int("num_repeats", num_repeats, 1)
+        num_repeats = check_int("num_repeats", num_repeats, 1)
         missing = num_repeats - len(self._lanczos_iters)
         if missing > 0:
             evals, evecs = lanczos_iterations(self._A, self._ncv, missing)
@@ -197,7 +218,12 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
     """
 
     def __init__(
-        self, A, ncv: int, boundaries: Boundaries = None, boundaries_tol: float = 1e-2
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries = None,
+        boundaries_tol: float = 1e-2,
+        check_symmetric: bool = True,
     ):
         r"""Store the operator and the settings of the Lanczos iterations.
 
@@ -212,8 +238,11 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
                 are estimated with :func:`scipy.sparse.linalg.eigsh`.
             boundaries_tol: Relative accuracy of the estimated boundaries
                 (``0``: machine precision). Default: ``1e-2``.
+            check_symmetric: Probe that ``A`` is symmetric (one product with 8
+                columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+                ``ValueError`` if it is not. Default: ``True``.
         """
-        super().__init__(A, ncv, boundaries, boundaries_tol)
+        super().__init__(A, ncv, boundaries, boundaries_tol, check_symmetric)
 
     def approximate_spectrum(
         self,
@@ -257,8 +286,9 @@ class LanczosApproximateSpectrumCached(_CachedLanczosQuadratures):
         Returns:
             Smallest and largest eigenvalue.
         """
-        self._boundaries = fill_boundaries(
-            self._boundaries, ("SA", "LA"), self._extreme_eigenvalue
+        self._boundaries = _ordered(
+            self._boundaries,
+            fill_boundaries(self._boundaries, ("SA", "LA"), self._extreme_eigenvalue),
         )
         return self._boundaries
 
@@ -295,7 +325,12 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
     """
 
     def __init__(
-        self, A, ncv: int, boundaries: Boundaries = None, boundaries_tol: float = 1e-2
+        self,
+        A,
+        ncv: int,
+        boundaries: Boundaries = None,
+        boundaries_tol: float = 1e-2,
+        check_symmetric: bool = True,
     ):
         r"""Store the operator and the settings of the Lanczos iterations.
 
@@ -311,8 +346,19 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
                 smallest is taken from the Lanczos nodes of the first quadrature.
             boundaries_tol: Relative accuracy of the estimated boundaries
                 (``0``: machine precision). Default: ``1e-2``.
+            check_symmetric: Probe that ``A`` is symmetric (one product with 8
+                columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+                ``ValueError`` if it is not. Default: ``True``.
+
+        Raises:
+            ValueError: If a given boundary is negative.
         """
-        super().__init__(A, ncv, boundaries, boundaries_tol)
+        super().__init__(A, ncv, boundaries, boundaries_tol, check_symmetric)
+        if any(b is not None and b < 0 for b in self._boundaries):
+            raise ValueError(
+                f"`boundaries` bound the eigenvalues of |A| and must be >= 0, got "
+                f"{boundaries}."
+            )
 
     def approximate_log_spectrum(
         self,
@@ -376,8 +422,31 @@ class LanczosApproximateLogSpectrumCached(_CachedLanczosQuadratures):
                 return self._nodes().abs().min().item()
             return self._extreme_eigenvalue(which)
 
-        self._boundaries = fill_boundaries(self._boundaries, ("SM", "LM"), estimate)
+        self._boundaries = _ordered(
+            self._boundaries, fill_boundaries(self._boundaries, ("SM", "LM"), estimate)
+        )
         return self._boundaries
+
+
+def _ordered(
+    given: tuple[float | None, float | None], filled: tuple[float, float]
+) -> tuple[float, float]:
+    """Order estimated boundaries of a zero-width spectrum.
+
+    Two estimates of the same eigenvalue can come out in the wrong order by
+    rounding; given boundaries are left as they are (they were checked).
+
+    Args:
+        given: The boundaries before estimation; ``None`` entries were estimated.
+        filled: The boundaries after estimation.
+
+    Returns:
+        ``filled``, swapped if both entries were estimated and are decreasing.
+    """
+    low, high = filled
+    if given == (None, None) and low > high:
+        return high, low
+    return low, high
 
 
 def lanczos_approximate_spectrum(
@@ -389,6 +458,7 @@ def lanczos_approximate_spectrum(
     boundaries: Boundaries = None,
     margin: float = 0.05,
     boundaries_tol: float = 1e-2,
+    check_symmetric: bool = True,
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
     r"""Approximate the spectral density of a symmetric operator (Papyan, 2020).
 
@@ -415,6 +485,9 @@ def lanczos_approximate_spectrum(
             Default: ``0.05``.
         boundaries_tol: Relative accuracy of estimated boundaries. Default:
             ``1e-2``.
+        check_symmetric: Probe that ``A`` is symmetric (one product with 8
+            columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+            ``ValueError`` if it is not. Default: ``True``.
 
     Returns:
         Grid points :math:`\lambda` and the density :math:`p(\lambda)`, each of
@@ -429,7 +502,9 @@ def lanczos_approximate_spectrum(
         >>> type(density).__name__, density.shape
         ('ndarray', (200,))
     """
-    spectrum = LanczosApproximateSpectrumCached(A, ncv, boundaries, boundaries_tol)
+    spectrum = LanczosApproximateSpectrumCached(
+        A, ncv, boundaries, boundaries_tol, check_symmetric
+    )
     return spectrum.approximate_spectrum(num_repeats, num_points, kappa, margin)
 
 
@@ -443,6 +518,7 @@ def lanczos_approximate_log_spectrum(
     margin: float = 0.05,
     boundaries_tol: float = 1e-2,
     epsilon: float = 1e-5,
+    check_symmetric: bool = True,
 ) -> tuple[Tensor, Tensor] | tuple[ndarray, ndarray]:
     r"""Approximate the spectral density of :math:`|\mathbf{A}| + \epsilon`, log scale.
 
@@ -474,6 +550,9 @@ def lanczos_approximate_log_spectrum(
         boundaries_tol: Relative accuracy of estimated boundaries. Default:
             ``1e-2``.
         epsilon: Positive shift :math:`\epsilon`. Default: ``1e-5``.
+        check_symmetric: Probe that ``A`` is symmetric (one product with 8
+            columns, skipped for operators with ``SELF_ADJOINT``) and raise a
+            ``ValueError`` if it is not. Default: ``True``.
 
     Returns:
         Grid points :math:`\lambda` (logarithmically spaced eigenvalues of
@@ -491,7 +570,9 @@ def lanczos_approximate_log_spectrum(
         >>> bool(grid[-1] > 1e2)  # λ, not log λ
         True
     """
-    spectrum = LanczosApproximateLogSpectrumCached(A, ncv, boundaries, boundaries_tol)
+    spectrum = LanczosApproximateLogSpectrumCached(
+        A, ncv, boundaries, boundaries_tol, check_symmetric
+    )
     return spectrum.approximate_log_spectrum(
         num_repeats, num_points, kappa, margin, epsilon
     )

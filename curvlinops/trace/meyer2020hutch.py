@@ -6,7 +6,7 @@ from torch import Generator, Tensor, cat, einsum
 from torch.linalg import qr
 
 from curvlinops._adapter import AdaptedOperator, adapt_square
-from curvlinops._checks import check_num_matvecs
+from curvlinops._checks import check_num_matvecs, is_integer
 from curvlinops.sampling import check_distribution
 
 
@@ -165,12 +165,12 @@ class HutchPPTraceEstimator:
         dim = self._A.shape[0]
         if basis_dim is None:
             basis_dim = min(10, max(1, dim // 100))
-        if not isinstance(basis_dim, int) or not 1 <= basis_dim <= dim:
+        if not is_integer(basis_dim) or not 1 <= basis_dim <= dim:
             raise ValueError(
                 f"`basis_dim` must be an integer in [1, {dim}], got {basis_dim!r}."
             )
         check_distribution(basis_distribution)
-        self._basis_dim, self._basis_distribution = basis_dim, basis_distribution
+        self._basis_dim, self._basis_distribution = int(basis_dim), basis_distribution
         self._Q, self._basis_trace = None, None
 
     def sample(self, distribution: str = "rademacher") -> Tensor | float:

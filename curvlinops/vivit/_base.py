@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
+from numbers import Real
 
 from backpack import memory_cleanup
 from torch import Tensor
@@ -12,6 +13,7 @@ from torch._C import _current_graph_task_id
 from torch.autograd import Variable
 from torch.nn import Module
 
+from curvlinops._checks import is_integer
 from curvlinops.vivit._factors import DenseFactor, LinearWeightFactor
 from curvlinops.vivit._sqrt_ggn import SqrtGGN
 
@@ -34,7 +36,7 @@ def check_subsampling(subsampling: list[int] | None, name: str):
     if (
         not isinstance(subsampling, (list, tuple))
         or len(subsampling) == 0
-        or any(not isinstance(i, int) or i < 0 for i in subsampling)
+        or any(not is_integer(i) or i < 0 for i in subsampling)
     ):
         raise ValueError(
             f"`{name}` must be None or a non-empty list of sample indices, got "
@@ -53,7 +55,8 @@ def check_non_negative(value, name: str, kind: type):
     Raises:
         ValueError: If ``value`` has the wrong type or is negative.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, kind)) or value < 0:
+    number = is_integer(value) if kind is int else isinstance(value, Real)
+    if isinstance(value, bool) or not number or value < 0:
         raise ValueError(
             f"`{name}` must be a non-negative {kind.__name__}, got {value!r}."
         )
@@ -107,7 +110,7 @@ class ViViTComputation:
         check_subsampling(subsampling_ggn, "subsampling")
         check_non_negative(mc_samples, "mc_samples", int)
         self._subsampling_ggn = subsampling_ggn
-        self._mc_samples = mc_samples
+        self._mc_samples = int(mc_samples)
         self._verbose = verbose
         self._name_fields()
         self._clear_results()
