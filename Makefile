@@ -12,7 +12,7 @@ endif
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --quiet
 
-.PHONY: install install-lint install-docs demo test lint format docs bench clean
+.PHONY: install install-lint install-docs demo test lint format docs docs-check bench clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -23,13 +23,17 @@ install: $(PYTHON)
 install-lint: $(PYTHON)
 	$(PIP) -e ".[lint]" "$(TORCH)"
 
+# The docs serve their own MathJax (fetched with npm, see docs/_mathjax.py), and
+# the test suite builds them, so the docs extras come with the test extras.
 install-docs: $(PYTHON)
-	$(PIP) "$(TORCH)" -e ".[docs]"
+	$(PIP) "$(TORCH)" -e ".[test,docs]"
+	$(PYTHON) docs/_mathjax.py
 
 demo: install
 	$(PYTHON) -m curvlinops.demo
 
-test: install
+# test/test_docs_browser.py opens the docs in Chromium (Debian: apt-get install chromium)
+test: install-docs
 	$(PYTHON) -m pytest -n auto
 
 lint: install-lint
@@ -42,6 +46,10 @@ format: install-lint
 
 docs: install-docs
 	$(PYTHON) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# the browser test on the complete build: formulas, tutorial output, thumbnails
+docs-check: docs
+	CURVLINOPS_DOCS_HTML=docs/_build/html $(PYTHON) -m pytest -q test/test_docs_browser.py
 
 bench: install
 	$(PYTHON) benchmarks/run.py

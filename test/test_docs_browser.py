@@ -11,8 +11,9 @@ and without running the tutorials (``test_tutorials.py`` runs them). With
 this for ``docs/_build/html``), they also check the tutorials' rendered output
 and their gallery thumbnails.
 
-Without Chromium (Debian's package ``chromium``) or the docs extras, the tests
-are skipped, except under CI (``CI`` set), where they fail.
+Without Chromium (Debian's package ``chromium``; ``$CHROMIUM`` names another
+binary) or the docs extras, the tests are skipped, except under CI (``CI`` set)
+and in ``make docs-check``, where they fail.
 """
 
 import os
@@ -48,11 +49,18 @@ CHROMIUM_FLAGS = [
 
 
 def require(condition: bool, reason: str):
-    """Skip the test if ``condition`` fails, or fail it under CI."""
+    """Skip the test if ``condition`` fails, or fail it under CI or docs-check."""
     if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (required under CI)")
+        if os.environ.get("CI") or os.environ.get("CURVLINOPS_DOCS_HTML"):
+            pytest.fail(f"{reason} (required under CI and by make docs-check)")
         pytest.skip(reason)
+
+
+def find_chromium() -> str | None:
+    """Return the path of Chromium (``$CHROMIUM``, or a usual name), or ``None``."""
+    names = [os.environ.get("CHROMIUM"), "chromium", "chromium-browser"]
+    paths = [shutil.which(name) for name in names + ["google-chrome"] if name]
+    return next((path for path in paths if path), None)
 
 
 def quick_build(destination: Path) -> Path:
@@ -92,6 +100,8 @@ def site(tmp_path_factory) -> tuple[Path, bool]:
         return html, True
     missing = [m for m in ["sphinx", "sphinx_gallery", "furo"] if not find_spec(m)]
     require(not missing, f"the docs extras are not installed: {missing}")
+    vendored = (ROOT / "docs" / "_build" / "_vendor" / "mathjax").is_dir()
+    require(vendored or shutil.which("npm"), "npm (to fetch MathJax) is missing")
     return quick_build(tmp_path_factory.mktemp("docs")), False
 
 
@@ -119,8 +129,12 @@ def server(site):
 
 def render(url: str, profile: Path) -> str:
     """Return the DOM of a page after Chromium has run its scripts."""
-    chromium = shutil.which("chromium")
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom"]
+    command = [
+        find_chromium(),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+    ]
     result = subprocess.run(
         [*command, url], capture_output=True, text=True, timeout=180
     )
@@ -140,7 +154,7 @@ def pages_with_math(html: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def rendered(site, server, tmp_path_factory) -> dict[str, str]:
     """Render every page with formulas in Chromium; return their DOMs by page."""
-    require(shutil.which("chromium") is not None, "chromium is not installed")
+    require(find_chromium() is not None, "Chromium is not installed")
     pages = pages_with_math(site[0])
     port = server.server_address[1]
     profiles = tmp_path_factory.mktemp("chromium")
