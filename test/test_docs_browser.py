@@ -16,6 +16,7 @@ binary) or the docs extras, the tests are skipped, except under CI (``CI`` set)
 and in ``make docs-check``, where they fail.
 """
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from html import unescape
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib.util import find_spec
@@ -105,8 +107,34 @@ def site(tmp_path_factory) -> tuple[Path, bool]:
     return quick_build(tmp_path_factory.mktemp("docs")), False
 
 
+# Loads a page in a frame of a desktop browser window's size and lists the code
+# blocks that need a horizontal scroll bar there.
+WIDTH_PROBE = """<!DOCTYPE html><html><body>
+<iframe id="page" src="/{page}" width="1400" height="900"></iframe>
+<script>
+document.getElementById("page").addEventListener("load", (event) => {{
+  const blocks = [...event.target.contentDocument.querySelectorAll("pre")];
+  const wide = blocks.filter((pre) => pre.scrollWidth > pre.clientWidth + 1);
+  const starts = wide.map((pre) => pre.textContent.slice(0, 60));
+  document.body.dataset.wide = JSON.stringify(starts);
+}});
+</script></body></html>"""
+PROBE_PATH = "/__width_probe__/"
+
+
 class RecordingHandler(SimpleHTTPRequestHandler):
-    """Serve files and record ``(path, status)`` of every request."""
+    """Serve files and the width probe; record ``(path, status)`` of requests."""
+
+    def do_GET(self):
+        """Serve the width probe of a page, or a file."""
+        if not self.path.startswith(PROBE_PATH):
+            return super().do_GET()
+        body = WIDTH_PROBE.format(page=self.path[len(PROBE_PATH) :]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_request(self, code="-", size="-"):
         """Record the request instead of printing it."""
@@ -142,6 +170,13 @@ def render(url: str, profile: Path) -> str:
     return result.stdout
 
 
+def render_all(urls: list[str], profiles: Path) -> list[str]:
+    """Render pages with a few Chromium processes at a time; return their DOMs."""
+    jobs = [(url, profiles / str(i)) for i, url in enumerate(urls)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(lambda job: render(*job), jobs))
+
+
 def pages_with_math(html: Path) -> list[str]:
     """Return the pages (relative paths) whose source contains formulas."""
     return sorted(
@@ -157,13 +192,8 @@ def rendered(site, server, tmp_path_factory) -> dict[str, str]:
     require(find_chromium() is not None, "Chromium is not installed")
     pages = pages_with_math(site[0])
     port = server.server_address[1]
-    profiles = tmp_path_factory.mktemp("chromium")
-    jobs = [
-        (f"http://127.0.0.1:{port}/{page}", profiles / str(i))
-        for i, page in enumerate(pages)
-    ]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        doms = list(pool.map(lambda job: render(*job), jobs))
+    urls = [f"http://127.0.0.1:{port}/{page}" for page in pages]
+    doms = render_all(urls, tmp_path_factory.mktemp("chromium"))
     return dict(zip(pages, doms))
 
 
@@ -231,7 +261,7 @@ def test_mathjax_and_its_fonts_come_from_the_site(site, server, rendered):
     ]
     assert not failed, f"Requests that failed: {failed}"
     fetched = [path for path, _ in server.requests]
-    assert any(p.endswith("_static/mathjax/tex-chtml.js") for p in fetched)
+    assert any("_static/mathjax/tex-chtml.js" in p for p in fetched)  # ?v=hash
     assert any("_static/mathjax/output/chtml/fonts/" in p for p in fetched)
     external = re.compile(r"<(?:script|link)[^>]+(?:src|href)=\"(?:https?:)?//")
     for page in site[0].glob("*.html"):
@@ -250,6 +280,20 @@ def test_math_report_sees_raw_and_typeset_formulas():
     )
     assert (typeset.formulas, typeset.typeset, typeset.errors) == (1, 1, 1)
     assert not typeset.raw
+
+
+def test_code_blocks_fit_a_desktop_window(server, rendered, tmp_path):
+    pages = ["index.html", "coming_from_3x.html", "internals.html"]
+    pages += [f"auto_examples/{tutorial}.html" for tutorial in TUTORIALS]
+    port = server.server_address[1]
+    urls = [f"http://127.0.0.1:{port}{PROBE_PATH}{page}" for page in pages]
+    wide = {}
+    for page, dom in zip(pages, render_all(urls, tmp_path)):
+        match = re.search(r'data-wide="([^"]*)"', dom)
+        assert match, f"The width probe did not run on {page}."
+        wide.update({page: json.loads(unescape(match.group(1)))})
+    wide = {page: blocks for page, blocks in wide.items() if blocks}
+    assert not wide, f"Code blocks with a horizontal scroll bar at 1400px: {wide}"
 
 
 def executed(site) -> Path:
