@@ -58,4 +58,4 @@ bench: install
 	$(PYTHON) benchmarks/compile.py
 
 clean:
-	rm -rf docs/_build docs/auto_examples docs/gen_modules benchmarks/results
+	rm -rf docs/_build docs/auto_examples docs/gen_modules docs/sg_execution_times.rst benchmarks/results build/curvlinops_demo.png

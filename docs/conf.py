@@ -83,6 +83,9 @@ sphinx_gallery_conf = {
     "filename_pattern": "example_",
     "ignore_pattern": r"__init__\.py|_helpers\.py",
     "download_all_examples": False,
+    # the pages of execution times load scripts from CDNs, and offline readers
+    # would get an unstyled table; the times are of no use to readers anyway
+    "write_computation_times": False,
     "remove_config_comments": True,
     "within_subsection_order": "_gallery_order.TutorialOrder",  # reading order
     # link names in the tutorials' code to the API reference

@@ -93,18 +93,18 @@ def quick_build(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> tuple[Path, bool]:
-    """Return the folder of the built pages and whether the tutorials ran."""
+def site(tmp_path_factory) -> Path:
+    """Return the folder of the built pages."""
     given = os.environ.get("CURVLINOPS_DOCS_HTML")
     if given:
         html = Path(given)
         assert (html / "index.html").is_file(), f"No built documentation in {html}."
-        return html, True
+        return html
     missing = [m for m in ["sphinx", "sphinx_gallery", "furo"] if not find_spec(m)]
     require(not missing, f"the docs extras are not installed: {missing}")
     vendored = (ROOT / "docs" / "_build" / "_vendor" / "mathjax").is_dir()
     require(vendored or shutil.which("npm"), "npm (to fetch MathJax) is missing")
-    return quick_build(tmp_path_factory.mktemp("docs")), False
+    return quick_build(tmp_path_factory.mktemp("docs"))
 
 
 # Loads a page in a frame of a desktop browser window's size and lists the code
@@ -147,7 +147,7 @@ class RecordingHandler(SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(site):
     """Serve the built pages on the loopback interface; yield the server."""
-    handler = partial(RecordingHandler, directory=str(site[0]))
+    handler = partial(RecordingHandler, directory=str(site))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
         httpd.requests = []
         Thread(target=httpd.serve_forever, daemon=True).start()
@@ -190,7 +190,7 @@ def pages_with_math(html: Path) -> list[str]:
 def rendered(site, server, tmp_path_factory) -> dict[str, str]:
     """Render every page with formulas in Chromium; return their DOMs by page."""
     require(find_chromium() is not None, "Chromium is not installed")
-    pages = pages_with_math(site[0])
+    pages = pages_with_math(site)
     port = server.server_address[1]
     urls = [f"http://127.0.0.1:{port}/{page}" for page in pages]
     doms = render_all(urls, tmp_path_factory.mktemp("chromium"))
@@ -239,9 +239,11 @@ def math_report(dom: str) -> MathReport:
     return report
 
 
-def test_every_formula_is_typeset_offline(rendered):
-    assert len(rendered) >= 5, f"Too few pages with formulas: {sorted(rendered)}"
+def typesetting_problems(rendered: dict[str, str]) -> list[str]:
+    """Return what is wrong with the formulas of the rendered pages."""
     problems = []
+    if len(rendered) < 5:
+        problems.append(f"too few pages with formulas: {sorted(rendered)}")
     for page, dom in rendered.items():
         report = math_report(dom)
         if report.formulas == 0 or report.typeset < report.formulas:
@@ -250,22 +252,51 @@ def test_every_formula_is_typeset_offline(rendered):
             problems.append(f"{page}: {report.errors} MathJax error(s)")
         if report.raw:
             problems.append(f"{page}: raw LaTeX {report.raw[:3]}")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
-def test_mathjax_and_its_fonts_come_from_the_site(site, server, rendered):
-    failed = [
-        (path, code)
-        for path, code in server.requests
+def serving_problems(html: Path, requests: list[tuple[str, int]]) -> list[str]:
+    """Return failed requests, and pages that load anything from elsewhere."""
+    problems = [
+        f"{path}: HTTP {code}"
+        for path, code in requests
         if code >= 400 and path != "/favicon.ico"  # asked for by Chromium itself
     ]
-    assert not failed, f"Requests that failed: {failed}"
-    fetched = [path for path, _ in server.requests]
-    assert any("_static/mathjax/tex-chtml.js" in p for p in fetched)  # ?v=hash
-    assert any("_static/mathjax/output/chtml/fonts/" in p for p in fetched)
+    fetched = [path for path, _ in requests]
+    for wanted in ["_static/mathjax/tex-chtml.js", "_static/mathjax/output/chtml/"]:
+        if not any(wanted in path for path in fetched):  # paths end in ?v=hash
+            problems.append(f"nothing fetched from {wanted}")
     external = re.compile(r"<(?:script|link)[^>]+(?:src|href)=\"(?:https?:)?//")
-    for page in site[0].glob("*.html"):
-        assert not external.search(page.read_text()), f"{page.name} loads a URL"
+    for page in html.rglob("*.html"):
+        if external.search(page.read_text()):
+            problems.append(f"{page.relative_to(html)} loads a file from a URL")
+    return problems
+
+
+def width_problems(server, profiles: Path) -> list[str]:
+    """Return the code blocks that need a horizontal scroll bar at 1400px."""
+    pages = ["index.html", "coming_from_3x.html", "internals.html"]
+    pages += [f"auto_examples/{tutorial}.html" for tutorial in TUTORIALS]
+    port = server.server_address[1]
+    urls = [f"http://127.0.0.1:{port}{PROBE_PATH}{page}" for page in pages]
+    problems = []
+    for page, dom in zip(pages, render_all(urls, profiles)):
+        match = re.search(r'data-wide="([^"]*)"', dom)
+        wide = json.loads(unescape(match.group(1))) if match else ["(no probe)"]
+        problems += [f"{page}: code block {block!r} is too wide" for block in wide]
+    return problems
+
+
+def test_docs_in_a_browser(site, server, rendered, tmp_path):
+    """Formulas typeset offline, everything served, code blocks fit the window.
+
+    One test, so that the pages are built and rendered once per test run, even
+    when pytest-xdist spreads tests over processes.
+    """
+    problems = typesetting_problems(rendered)
+    problems += serving_problems(site, server.requests)
+    problems += width_problems(server, tmp_path)
+    assert not problems, "\n".join(problems)
 
 
 def test_math_report_sees_raw_and_typeset_formulas():
@@ -282,43 +313,28 @@ def test_math_report_sees_raw_and_typeset_formulas():
     assert not typeset.raw
 
 
-def test_code_blocks_fit_a_desktop_window(server, rendered, tmp_path):
-    pages = ["index.html", "coming_from_3x.html", "internals.html"]
-    pages += [f"auto_examples/{tutorial}.html" for tutorial in TUTORIALS]
-    port = server.server_address[1]
-    urls = [f"http://127.0.0.1:{port}{PROBE_PATH}{page}" for page in pages]
-    wide = {}
-    for page, dom in zip(pages, render_all(urls, tmp_path)):
-        match = re.search(r'data-wide="([^"]*)"', dom)
-        assert match, f"The width probe did not run on {page}."
-        wide.update({page: json.loads(unescape(match.group(1)))})
-    wide = {page: blocks for page, blocks in wide.items() if blocks}
-    assert not wide, f"Code blocks with a horizontal scroll bar at 1400px: {wide}"
-
-
-def executed(site) -> Path:
+def complete_build() -> Path:
     """Return the folder of a build whose tutorials ran, or skip."""
-    html, ran = site
-    if not ran:
+    if not os.environ.get("CURVLINOPS_DOCS_HTML"):
         pytest.skip(
-            "the quick build does not run the tutorials; set CURVLINOPS_DOCS_HTML "
-            "to a complete build (make docs-check)"
+            "needs a complete build (the quick one does not run the tutorials): "
+            "set CURVLINOPS_DOCS_HTML, as make docs-check does"
         )
-    return html
+    return Path(os.environ["CURVLINOPS_DOCS_HTML"])
 
 
-def test_tutorial_outputs_show_no_default_reprs(site):
-    shown = {}
+def test_tutorial_outputs_show_no_default_reprs():
+    html, shown = complete_build(), {}
     for tutorial in TUTORIALS:
-        page = (executed(site) / "auto_examples" / f"{tutorial}.html").read_text()
+        page = (html / "auto_examples" / f"{tutorial}.html").read_text()
         outputs = re.findall(r'class="sphx-glr-script-out.*?</pre>', page, flags=re.S)
         reprs = [m for out in outputs for m in re.findall(r".{0,50}object at 0x", out)]
         shown.update({tutorial: reprs} if reprs else {})
     assert not shown, f"Default reprs in the rendered output: {shown}"
 
 
-def test_thumbnails_are_first_figures(site):
-    images = executed(site) / "_images"
+def test_thumbnails_are_first_figures():
+    images = complete_build() / "_images"
     for tutorial in TUTORIALS:
         assert (images / f"sphx_glr_{tutorial}_001.png").is_file(), tutorial
         assert (images / f"sphx_glr_{tutorial}_thumb.png").is_file(), tutorial
