@@ -76,10 +76,13 @@ def quick_build(destination: Path) -> Path:
     """
     source, html = destination / "docs", destination / "html"
     generated = shutil.ignore_patterns(
-        "auto_examples", "gen_modules", "sg_execution_times.rst", "__pycache__"
+        "_build",
+        "auto_examples",
+        "gen_modules",
+        "sg_execution_times.rst",
+        "__pycache__",
     )
     shutil.copytree(ROOT / "docs", source, ignore=generated)
-    shutil.rmtree(source / "_build", ignore_errors=True)
     vendor = ROOT / "docs" / "_build" / "_vendor"
     if vendor.is_dir():  # MathJax, fetched already
         shutil.copytree(vendor, source / "_build" / "_vendor")
