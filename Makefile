@@ -29,8 +29,9 @@ install-docs: $(PYTHON)
 	$(PIP) "$(TORCH)" -e ".[test,docs]"
 	$(PYTHON) docs/_mathjax.py
 
+# the tour ends by drawing a picture (matplotlib comes with the test extras)
 demo: install
-	$(PYTHON) -m curvlinops.demo
+	$(PYTHON) -m curvlinops.demo --picture build/curvlinops_demo.png
 
 # test/test_docs_browser.py opens the docs in Chromium (Debian: apt-get install chromium)
 test: install-docs
