@@ -21,7 +21,7 @@ PIP := $(PYTHON) -m pip install --quiet
 HAS := $(PYTHON) -c "import sys, importlib.metadata as m; sys.exit(any(m.version(n) \
 	!= (v or m.version(n)) for n, _, v in (a.partition('==') for a in sys.argv[1:])))"
 
-.PHONY: install install-lint install-docs demo test lint format docs bench clean
+.PHONY: install install-lint install-docs demo test lint format docs docs-check bench clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -35,13 +35,18 @@ install: $(PYTHON)
 install-lint: $(PYTHON)
 	$(PIP) -e ".[lint]" "$(TORCH)"
 
+# The docs serve their own MathJax (fetched with npm, see docs/_mathjax.py), and
+# the test suite builds them, so the docs extras come with the test extras.
 install-docs: $(PYTHON)
-	$(PIP) "$(TORCH)" -e ".[docs]"
+	$(PIP) "$(TORCH)" -e ".[test,docs]"
+	$(PYTHON) docs/_mathjax.py
 
+# the tour ends by drawing a picture (matplotlib comes with the test extras)
 demo: install
-	$(PYTHON) -m curvlinops.demo
+	$(PYTHON) -m curvlinops.demo --picture build/curvlinops_demo.png
 
-test: install
+# test/test_docs_browser.py opens the docs in Chromium (Debian: apt-get install chromium)
+test: install install-docs
 	$(PYTHON) -m pytest -n auto
 
 lint: install-lint
@@ -55,6 +60,10 @@ format: install-lint
 docs: install-docs
 	$(PYTHON) -m sphinx -W --keep-going -b html docs docs/_build/html
 
+# the browser test on the complete build: formulas, tutorial output, thumbnails
+docs-check: docs
+	CURVLINOPS_DOCS_HTML=docs/_build/html $(PYTHON) -m pytest -q test/test_docs_browser.py
+
 bench: install
 	$(PYTHON) benchmarks/run.py
 	$(PYTHON) benchmarks/vivit.py
@@ -62,4 +71,4 @@ bench: install
 	$(PYTHON) benchmarks/compile.py
 
 clean:
-	rm -rf docs/_build docs/auto_examples docs/gen_modules benchmarks/results
+	rm -rf docs/_build docs/auto_examples docs/gen_modules docs/sg_execution_times.rst benchmarks/results build/curvlinops_demo.png

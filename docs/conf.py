@@ -9,6 +9,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _inventories import write_inventories  # noqa: E402
+from _mathjax import ENTRY_POINT, ensure_mathjax  # noqa: E402
 
 import curvlinops  # noqa: E402
 
@@ -64,9 +65,15 @@ def setup(app):
     app.connect("autodoc-process-bases", public_bases)
 
 
-html_theme = "alabaster"
-html_static_path = []
+# Furo: responsive, with a light, a dark and an automatic (system) color scheme.
+html_theme = "furo"
+html_title = f"curvlinops {release}"
+html_static_path = ["_static", str(ensure_mathjax())]
+html_css_files = ["custom.css"]
 exclude_patterns = ["_build", "examples"]
+
+# Formulas render offline: MathJax is served from _static (see _mathjax.py).
+mathjax_path = ENTRY_POINT
 
 # Tutorials: run every docs/examples/example_*.py and render its figures.
 os.environ.setdefault("CURVLINOPS_DOCS_BUILD", "1")
@@ -76,6 +83,9 @@ sphinx_gallery_conf = {
     "filename_pattern": "example_",
     "ignore_pattern": r"__init__\.py|_helpers\.py",
     "download_all_examples": False,
+    # the pages of execution times load scripts from CDNs, and offline readers
+    # would get an unstyled table; the times are of no use to readers anyway
+    "write_computation_times": False,
     "remove_config_comments": True,
     "within_subsection_order": "_gallery_order.TutorialOrder",  # reading order
     # link names in the tutorials' code to the API reference

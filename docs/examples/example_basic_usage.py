@@ -9,6 +9,7 @@ with SciPy.
 We start with the imports.
 """
 
+import matplotlib.pyplot as plt
 import numpy
 from scipy.sparse.linalg import eigsh
 from torch import float64, manual_seed, rand, randint
@@ -17,8 +18,6 @@ from torch.nn import CrossEntropyLoss, Linear, Sequential, Tanh
 
 from curvlinops import GGNLinearOperator, HessianLinearOperator
 from curvlinops.examples.functorch import functorch_ggn, functorch_hessian
-
-manual_seed(0)
 
 # %%
 # Setup
@@ -30,6 +29,7 @@ manual_seed(0)
 # We work in double precision so that we can compare against dense matrices
 # to many digits.
 
+manual_seed(0)
 num_data, batch_size = 128, 32
 X, y = rand(num_data, 10, dtype=float64), randint(0, 3, (num_data,))
 data = list(zip(X.split(batch_size), y.split(batch_size)))
@@ -110,3 +110,23 @@ assert numpy.allclose(numpy.sort(top_G), eigvalsh(G_dense)[-k:].numpy())
 
 print(f"smallest Hessian eigenvalue: {eigvalsh(H_dense)[0]:.3e}")
 print(f"smallest GGN eigenvalue:     {eigvalsh(G_dense)[0]:.3e}")
+
+# %%
+# Here are both spectra in full, from the dense matrices, with the top
+# eigenvalues that :func:`~scipy.sparse.linalg.eigsh` found from products alone
+# (the axis is linear near zero and logarithmic beyond):
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+for ax, dense, top, name in [
+    (axes[0], H_dense, top_H, "Hessian"),
+    (axes[1], G_dense, top_G, "GGN"),
+]:
+    ax.plot(eigvalsh(dense).numpy(), ".", label="all (dense eigvalsh)")
+    top_index = range(num_params - k, num_params)
+    ax.plot(top_index, numpy.sort(top), "o", mfc="none", label=f"top {k} (eigsh)")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(name)
+    ax.set_xlabel("eigenvalue index (ascending)")
+axes[0].set_ylabel("eigenvalue")
+axes[0].legend()
+fig.tight_layout()

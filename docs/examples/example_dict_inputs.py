@@ -18,6 +18,8 @@ and against the same network with a single tensor input.
 We start with the imports.
 """
 
+import matplotlib.pyplot as plt
+from matplotlib.colors import SymLogNorm
 from torch import cat, eye, float64, manual_seed, rand, randint
 from torch.nn import Conv2d, CrossEntropyLoss, Linear, Module
 from torch.utils.data import DataLoader
@@ -38,8 +40,6 @@ from curvlinops.examples.functorch import (
     functorch_hessian,
     functorch_jacobian,
 )
-
-manual_seed(0)
 
 # %%
 # A model with a dictionary input
@@ -68,6 +68,7 @@ class TwoBranchNet(Module):
         return self.head(cat([image_features, tabular_features], dim=1))
 
 
+manual_seed(0)
 model = TwoBranchNet().to(float64)
 loss_func = CrossEntropyLoss()
 params = list(model.parameters())
@@ -239,3 +240,17 @@ for name, p in model.named_parameters():
         assert K_dense[block, block].allclose(G[block, block])
     if name == "conv.bias":
         assert not K_dense[block, block].allclose(G[block, block])
+
+# %%
+# The two matrices side by side: KFAC approximates the GGN's diagonal blocks of
+# the six parameters (weight and bias of each of the three layers) and drops
+# everything between them.
+
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.8), layout="constrained")
+norm = SymLogNorm(linthresh=1e-4, vmin=-0.1, vmax=0.1)
+for ax, matrix, title in [(axes[0], G, "GGN"), (axes[1], K_dense, "KFAC (type-2)")]:
+    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", norm=norm)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig.colorbar(image, ax=axes).set_label("entry (symmetric log scale)")

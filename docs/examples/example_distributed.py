@@ -30,6 +30,8 @@ import socket
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
+import numpy
 import torch.distributed as dist
 from torch import float64, manual_seed, rand, randint
 from torch.nn import CrossEntropyLoss, Linear, Sequential, Tanh
@@ -115,6 +117,40 @@ def run_rank():
     )
     dist.destroy_process_group()
 
+
+# %%
+# Which data points a rank sees
+# -----------------------------
+#
+# The sampler deals the data set out like cards: rank 0 gets the data points 0,
+# 2, 4, ..., rank 1 the others, and each rank's loader cuts its shard into
+# mini-batches of 16. The sampler needs no process group to tell, so the launching
+# process can draw the picture (the ranks skip it).
+
+
+def shard_picture(num_ranks: int = 2, batch_size: int = 16):
+    """Show which rank holds each data point, and in which of its mini-batches.
+
+    Args:
+        num_ranks: Number of processes.
+        batch_size: Mini-batch size of each rank's loader.
+    """
+    dataset = problem()[-1]
+    batch_of = numpy.full((num_ranks, len(dataset)), numpy.nan)
+    for rank in range(num_ranks):
+        sampler = DistributedSampler(dataset, num_ranks, rank, shuffle=False)
+        for position, index in enumerate(sampler):
+            batch_of[rank, index] = position // batch_size
+    fig, ax = plt.subplots(figsize=(8, 1.8), layout="constrained")
+    image = ax.imshow(batch_of, aspect="auto", cmap="viridis", interpolation="none")
+    ax.set_yticks(range(num_ranks), [f"rank {rank}" for rank in range(num_ranks)])
+    ax.set_xlabel("data point")
+    ticks = range(int(numpy.nanmax(batch_of)) + 1)
+    fig.colorbar(image, ax=ax, ticks=ticks).set_label("mini-batch")
+
+
+if "LOCAL_RANK" not in os.environ:
+    shard_picture()
 
 # %%
 # Launching the ranks

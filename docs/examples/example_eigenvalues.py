@@ -27,8 +27,6 @@ from curvlinops.examples.functorch import functorch_ggn, functorch_hessian
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -36,6 +34,7 @@ manual_seed(0)
 # A small CNN classifies random 8x8 images into four classes. We work in double
 # precision to compare with dense matrices to many digits.
 
+manual_seed(0)
 num_data = 32 if FAST else 128
 X = rand(num_data, 1, 8, 8, dtype=float64)
 y = randint(0, 4, (num_data,))

@@ -27,8 +27,6 @@ from curvlinops.examples.functorch import functorch_ggn
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -36,6 +34,7 @@ manual_seed(0)
 # A small classifier on synthetic data, in double precision. The model is not
 # trained: the Fisher is defined at any parameters.
 
+manual_seed(0)
 num_data, num_classes = 32, 4
 X = randn(num_data, 6, dtype=float64)
 y = randint(0, num_classes, (num_data,))

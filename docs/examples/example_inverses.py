@@ -52,8 +52,6 @@ from curvlinops.examples.functorch import functorch_ggn, functorch_hessian
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -62,6 +60,7 @@ manual_seed(0)
 # the mean squared error. We work in double precision to compare with dense
 # matrices to many digits.
 
+manual_seed(0)
 num_data = 64 if FAST else 256
 X = rand(num_data, 5, dtype=float64)
 y = (3 * X[:, :2]).sin() + 0.1 * randn(num_data, 2, dtype=float64)

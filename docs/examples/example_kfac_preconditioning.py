@@ -53,8 +53,6 @@ from curvlinops.examples import IdentityLinearOperator
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -62,6 +60,7 @@ manual_seed(0)
 # A small network regresses a two-dimensional function of eight input features
 # of different scales with the mean squared error, in double precision.
 
+manual_seed(0)
 num_data = 128 if FAST else 256
 X = randn(num_data, 8, dtype=float64) * logspace(-1, 0.5, 8, dtype=float64)
 y = (2 * X[:, :2]).sin() * X[:, 2:4].cos() + 0.05 * randn(num_data, 2, dtype=float64)

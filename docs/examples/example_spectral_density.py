@@ -38,8 +38,6 @@ from curvlinops import (
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Training a classifier
 # ---------------------
@@ -48,6 +46,7 @@ manual_seed(0)
 # per class, that overlap a little. A two-hidden-layer ReLU network learns to
 # classify them with stochastic gradient descent.
 
+manual_seed(0)
 num_classes, dim = 5, 20
 num_data = 500 if FAST else 2000
 hidden = 16 if FAST else 32

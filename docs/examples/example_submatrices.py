@@ -23,8 +23,6 @@ from curvlinops.examples.functorch import functorch_hessian
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -32,6 +30,7 @@ manual_seed(0)
 # A small three-layer classifier on synthetic data, in double precision to
 # compare with the dense Hessian to many digits:
 
+manual_seed(0)
 num_data = 64 if FAST else 256
 X, y = rand(num_data, 6, dtype=float64), randint(0, 3, (num_data,))
 data = list(zip(X.split(32), y.split(32)))

@@ -39,8 +39,6 @@ from curvlinops.examples.functorch import functorch_ggn
 # The test suite runs the tutorials with smaller problems.
 FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -48,6 +46,7 @@ manual_seed(0)
 # A small classifier on synthetic data, in double precision. For reference, we
 # compute the dense GGN and its trace, diagonal and squared Frobenius norm.
 
+manual_seed(0)
 num_data = 64 if FAST else 256
 X, y = rand(num_data, 8, dtype=float64), randint(0, 4, (num_data,))
 data = list(zip(X.split(32), y.split(32)))

@@ -30,8 +30,6 @@ from curvlinops import (
 )
 from curvlinops.examples.functorch import functorch_hessian, functorch_jacobian
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -41,6 +39,7 @@ manual_seed(0)
 # parameters, every curvature matrix is a 79 x 79 image. The data come in two
 # mini-batches; the operators sum over them.
 
+manual_seed(0)
 num_data, num_classes = 8, 3
 X = rand(num_data, 5, dtype=float64)
 y = randint(0, num_classes, (num_data,))
@@ -134,7 +133,7 @@ for ax, (title, matrix) in zip(axes.flat, panels.items()):
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-fig.colorbar(image, ax=axes, shrink=0.8)
+fig.colorbar(image, ax=axes, shrink=0.8).set_label("entry (symmetric log scale)")
 
 # %%
 # A few things stand out:
@@ -229,7 +228,7 @@ for ax, matrix, title in [
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-fig.colorbar(image, ax=axes)
+fig.colorbar(image, ax=axes).set_label("entry (symmetric log scale)")
 
 # %%
 # Hessian and GGN

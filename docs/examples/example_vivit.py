@@ -63,8 +63,6 @@ FAST = os.environ.get("CURVLINOPS_FAST_TUTORIALS") == "1"
 # gradients; the warning is harmless here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-manual_seed(0)
-
 # %%
 # Setup
 # -----
@@ -73,6 +71,7 @@ manual_seed(0)
 # in double precision. ViViT works on one mini-batch and requires a loss with
 # ``reduction='mean'``.
 
+manual_seed(0)
 num_data, num_classes = (16, 4) if FAST else (32, 4)
 X = rand(num_data, 1, 6, 6, dtype=float64)
 y = randint(0, num_classes, (num_data,))
