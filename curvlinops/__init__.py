@@ -23,6 +23,12 @@ from curvlinops.papyan2020traces import (
     lanczos_approximate_log_spectrum,
     lanczos_approximate_spectrum,
 )
+from curvlinops.structured import (
+    BlockDiagonalLinearOperator,
+    DiagonalLinearOperator,
+    EighDecomposedLinearOperator,
+    KroneckerProductLinearOperator,
+)
 from curvlinops.submatrix import SubmatrixLinearOperator
 from curvlinops.trace import (
     HutchinsonTraceEstimator,
@@ -48,6 +54,11 @@ __all__ = [
     "EKFACLinearOperator",
     "FisherType",
     "KFACType",
+    # Structured operators with closed-form algebra
+    "KroneckerProductLinearOperator",
+    "BlockDiagonalLinearOperator",
+    "EighDecomposedLinearOperator",
+    "DiagonalLinearOperator",
     # Algorithms on any operator: inverses, sub-matrices
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
