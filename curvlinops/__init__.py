@@ -6,6 +6,7 @@ from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xd
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
+from curvlinops.ggn_diagonal import GGNDiagonalLinearOperator
 from curvlinops.gradient_moments import EFLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.inverse import (
@@ -49,6 +50,7 @@ __all__ = [
     "FisherMCLinearOperator",
     "JacobianLinearOperator",
     "TransposedJacobianLinearOperator",
+    "GGNDiagonalLinearOperator",
     # Kronecker-factored approximations
     "KFACLinearOperator",
     "EKFACLinearOperator",
