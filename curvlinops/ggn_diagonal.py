@@ -72,7 +72,8 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
 
     The diagonal is computed with one pass over the data when first needed (and
     twice at construction with ``check_deterministic``), then cached; it is
-    available as :attr:`diagonal` (one tensor per parameter). As a
+    available as :attr:`diagonal` (one tensor per parameter), and
+    :meth:`compute_diagonal` recomputes it after the model changed. As a
     :class:`~curvlinops.DiagonalLinearOperator`, the operator multiplies in
     :math:`\mathcal{O}(D)` and has closed-form ``trace``, ``logdet``, ...,
     ``inverse(damping)``. Data-parallel (``process_group``), the ranks' diagonals
@@ -189,12 +190,14 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
             One tensor per parameter, of its shape.
         """
         if self._diagonal is None:
-            self._diagonal = self.compute_diagonal()
+            self.compute_diagonal()
         return self._diagonal
 
     @with_autograd
     def compute_diagonal(self) -> list[Tensor]:
-        """Compute the diagonal with one pass over the data (not cached).
+        """Compute the diagonal with one pass over the data and cache it.
+
+        Call it again after the model changed (or create a new operator).
 
         Returns:
             One tensor per parameter, of its shape.
@@ -214,7 +217,8 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
             sums = self._squared_gradient_sums(X, self._batch_size(X), columns)
             for r, s in zip(result, sums):
                 r.add_(s, alpha=weight)
-        return all_reduce_sum(result, self._process_group)
+        self._diagonal = all_reduce_sum(result, self._process_group)
+        return self._diagonal
 
     def _loss_hessian_sqrt_columns(
         self, output: Tensor, y: Tensor, generator: Generator | None
@@ -243,7 +247,7 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
                 fails.
         """
         first = self.compute_diagonal()
-        self._diagonal = self.compute_diagonal()
+        self.compute_diagonal()
         if not allclose_report(
             first, self._diagonal, DETERMINISM_RTOL, DETERMINISM_ATOL
         ):

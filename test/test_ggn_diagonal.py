@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import Tensor, cat, float64, tensor
-from torch.nn import HuberLoss, Linear, Module, MSELoss, Sequential, Tanh
+from torch.nn import Dropout, HuberLoss, Linear, Module, MSELoss, Sequential, Tanh
 
 import curvlinops._per_sample
 from curvlinops import (
@@ -62,6 +62,11 @@ def test_ggn_diagonal_is_a_diagonal_operator():
     D_inv = D.inverse(damping=0.1)
     assert type(D_inv) is DiagonalLinearOperator
     assert_close(flat(D_inv.diagonal), 1 / (expected + 0.1))
+    with torch.no_grad():  # the model changes: recompute
+        params[0].mul_(2.0)
+    D.compute_diagonal()
+    expected = exact_diagonal(case, model, loss_func, params, data)
+    assert_close(flat(D.diagonal), expected)
 
 
 @pytest.mark.parametrize(
@@ -175,11 +180,15 @@ def test_ggn_diagonal_rejects_what_it_does_not_support():
         GGNDiagonalLinearOperator(model, loss_func, params, data)
 
 
-def test_ggn_diagonal_of_a_model_without_batch_coupling_in_train_mode():
-    """Train mode without BatchNorm is fine (e.g. Dropout-free models)."""
+def test_ggn_diagonal_in_train_mode():
+    """Train mode without BatchNorm is fine; random models fail the probe."""
     model = Sequential(Linear(2, 3), Tanh(), Linear(3, 1)).to(float64).train()
     params = list(model.parameters())
     data = [(torch.rand(5, 2, dtype=float64), torch.rand(5, 1, dtype=float64))]
-    D = GGNDiagonalLinearOperator(model, MSELoss(reduction="sum"), params, data)
-    expected = functorch_ggn(model, MSELoss(reduction="sum"), params, data).diag()
+    loss_func = MSELoss(reduction="sum")
+    D = GGNDiagonalLinearOperator(model, loss_func, params, data)
+    expected = functorch_ggn(model, loss_func, params, data).diag()
     assert_close(flat(D.diagonal), expected)
+    model.insert(2, Dropout(0.5))
+    with pytest.raises(RuntimeError, match="diagonal differ"):
+        GGNDiagonalLinearOperator(model, loss_func, params, data)
