@@ -98,7 +98,8 @@ class SquaredGradientSums:
             X: Mini-batch input (a tensor or a mapping of tensors, whose entries
                 with leading axis ``batch_size`` are split into data points).
             batch_size: Number of data points ``B``.
-            make_vectors: Maps the detached model output to the vectors
+            make_vectors: Maps the model output (which it must not differentiate;
+                it checks that it is a tensor) to the vectors
                 ``[K, *output.shape]``; vector ``k`` holds :math:`\mathbf{v}_{k,n}`
                 at datum ``n``.
 
@@ -110,7 +111,7 @@ class SquaredGradientSums:
             V = self._layer_pass(X, batch_size, make_vectors, result)
         else:
             with no_grad():
-                V = make_vectors(self._model(X).detach())
+                V = make_vectors(self._model(X))
         if self._generic:
             sums = self._generic_pass(X, batch_size, V)
             for idx, s in zip(self._generic, sums):
@@ -149,7 +150,7 @@ class SquaredGradientSums:
         finally:
             for handle in handles:
                 handle.remove()
-        V = make_vectors(output.detach())
+        V = make_vectors(output)
         probes = [probe for layer in calls.values() for _, probe in layer]
         grads = iter(vjp([output], probes, [V], retain_graph=False) if probes else [])
         for name, layer_calls in calls.items():

@@ -212,7 +212,7 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
 
             def columns(output: Tensor, y=y) -> Tensor:
                 check_output_and_labels(self._loss_func, output, y)
-                return self._loss_hessian_sqrt_columns(output, y, generator)
+                return self._loss_hessian_sqrt_columns(output.detach(), y, generator)
 
             sums = self._squared_gradient_sums(X, self._batch_size(X), columns)
             for r, s in zip(result, sums):

@@ -192,3 +192,21 @@ def test_ggn_diagonal_in_train_mode():
     model.insert(2, Dropout(0.5))
     with pytest.raises(RuntimeError, match="diagonal differ"):
         GGNDiagonalLinearOperator(model, loss_func, params, data)
+
+
+def test_ggn_diagonal_rejects_outputs_and_labels_that_do_not_fit():
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    wrong = [(X, y[:, :1]) for X, y in data]
+    with pytest.raises(ValueError, match=r"expects labels of shape \[\d+, 3\]"):
+        GGNDiagonalLinearOperator(model, loss_func, params, wrong)
+
+    class TupleOutput(Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, X):
+            return self.model(X), X
+
+    with pytest.raises(TypeError, match="must return one tensor, got tuple"):
+        GGNDiagonalLinearOperator(TupleOutput(), loss_func, params, data)
