@@ -271,7 +271,7 @@ def _layer_sums(
         inputs = [x.reshape(batch_size, -1, x.shape[-1]) for x, _ in records]
     sums = {}
     if "bias" in roles:  # grads [K, B, P, C_out]
-        sums["bias"] = cat(grads, 2).sum(2).square().sum((0, 1))
+        sums["bias"] = sum(g.sum(2) for g in grads).square().sum((0, 1))
     if "weight" in roles:
         weight_sum = (
             _conv2d_weight_sum if isinstance(module, Conv2d) else _linear_weight_sum
@@ -291,7 +291,7 @@ def _linear_weight_sum(module: Linear, inputs: list[Tensor], grads: list[Tensor]
     Returns:
         ``[D_out, D_in]``.
     """
-    return squared_gradient_sum(cat(inputs, 1), cat(grads, 2))
+    return squared_gradient_sum(_join(inputs, 1), _join(grads, 2))
 
 
 def _conv2d_weight_sum(module: Conv2d, inputs: list[Tensor], grads: list[Tensor]):
@@ -315,9 +315,25 @@ def _conv2d_weight_sum(module: Conv2d, inputs: list[Tensor], grads: list[Tensor]
             )
             outputs[j].append(g_j)
     weight = cat(
-        [squared_gradient_sum(cat(a, 1), cat(g, 2)) for a, g in zip(patches, outputs)]
+        [
+            squared_gradient_sum(_join(a, 1), _join(g, 2))
+            for a, g in zip(patches, outputs)
+        ]
     )
     return weight.reshape(module.weight.shape)
+
+
+def _join(tensors: list[Tensor], dim: int) -> Tensor:
+    """Concatenate the records of a layer's calls (no copy for a single call).
+
+    Args:
+        tensors: One tensor per call.
+        dim: The positions axis.
+
+    Returns:
+        The tensors joined along the positions axis.
+    """
+    return tensors[0] if len(tensors) == 1 else cat(tensors, dim)
 
 
 def squared_gradient_sum(inputs: Tensor, grads: Tensor) -> Tensor:
