@@ -6,6 +6,7 @@ from curvlinops.diagonal import HutchinsonDiagonalEstimator, hutchinson_diag, xd
 from curvlinops.ekfac import EKFACLinearOperator
 from curvlinops.fisher import FisherMCLinearOperator
 from curvlinops.ggn import GGNLinearOperator
+from curvlinops.ggn_diagonal import GGNDiagonalLinearOperator
 from curvlinops.gradient_moments import EFLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.inverse import (
@@ -22,6 +23,12 @@ from curvlinops.papyan2020traces import (
     LanczosApproximateSpectrumCached,
     lanczos_approximate_log_spectrum,
     lanczos_approximate_spectrum,
+)
+from curvlinops.structured import (
+    BlockDiagonalLinearOperator,
+    DiagonalLinearOperator,
+    EighDecomposedLinearOperator,
+    KroneckerProductLinearOperator,
 )
 from curvlinops.submatrix import SubmatrixLinearOperator
 from curvlinops.trace import (
@@ -43,11 +50,17 @@ __all__ = [
     "FisherMCLinearOperator",
     "JacobianLinearOperator",
     "TransposedJacobianLinearOperator",
+    "GGNDiagonalLinearOperator",
     # Kronecker-factored approximations
     "KFACLinearOperator",
     "EKFACLinearOperator",
     "FisherType",
     "KFACType",
+    # Structured operators with closed-form algebra
+    "KroneckerProductLinearOperator",
+    "BlockDiagonalLinearOperator",
+    "EighDecomposedLinearOperator",
+    "DiagonalLinearOperator",
     # Algorithms on any operator: inverses, sub-matrices
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",

@@ -15,6 +15,7 @@ from curvlinops._adapter import adapt_square
 from curvlinops._checks import check_integer, check_symmetry, is_integer
 from curvlinops._inverse_base import _InverseLinearOperator
 from curvlinops._krylov import batched_conjugate_gradients, conjugate_gradients
+from curvlinops._torch_base import PyTorchLinearOperator
 
 
 class CGInverseLinearOperator(_InverseLinearOperator):
@@ -246,24 +247,9 @@ class CGInverseLinearOperator(_InverseLinearOperator):
 
         Returns:
             The function, or ``None``.
-
-        Raises:
-            ValueError: If an operator's shape differs from the solver's.
-            TypeError: If ``P`` is neither an operator nor callable.
         """
-        if P is None:
-            return None
-        try:
-            P = adapt_square(P, self.device, self.dtype).operator
-        except TypeError:
-            if not callable(P):
-                raise
-            return P
-        if P.shape != self.shape:
-            raise ValueError(
-                f"The preconditioner has shape {P.shape}, expected {self.shape}."
-            )
-        return P.__matmul__
+        P = self._adapt_preconditioner(P)
+        return P.__matmul__ if isinstance(P, PyTorchLinearOperator) else P
 
     def _solve(self, B: Tensor) -> Tensor:
         """Run CG on all columns.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy
 from torch import Tensor, as_tensor
 
-from curvlinops._adapter import adapt
+from curvlinops._adapter import adapt, adapt_square
 from curvlinops._torch_base import (
     PyTorchLinearOperator,
     _flatten_columns,
@@ -53,6 +54,37 @@ class _InverseLinearOperator(PyTorchLinearOperator):
             NotImplementedError: Must be implemented by subclasses.
         """
         raise NotImplementedError
+
+    def _adapt_preconditioner(
+        self, P
+    ) -> PyTorchLinearOperator | Callable[[Tensor], Tensor] | None:
+        """Adapt a preconditioner to the solver's shape, device and dtype.
+
+        Args:
+            P: ``None``, an operator of the solver's shape (any supported kind), or a
+                function of a matrix ``[N, K]``.
+
+        Returns:
+            The operator as :class:`~curvlinops.PyTorchLinearOperator`, the
+            function, or ``None``.
+
+        Raises:
+            ValueError: If an operator's shape differs from the solver's.
+            TypeError: If ``P`` is neither an operator nor callable.
+        """
+        if P is None:
+            return None
+        try:
+            P = adapt_square(P, self.device, self.dtype).operator
+        except TypeError:
+            if not callable(P):
+                raise
+            return P
+        if P.shape != self.shape:
+            raise ValueError(
+                f"The preconditioner has shape {P.shape}, expected {self.shape}."
+            )
+        return P
 
     def _initial_guess(self, x0, num_columns: int) -> Tensor | None:
         """Return an initial guess for a number of columns.

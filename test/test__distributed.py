@@ -26,6 +26,7 @@ from curvlinops import (
     EFLinearOperator,
     EKFACLinearOperator,
     FisherMCLinearOperator,
+    GGNDiagonalLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
@@ -48,6 +49,7 @@ TIMEOUT_SECONDS, FAILURE_SECONDS = 60, 10
 EXACT = {
     "hessian": (HessianLinearOperator, {}),
     "ggn": (GGNLinearOperator, {}),
+    "ggn_diagonal": (GGNDiagonalLinearOperator, {}),
     "ef": (EFLinearOperator, {}),
     "kfac": (KFACLinearOperator, {"fisher_type": "type-2"}),
     "ekfac": (EKFACLinearOperator, {"fisher_type": "empirical"}),
@@ -320,6 +322,7 @@ def test_one_process_group_equals_no_group(case: Case):
         **EXACT,
         **SAMPLED,
         "ekfac_mc": (EKFACLinearOperator, {"fisher_type": "mc", "seed": SEED}),
+        "ggn_diagonal_mc": (GGNDiagonalLinearOperator, {"mc_samples": 2, "seed": SEED}),
         "jacobian": (JacobianLinearOperator, {}),
     }
     with _single_process_group() as group:

@@ -27,9 +27,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from curvlinops import (
     CGInverseLinearOperator,
     CurvatureLinearOperator,
+    DiagonalLinearOperator,
     EFLinearOperator,
     EKFACLinearOperator,
     FisherMCLinearOperator,
+    GGNDiagonalLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
@@ -491,6 +493,15 @@ COPYABLE = {
         @ EFLinearOperator(m, f, p, d)
     ),
     "tensor": lambda m, f, p, d: TensorLinearOperator(_dense(4, 3)),
+    "ggn_diagonal": lambda m, f, p, d: GGNDiagonalLinearOperator(m, f, p, d),
+    "ggn_diagonal_mc": lambda m, f, p, d: GGNDiagonalLinearOperator(
+        m, f, p, d, mc_samples=2
+    ),
+    "neumann_preconditioned": lambda m, f, p, d: NeumannInverseLinearOperator(
+        (G := GGNLinearOperator(m, f, p, d)) + _identity(G),
+        num_terms=3,
+        preconditioner=DiagonalLinearOperator([0.5 * q.detach() ** 2 for q in p]),
+    ),
 }
 
 
