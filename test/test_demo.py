@@ -32,3 +32,9 @@ def test_importing_curvlinops_does_not_import_matplotlib():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_demo_runs_without_a_picture(capsys):
+    """``python -m curvlinops.demo`` (as from a bare wheel) draws nothing."""
+    main(k=1)
+    assert "Picture" not in capsys.readouterr().out
