@@ -24,6 +24,7 @@ from curvlinops._checks import check_params
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
 from curvlinops._distributed import all_reduce_sum
 from curvlinops._execution import with_autograd
+from curvlinops._functional import bind_params
 from curvlinops._kfac_interface import _KFACInterfaceMixin
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
@@ -31,12 +32,12 @@ from curvlinops._kfac_pass import (
     backpropagated_vectors,
     canonical_groups,
     check_kfac_arguments,
-    layer_input_rows,
-    layer_output_grad_rows,
-    record_layers,
+    input_rows,
+    output_grad_rows,
     terms_per_datum,
 )
 from curvlinops._kfac_state import _KFACStateMixin
+from curvlinops._kfac_uses import LayerUses
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_no_ignored_labels,
@@ -164,9 +165,10 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             "num_per_example_loss_terms": num_per_example_loss_terms,
             "separate_weight_and_bias": separate_weight_and_bias,
         }
+        model_func, params = bind_params(model_func, params)
         check_kfac_arguments(loss_func, hyperparameters, self._supported())
         check_params(params)
-        self._mapping = self.compute_parameter_mapping(params, model_func)
+        self._mapping = self._mapping_from_modules(params, model_func)
         self._set_hyperparameters(hyperparameters)
         super().__init__(
             model_func,
@@ -180,6 +182,8 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             process_group=process_group,
             shape=shape,
         )
+        if self._mapping is None:
+            self._mapping = self._discover_mapping()
         self._setup_canonical_form()
         if check_deterministic:
             self._check_deterministic()
@@ -262,13 +266,13 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             A: Input covariances by layer name, completed in place.
             G: Gradient covariances by layer name, completed in place.
         """
-        modules = dict(self._model_func.named_modules())
         for layer, roles in self._mapping.items():
-            d_out = len(modules[layer].weight)
+            d_out = len(self._params[roles.get("weight", roles.get("bias"))])
             if self._fisher_type == FisherType.FORWARD_ONLY:
                 G[layer] = eye(d_out, device=self.device, dtype=self.dtype)
             if "weight" in roles and layer not in A:
-                d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
+                weight = self._params[roles["weight"]]
+                d_in = weight[0].numel() + self._has_joint_bias(layer)
                 A[layer] = self._zeros(d_in, d_in)
             G.setdefault(layer, self._zeros(d_out, d_out))
 
@@ -335,17 +339,17 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         """
         batch_size, approx = self._batch_size(X), self._kfac_approx
         backward = self._fisher_type != FisherType.FORWARD_ONLY
-
-        def input_rows(layer: str, module: Module, x: Tensor):
+        labels = self._parameter_labels()
+        recorder = LayerUses(self._mapping, self._params, labels, probes=backward)
+        with recorder, set_grad_enabled(backward):
+            output = self._model_func(X)
+        uses = recorder.uses
+        for layer, layer_uses in uses.items():
             if "weight" in self._mapping[layer]:
                 joint = self._has_joint_bias(layer)
-                rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
-                on_input(layer, rows)
-
-        layers = list(self._mapping)
-        with record_layers(self._model_func, layers, input_rows, backward) as probes:
-            with set_grad_enabled(backward):
-                output = self._model_func(X)
+                on_input(
+                    layer, input_rows(layer_uses, batch_size, approx, joint, layer)
+                )
         check_output_and_labels(self._loss_func, output, y)
         check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         self._seen_terms_per_datum.add(
@@ -353,13 +357,14 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 self._loss_func, output, batch_size, self._num_per_example_loss_terms
             )
         )
-        if not backward or not probes:
+        if not backward or not uses:
             return
         output_terms, V = self._scaled_vectors(X, output, y, generator)
-        grads = vjp([output_terms], list(probes.values()), [V], retain_graph=False)
-        modules = dict(self._model_func.named_modules())
-        for layer, g in zip(probes, grads):
-            rows = layer_output_grad_rows(modules[layer], g, batch_size, approx, layer)
+        probes = [use.probe for layer_uses in uses.values() for use in layer_uses]
+        grads = iter(vjp([output_terms], probes, [V], retain_graph=False))
+        for layer, layer_uses in uses.items():
+            layer_grads = [next(grads) for _ in layer_uses]
+            rows = output_grad_rows(layer_uses, layer_grads, batch_size, approx, layer)
             on_output_grad(layer, rows)
 
     def _scaled_vectors(self, X, output: Tensor, y: Tensor, generator):

@@ -57,6 +57,7 @@ from curvlinops._execution import (
     restored_running_stats,
     with_autograd,
 )
+from curvlinops._functional import bind_params
 from curvlinops.utils import allclose_report
 
 
@@ -547,11 +548,15 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Args:
             model_func: Maps a mini-batch input ``X`` to predictions, usually a
                 ``torch.nn.Module``. Its output's leading axis is the batch axis.
+                With ``params`` as a dictionary: a function ``model_func(params,
+                X)`` of the parameter dictionary and the input.
             loss_func: Maps predictions and labels to a scalar loss; needs a
                 ``reduction`` of ``'mean'`` or ``'sum'``. ``None`` for operators that
                 do not involve a loss (Jacobians).
             params: The parameters (tensors with ``requires_grad=True``) that define
-                the curvature matrix's rows and columns, in this order.
+                the curvature matrix's rows and columns, in this order: a list, or
+                a ``dict[str, Tensor]`` (then in dictionary order; see
+                :mod:`curvlinops._functional`).
             data: An iterable of mini-batches ``(X, y)``, e.g. a list or a
                 ``DataLoader``, presented in the same order on every pass. ``X`` may
                 be a tensor or a ``MutableMapping`` (then ``batch_size_fn`` is
@@ -577,6 +582,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             ValueError: If an argument is invalid (see the messages).
             RuntimeError: If the determinism probe fails.
         """
+        model_func, params = bind_params(model_func, params)
         check_params(params)
         check_data(data)
         check_process_group(process_group)

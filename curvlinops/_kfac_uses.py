@@ -1,0 +1,421 @@
+r"""Every use of KFAC's parameters in a forward pass, seen by a torch function mode.
+
+KFAC needs, for each weight, the inputs and output gradients of *every* linear map
+or convolution that uses it: a ``Linear`` layer called twice, a recurrent cell
+unrolled over time, an unembedding tied to an embedding, or a plain function that
+calls :func:`torch.nn.functional.linear` on tensors from a parameter dictionary.
+A :class:`~torch.overrides.TorchFunctionMode` sees every call of a PyTorch function
+together with its arguments, whichever module or function makes it, so one
+mechanism covers modules and plain callables:
+
+- ``torch.nn.functional.linear(x, W, b)`` and ``conv2d(x, W, b, ...)`` with a
+  parameter as ``W`` or ``b`` are *uses*: the mode keeps the (detached) input
+  ``x`` and, for the backward pass, adds a zero *probe* to the output, whose
+  gradient is the gradient w.r.t. the output of this call.
+- ``torch.nn.functional.embedding(idx, W)`` and ``W[idx]`` with an integer tensor
+  ``idx`` are *lookups*. They are left out of KFAC if ``W`` is the weight of linear
+  uses (tied embedding and unembedding), see :class:`curvlinops.KFACLinearOperator`.
+- Any other function that receives a parameter and returns a tensor that depends
+  on it differentiably (e.g. ``W.t()``, ``x @ W``, ``layer_norm(x, (D,), W)``)
+  raises an error that names the function and the parameter.
+
+The mode costs a Python call per PyTorch function call of the forward pass (a few
+microseconds) and needs no tracing: it works for every batch size and for
+data-dependent control flow. ``benchmarks/discovery.py`` measures it against
+tracing the model with ``make_fx`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import (
+    Size,
+    Tensor,
+    conv2d,
+    embedding,
+    enable_grad,
+    int8,
+    int16,
+    int32,
+    int64,
+    is_grad_enabled,
+    uint8,
+    zeros_like,
+)
+from torch.nn import functional
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+LINEAR, CONV2D = "linear", "conv2d"
+_INDEX_DTYPES = (int64, int32, int16, int8, uint8)
+_LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
+_CONV2D_ARGS = (
+    *_LINEAR_ARGS,
+    ("stride", 1),
+    ("padding", 0),
+    ("dilation", 1),
+    ("groups", 1),
+)
+
+
+@dataclass
+class Use:
+    """One call of a linear map or 2d convolution with a layer's parameters.
+
+    Attributes:
+        kind: ``'linear'`` or ``'conv2d'``.
+        x: The call's input, detached.
+        out_shape: Shape of the call's output.
+        conv: ``(kernel_size, stride, padding, dilation, groups)`` of a convolution,
+            else ``None``.
+        probe: Zero tensor of the output's shape whose gradient is the gradient
+            w.r.t. the output, or ``None`` if there is no backward pass.
+    """
+
+    kind: str
+    x: Tensor
+    out_shape: Size
+    conv: tuple | None = None
+    probe: Tensor | None = None
+
+
+def op_name(func: Callable) -> str:
+    """Return a readable name of a PyTorch function for messages.
+
+    Args:
+        func: A function as a torch function mode receives it.
+
+    Returns:
+        E.g. ``'Tensor.t'``, ``'Tensor.T'``, ``'torch.matmul'`` or
+        ``'torch.nn.functional.layer_norm'``.
+    """
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a property such as ``Tensor.T``
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', name)}"
+    qualname = getattr(func, "__qualname__", "")
+    if qualname.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    if qualname.startswith("_VariableFunctionsClass."):
+        return f"torch.{name}"
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def unsupported_message(operation: str, label: str) -> str:
+    """Explain that a parameter enters an operation KFAC does not support.
+
+    Args:
+        operation: Name of the operation.
+        label: Name of the parameter.
+
+    Returns:
+        The message.
+    """
+    return (
+        f"KFAC does not support parameter {label!r} in {operation!r}: KFAC's "
+        "parameters must be weights or biases of linear maps or 2d convolutions "
+        "(torch.nn.functional.linear or conv2d, as in Linear and Conv2d layers); "
+        "such weights may also be looked up (embedding, tied weights). Pass only "
+        "such parameters."
+    )
+
+
+def _bind(names: tuple, args: tuple, kwargs: dict) -> list:
+    """Match positional and keyword arguments to a signature with defaults.
+
+    Args:
+        names: ``(name, default)`` pairs in positional order.
+        args: Positional arguments.
+        kwargs: Keyword arguments.
+
+    Returns:
+        The argument values in the order of ``names``.
+    """
+    values = list(args) + [None] * (len(names) - len(args))
+    return [
+        kwargs.get(name, default) if i >= len(args) else values[i]
+        for i, (name, default) in enumerate(names)
+    ]
+
+
+def linear_call(func: Callable, args: tuple, kwargs: dict) -> tuple | None:
+    """Recognize a call of a linear map or 2d convolution.
+
+    Args:
+        func: The called function.
+        args: Its positional arguments.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        ``(kind, x, weight, bias, conv)`` (``conv`` as in :class:`Use`), or
+        ``None`` for other functions.
+    """
+    if func is functional.linear:
+        x, weight, bias = _bind(_LINEAR_ARGS, args, kwargs)
+        return LINEAR, x, weight, bias, None
+    if func is conv2d:
+        x, weight, bias, *hyperparameters = _bind(_CONV2D_ARGS, args, kwargs)
+        return CONV2D, x, weight, bias, (tuple(weight.shape[2:]), *hyperparameters)
+    return None
+
+
+def looked_up(func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+    """Return the table of an embedding lookup.
+
+    Args:
+        func: The called function.
+        args: Its positional arguments.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        The looked-up matrix for ``functional.embedding(idx, W)``,
+        ``torch.embedding(W, idx)`` and ``W[idx]`` with an integer tensor ``idx``;
+        else ``None``.
+    """
+    if func is functional.embedding:
+        return _bind(_LINEAR_ARGS[:2], args, kwargs)[1]
+    if func is embedding:
+        return _bind((("weight", None),), args, kwargs)[0]
+    if getattr(func, "__name__", "") == "__getitem__" and len(args) == 2:
+        index = args[1]
+        if isinstance(index, Tensor) and index.dtype in _INDEX_DTYPES:
+            return args[0]
+    return None
+
+
+class ParameterUses(TorchFunctionMode):
+    """Base of the modes that watch a set of parameters during a forward pass.
+
+    Subclasses handle the calls of linear maps and convolutions
+    (:meth:`_on_linear_call`) and lookups (:meth:`_on_lookup`); every other
+    function that receives a watched parameter must not depend on it
+    differentiably.
+    """
+
+    def __init__(self, labels: dict[int, str], forced_grad: bool):
+        """Watch parameters.
+
+        Args:
+            labels: ``id`` of every watched parameter mapped to its name.
+            forced_grad: Whether autograd is off for the whole pass (then every
+                other function of a parameter is checked with autograd on);
+                otherwise functions called while the model itself turned
+                autograd off are no uses.
+        """
+        super().__init__()
+        self._labels = labels
+        self._forced_grad = forced_grad
+
+    def watched(self, tensor) -> bool:
+        """Return whether an object is a watched parameter.
+
+        Args:
+            tensor: Any object.
+
+        Returns:
+            Whether it is one of the watched tensors.
+        """
+        return isinstance(tensor, Tensor) and id(tensor) in self._labels
+
+    def label(self, tensor: Tensor) -> str:
+        """Return a watched parameter's name.
+
+        Args:
+            tensor: A watched parameter.
+
+        Returns:
+            Its name.
+        """
+        return self._labels[id(tensor)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        """Dispatch a PyTorch function call: use, lookup, or other function.
+
+        Args:
+            func: The called function.
+            types: Tensor subclasses of the arguments (unused).
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+
+        Returns:
+            The function's result (with a probe added for uses).
+        """
+        kwargs = kwargs or {}
+        call = linear_call(func, args, kwargs)
+        if call is not None and (self.watched(call[2]) or self.watched(call[3])):
+            if self.watched(call[1]):
+                label = self.label(call[1])
+                raise NotImplementedError(unsupported_message(op_name(func), label))
+            return self._on_linear_call(func, args, kwargs, call)
+        watched = [t for t in tree_leaves((args, kwargs)) if self.watched(t)]
+        if not watched:
+            return func(*args, **kwargs)
+        table = looked_up(func, args, kwargs)
+        if table is not None and self.watched(table) and len(watched) == 1:
+            self._on_lookup(func, table)
+            return func(*args, **kwargs)
+        return self._other(func, args, kwargs, watched[0])
+
+    def _other(self, func, args: tuple, kwargs: dict, parameter: Tensor):
+        """Run a function that receives a parameter; fail if it depends on it.
+
+        Args:
+            func: The function.
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            parameter: A watched parameter among the arguments.
+
+        Returns:
+            The result, if no output tensor requires grad.
+
+        Raises:
+            NotImplementedError: If an output tensor requires grad.
+        """
+        if not (self._forced_grad or is_grad_enabled()):
+            return func(*args, **kwargs)  # the model turned autograd off itself
+        with enable_grad():
+            result = func(*args, **kwargs)
+        if any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(result)):
+            raise NotImplementedError(
+                unsupported_message(op_name(func), self.label(parameter))
+            )
+        return result
+
+    def _on_linear_call(self, func, args: tuple, kwargs: dict, call: tuple):
+        """Handle a linear map or convolution with a watched weight or bias.
+
+        Args:
+            func: The function.
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            call: ``(kind, x, weight, bias, conv)`` from :func:`linear_call`.
+
+        Raises:
+            NotImplementedError: Must be implemented by subclasses.
+        """
+        raise NotImplementedError
+
+    def _on_lookup(self, func, table: Tensor):
+        """Handle a lookup of a watched matrix.
+
+        Args:
+            func: The function.
+            table: The looked-up matrix.
+
+        Raises:
+            NotImplementedError: Must be implemented by subclasses.
+        """
+        raise NotImplementedError
+
+
+class LayerUses(ParameterUses):
+    """Record the uses of KFAC's layers in a forward pass (inputs and probes).
+
+    After the forward pass, ``uses`` maps every layer that was used to its uses in
+    call order.
+    """
+
+    def __init__(
+        self,
+        mapping: dict[str, dict[str, int]],
+        params: list[Tensor],
+        labels: list[str],
+        probes: bool,
+    ):
+        """Watch the parameters of KFAC's layers.
+
+        Args:
+            mapping: Layer names mapped to ``{'weight': i, 'bias': j}`` (positions in
+                ``params``, the roles present).
+            params: The parameters.
+            labels: Names of the parameters, for messages.
+            probes: Whether to add probes (for a backward pass); without, autograd
+                is off for the pass.
+        """
+        super().__init__(
+            {id(p): label for p, label in zip(params, labels)}, forced_grad=not probes
+        )
+        self._mapping, self._probes = mapping, probes
+        self._roles = {
+            id(params[position]): (layer, role)
+            for layer, roles in mapping.items()
+            for role, position in roles.items()
+        }
+        self.uses: dict[str, list[Use]] = {}
+
+    def _on_linear_call(self, func, args: tuple, kwargs: dict, call: tuple):
+        """Record a use: input and output shape, and a probe on the output.
+
+        Args:
+            func: The function.
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            call: ``(kind, x, weight, bias, conv)``.
+
+        Returns:
+            The output, plus the probe.
+        """
+        kind, x, weight, bias, conv = call
+        layer = self._layer(op_name(func), weight, bias)
+        output = func(*args, **kwargs)
+        if self._probes and not is_grad_enabled():
+            return output  # inside the model's no_grad: not a use
+        use = Use(kind, x.detach(), output.shape, conv)
+        self.uses.setdefault(layer, []).append(use)
+        if self._probes:
+            use.probe = zeros_like(output, requires_grad=True)
+            output = output + use.probe
+        return output
+
+    def _layer(self, operation: str, weight: Tensor, bias: Tensor | None) -> str:
+        """Find the layer of a call and check its parameters' roles.
+
+        Args:
+            operation: Name of the function, for messages.
+            weight: The call's weight.
+            bias: The call's bias, or ``None``.
+
+        Returns:
+            The layer's name.
+
+        Raises:
+            NotImplementedError: If the call's weight and bias are not those of one
+                layer of the mapping.
+        """
+        found = [
+            (self._roles.get(id(t)), role, t)
+            for t, role in ((weight, "weight"), (bias, "bias"))
+            if self.watched(t)
+        ]
+        layer = found[0][0][0]
+        for (owner, owner_role), role, tensor in found:
+            if (owner, owner_role) != (layer, role):
+                raise NotImplementedError(
+                    f"Parameter {self.label(tensor)!r} is the {owner_role} of KFAC's "
+                    f"layer {owner!r}, but a call of {operation!r} uses it as "
+                    f"{role} with the parameters of layer {layer!r}."
+                )
+        missing = set(self._mapping[layer]) - {role for _, role, _ in found}
+        if missing:
+            raise NotImplementedError(
+                f"A call of {operation!r} uses KFAC's layer {layer!r} without its "
+                f"{missing.pop()}: every use of a layer must use all its parameters."
+            )
+        return layer
+
+    def _on_lookup(self, func, table: Tensor):
+        """Accept lookups of layer weights (left out of KFAC), reject others.
+
+        Args:
+            func: The function.
+            table: The looked-up matrix.
+
+        Raises:
+            NotImplementedError: If the matrix is not the weight of a layer.
+        """
+        if self._roles[id(table)][1] != "weight":
+            raise NotImplementedError(
+                unsupported_message(op_name(func), self.label(table))
+            )

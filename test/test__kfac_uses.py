@@ -1,0 +1,239 @@
+"""Tests for curvlinops._kfac_uses: KFAC on reused layers, tied weights, functions.
+
+The factors of every model are compared with their definition, computed with
+:mod:`torch.func` in :mod:`test.shared_weights` (independently of the torch function
+mode KFAC uses), for KFAC-expand and KFAC-reduce.
+"""
+
+import pytest
+from torch import Tensor, float64, manual_seed, no_grad, rand, randn, stack, tanh
+from torch.nn import Linear, Module, MSELoss, Sequential, Tanh
+from torch.nn.functional import layer_norm, linear
+
+from curvlinops import EKFACLinearOperator, KFACLinearOperator
+from curvlinops._functional import bind_params
+from test.kfac_references import ekfac_dense, kfac_dense
+from test.shared_weights import (
+    TinyGPT,
+    cnn,
+    mlp,
+    random_params,
+    reference_factors,
+    rnn,
+    token_batch,
+    twice,
+)
+from test.utils import assert_close, compare_matmat
+
+APPROX = pytest.mark.parametrize("approx", ["expand", "reduce"])
+
+
+class Elman(Module):
+    """An Elman network whose three Linear layers are called at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.ih, self.hh, self.out = Linear(3, 4), Linear(4, 4), Linear(4, 2, False)
+
+    def forward(self, X: Tensor) -> Tensor:
+        h, outputs = X.new_zeros(X.shape[0], 4), []
+        for t in range(X.shape[1]):
+            h = tanh(self.ih(X[:, t]) + self.hh(h))
+            outputs.append(self.out(h))
+        return stack(outputs, dim=1)
+
+    def params(self) -> dict[str, Tensor]:
+        names = ["w_ih", "b_ih", "w_hh", "b_hh", "w_out"]
+        return dict(zip(names, self.parameters()))
+
+
+def _kfac(model, params, X, approx, cls=KFACLinearOperator, **kwargs):
+    y = randn(bind_params(model, params)[0](X).shape, dtype=float64)
+    kwargs = {"fisher_type": "type-2", "kfac_approx": approx, **kwargs}
+    return cls(model, MSELoss(reduction="sum"), params, [(X, y)], **kwargs)
+
+
+def _compare_with_definition(K, run, approx):
+    """Every layer's factors equal those of :func:`reference_factors`."""
+    reference = reference_factors(run, approx)
+    K.compute_kronecker_factors()
+    for layer, roles in K._mapping.items():
+        A, G = reference[id(K._params[roles["weight"]])]
+        assert_close(K._input_covariances[layer], A, msg=f"A of {layer}")
+        assert_close(K._gradient_covariances[layer], G, msg=f"G of {layer}")
+
+
+@APPROX
+def test_linear_called_twice(approx):
+    """A module called twice; its functional twin gives the same operator."""
+    manual_seed(0)
+    layer = Linear(4, 4).to(float64)
+    model, X = Sequential(layer, Tanh(), layer), rand(5, 2, 4, dtype=float64)
+    params = {"w": layer.weight, "b": layer.bias}
+    K = _kfac(model, list(params.values()), X, approx)
+    assert K._mapping == {"0": {"weight": 0, "bias": 1}}
+    _compare_with_definition(K, lambda taps: twice(params, X, taps), approx)
+    K_functional = _kfac(twice, params, X, approx)
+    assert K_functional._mapping == {"w": {"weight": 0, "bias": 1}}
+    compare_matmat(K_functional, kfac_dense(K))
+
+
+@APPROX
+def test_unrolled_rnn_cell(approx):
+    manual_seed(0)
+    model, X = Elman().to(float64), rand(3, 4, 3, dtype=float64)
+    K = _kfac(model, list(model.parameters()), X, approx)
+    assert list(K._mapping) == ["ih", "hh", "out"]
+    _compare_with_definition(K, lambda taps: rnn(model.params(), X, taps), approx)
+
+
+@APPROX
+def test_functional_rnn_with_joint_bias_matches_the_module(approx):
+    manual_seed(0)
+    model, X = Elman().to(float64), rand(3, 4, 3, dtype=float64)
+    kwargs = {"separate_weight_and_bias": False}
+    K = _kfac(model, list(model.parameters()), X, approx, **kwargs)
+    K_functional = _kfac(rnn, model.params(), X, approx, **kwargs)
+    assert list(K_functional._mapping) == ["w_ih", "w_hh", "w_out"]
+    compare_matmat(K_functional, kfac_dense(K))
+
+
+@APPROX
+def test_tiny_gpt_with_tied_embedding(approx):
+    """The unembedding's factors; the lookup of the tied matrix is left out."""
+    model = TinyGPT().to(float64)
+    tokens, _ = token_batch()
+    params = [
+        p for name, p in model.named_parameters() if not name.startswith(("ln", "wpe"))
+    ]
+    K = _kfac(model, params, tokens, approx)
+    assert list(K._mapping) == ["lm_head", "qkv", "proj", "fc", "fc_out"]
+    assert K._mapping["lm_head"] == {"weight": 0}  # the tied matrix comes first
+    _compare_with_definition(K, lambda taps: model(tokens, taps), approx)
+    compare_matmat(K, kfac_dense(K))
+
+
+SHAPES = {
+    "mlp": {"w1": (4, 3), "b1": (4,), "w2": (2, 4), "b2": (2,)},
+    "cnn": {
+        "c1": (3, 2, 3, 3),
+        "cb1": (3,),
+        "c2": (2, 3, 3, 3),
+        "w": (2, 18),
+        "b": (2,),
+    },
+}
+
+
+@APPROX
+@pytest.mark.parametrize("architecture", ["mlp", "cnn"])
+def test_functional_models(architecture, approx):
+    """MLP and CNN written with torch.nn.functional on a parameter dictionary."""
+    params = random_params(SHAPES[architecture])
+    X = rand(4, *((3,) if architecture == "mlp" else (2, 6, 6)), dtype=float64)
+    model = mlp if architecture == "mlp" else cnn
+    K = _kfac(model, params, X, approx)
+    assert list(K._mapping) == [n for n in params if not n.startswith(("b", "cb"))]
+    _compare_with_definition(K, lambda taps: model(params, X, taps), approx)
+
+
+class Looped(Module):
+    """Applies a network to every position of ``[B, R, D]`` in a Python loop."""
+
+    def __init__(self, net: Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, X: Tensor) -> Tensor:
+        return stack([self.net(X[:, r]) for r in range(X.shape[1])], dim=1)
+
+
+@APPROX
+@pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
+def test_calls_on_slices_equal_one_call_on_the_sequence(cls, approx):
+    """Uses add to the shared axis, so a loop over positions changes nothing.
+
+    A layer called R times on ``[B, D]`` slices gives the same factors as one call
+    on ``[B, R, D]``; EKFAC follows.
+    """
+    manual_seed(0)
+    net = Sequential(Linear(3, 4), Tanh(), Linear(4, 2)).to(float64)
+    X = rand(5, 3, 3, dtype=float64)
+    data = [(X, randn(5, 3, 2, dtype=float64))]
+    kwargs = {"fisher_type": "type-2", "kfac_approx": approx}
+    ops = [
+        cls(model, MSELoss(), list(net.parameters()), data, **kwargs)
+        for model in (net, Looped(net))
+    ]
+    dense = kfac_dense if cls is KFACLinearOperator else ekfac_dense
+    assert_close(dense(ops[1]), dense(ops[0]))
+
+
+def test_uses_inside_no_grad_are_not_uses():
+    """A call the model makes without autograd does not depend on the weights."""
+    manual_seed(0)
+    layer, X = Linear(3, 3).to(float64), rand(4, 3, dtype=float64)
+
+    def model(X):
+        with no_grad():
+            frozen = layer(X)
+        return layer(X) + frozen
+
+    frozen = layer(X).detach()
+    params = list(layer.parameters())
+    K = _kfac(model, params, X, "expand")
+    K_constant = _kfac(lambda X: layer(X) + frozen, params, X, "expand")
+    assert_close(kfac_dense(K), kfac_dense(K_constant))
+
+
+UNSUPPORTED = {
+    "transpose": ((3, 3), lambda p, X: X @ p["w"].T, "Tensor.T"),
+    "matmul": ((3, 3), lambda p, X: X @ p["w"], "Tensor.matmul"),
+    "layer_norm": ((3,), lambda p, X: layer_norm(X, (3,), p["w"]), "layer_norm"),
+    "input": ((3, 3), lambda p, X: linear(p["w"], X), "linear"),
+    "lookup_only": (
+        (3, 3),
+        lambda p, X: p["w"][X.long()].sum(-1),
+        "Tensor.__getitem__",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED), ids=list(UNSUPPORTED))
+def test_unsupported_uses_name_operation_and_parameter(case):
+    shape, model, operation = UNSUPPORTED[case]
+    params = {"w": randn(*shape, dtype=float64, requires_grad=True)}
+    X = rand(4, 3, dtype=float64)
+    data = [(X, randn(model(params, X).shape, dtype=float64))]
+    with pytest.raises(NotImplementedError, match=f"'w' in '.*{operation}'"):
+        KFACLinearOperator(model, MSELoss(), params, data)
+
+
+def _model_with(calls):
+    def model(params, X):
+        return sum(linear(X, params[w], params.get(b)).sum(-1) for w, b in calls)
+
+    return model
+
+
+INCONSISTENT = {
+    "two_biases": ([("w", "b"), ("w", "c")], "different biases"),
+    "with_and_without_bias": ([("w", "b"), ("w", None)], "different biases"),
+    "bias_of_two_weights": ([("w", "b"), ("v", "b")], "different weights"),
+    "weight_and_bias": ([("w", "c"), ("c", None)], "both as a weight and as a bias"),
+}
+
+
+@pytest.mark.parametrize("case", list(INCONSISTENT), ids=list(INCONSISTENT))
+def test_inconsistent_weights_and_biases_raise(case):
+    calls, match = INCONSISTENT[case]
+    manual_seed(0)
+    shapes = {"w": (3, 3), "v": (3, 3), "b": (3,), "c": (3,)}
+    params = {
+        k: randn(*s, dtype=float64, requires_grad=True) for k, s in shapes.items()
+    }
+    used = {name for call in calls for name in call if name is not None}
+    params = {k: v for k, v in params.items() if k in used}
+    data = [(rand(4, 3, dtype=float64), randn(4, dtype=float64))]
+    with pytest.raises(NotImplementedError, match=match):
+        KFACLinearOperator(_model_with(calls), MSELoss(), params, data)
