@@ -31,6 +31,7 @@ from typing import Any
 from torch import Tensor, as_tensor
 from torch.nn import Module
 
+from curvlinops._functional import bind_params
 from curvlinops._kfac_interface import MATRIX_FUNCTIONS
 from curvlinops._kfac_pass import check_kfac_arguments
 from curvlinops._losses import SUPPORTED_LOSSES
@@ -97,7 +98,7 @@ class _KFACStateMixin:
         """
         self._ensure_factors()
         state = {
-            "model_func_state_dict": self._model_func.state_dict(),
+            "model_func_state_dict": _model_state(self._model_func),
             "loss_type": type(self._loss_func).__name__,
             "loss_reduction": self._loss_func.reduction,
             "progressbar": self._progressbar,
@@ -155,7 +156,7 @@ class _KFACStateMixin:
             )
         hyperparameters = _hyperparameters(state_dict)
         check_kfac_arguments(self._loss_func, hyperparameters, self._supported())
-        self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+        _load_model_state(self._model_func, state_dict["model_func_state_dict"])
         self._set_hyperparameters(hyperparameters)
         self._progressbar = state_dict.get("progressbar", self._progressbar)
         self._num_data = state_dict["num_data"]
@@ -244,8 +245,9 @@ class _KFACStateMixin:
 
         Args:
             state_dict: A state dict of :meth:`state_dict` or of curvlinops 3.0.1.
-            model_func: The neural network.
-            params: The parameters.
+            model_func: The neural network, or ``model_func(params, X)`` for a
+                parameter dictionary (whose values the state then holds).
+            params: The parameters, a list or a dictionary.
             data: The data.
             check_deterministic: Check at construction that model and data are
                 deterministic (computes the factors twice before loading the
@@ -268,7 +270,9 @@ class _KFACStateMixin:
         loss_func = losses[state_dict["loss_type"]](
             reduction=state_dict["loss_reduction"]
         )
-        model_func.load_state_dict(state_dict["model_func_state_dict"])
+        _load_model_state(
+            bind_params(model_func, params)[0], state_dict["model_func_state_dict"]
+        )
         hyperparameters = _hyperparameters(state_dict)
         operator = cls(
             model_func,
@@ -284,6 +288,40 @@ class _KFACStateMixin:
         )
         operator.load_state_dict(state_dict)
         return operator
+
+
+def _model_state(model_func) -> dict[str, Any]:
+    """Return the model's state: a module's (or functional model's) state dict.
+
+    Args:
+        model_func: The model.
+
+    Returns:
+        Its ``state_dict()``; empty for callables without one.
+    """
+    state_dict = getattr(model_func, "state_dict", None)
+    return {} if state_dict is None else state_dict()
+
+
+def _load_model_state(model_func, state: dict[str, Any]):
+    """Load a saved model state into a model.
+
+    Args:
+        model_func: The model.
+        state: The state of :func:`_model_state`.
+
+    Raises:
+        ValueError: If a non-empty state is given for a callable without
+            ``load_state_dict``.
+    """
+    load = getattr(model_func, "load_state_dict", None)
+    if load is not None:
+        load(state)
+    elif state:
+        raise ValueError(
+            f"The state holds model parameters, but {model_func!r} has no "
+            "`load_state_dict`."
+        )
 
 
 def _hyperparameters(state_dict: dict[str, Any]) -> dict[str, Any]:
