@@ -6,13 +6,24 @@ mode KFAC uses), for KFAC-expand and KFAC-reduce.
 """
 
 import pytest
-from torch import Tensor, float64, manual_seed, no_grad, rand, randn, stack, tanh
-from torch.nn import Linear, Module, MSELoss, Sequential, Tanh
-from torch.nn.functional import layer_norm, linear
+from torch import (
+    Tensor,
+    float64,
+    manual_seed,
+    no_grad,
+    rand,
+    randint,
+    randn,
+    stack,
+    tanh,
+)
+from torch.nn import Embedding, Linear, Module, MSELoss, Sequential, Tanh
+from torch.nn.functional import embedding, layer_norm, linear
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator
 from curvlinops._functional import bind_params
-from test.kfac_references import ekfac_dense, kfac_dense
+from curvlinops.examples.functorch import functorch_ggn
+from test.kfac_references import ekfac_dense, kfac_dense, restrict_to_blocks
 from test.shared_weights import (
     TinyGPT,
     cnn,
@@ -237,3 +248,45 @@ def test_inconsistent_weights_and_biases_raise(case):
     data = [(rand(4, 3, dtype=float64), randn(4, dtype=float64))]
     with pytest.raises(NotImplementedError, match=match):
         KFACLinearOperator(_model_with(calls), MSELoss(), params, data)
+
+
+class TiedLinearLM(Module):
+    """Lookup, a Linear layer, and the lookup's matrix as unembedding; linear."""
+
+    def __init__(self, detach_lookup: bool = False):
+        super().__init__()
+        self.emb, self.mid = Embedding(5, 3), Linear(3, 3)
+        self.head = Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.detach_lookup = detach_lookup
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        table = self.emb.weight.detach() if self.detach_lookup else self.emb.weight
+        return self.head(self.mid(embedding(tokens, table)))
+
+
+def test_tied_lookup_is_left_out_of_the_dense_ggn_block():
+    """KFAC-expand is exact for the model whose lookup reads a constant matrix.
+
+    The tied matrix gets the Kronecker factors of its linear use; the lookup's
+    terms of the GGN (its own and the cross terms with the unembedding) are left
+    out, and they are not zero.
+    """
+    manual_seed(0)
+    model = TiedLinearLM().to(float64)
+    tokens = randint(0, 5, (4, 3))
+    data, loss_func = (
+        [(tokens, randn(4, 3, 5, dtype=float64))],
+        MSELoss(reduction="sum"),
+    )
+    params = list(model.parameters())  # tied matrix, mid.weight, mid.bias
+    K = KFACLinearOperator(model, loss_func, params, data, fisher_type="type-2")
+    assert list(K._mapping) == ["head", "mid"]
+    ggn = functorch_ggn(model, loss_func, params, data)
+    model.detach_lookup = True
+    ggn_linear_use = functorch_ggn(model, loss_func, params, data)
+    compare_matmat(K, restrict_to_blocks(ggn_linear_use, K))
+    W, mid = slice(0, 15), slice(15, None)
+    assert_close(ggn[mid, mid], ggn_linear_use[mid, mid])
+    lookup_share = (ggn[W, W] - ggn_linear_use[W, W]).norm() / ggn[W, W].norm()
+    assert lookup_share > 0.1
