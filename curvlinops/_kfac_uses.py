@@ -44,6 +44,7 @@ from torch import (
     uint8,
     zeros_like,
 )
+from torch.compiler import disable as torch_compiler_disable
 from torch.nn import functional
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -230,6 +231,7 @@ class ParameterUses(TorchFunctionMode):
         """
         return self._labels[id(tensor)]
 
+    @torch_compiler_disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         """Dispatch a PyTorch function call: use, lookup, or other function.
 

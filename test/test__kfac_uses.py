@@ -6,6 +6,7 @@ mode KFAC uses), for KFAC-expand and KFAC-reduce.
 """
 
 import pytest
+import torch
 from torch import (
     Tensor,
     float64,
@@ -290,3 +291,18 @@ def test_tied_lookup_is_left_out_of_the_dense_ggn_block():
     assert_close(ggn[mid, mid], ggn_linear_use[mid, mid])
     lookup_share = (ggn[W, W] - ggn_linear_use[W, W]).norm() / ggn[W, W].norm()
     assert lookup_share > 0.1
+
+
+def test_compiled_models_and_products():
+    """Compiled models give the same factors; products compile."""
+    manual_seed(0)
+    model = TiedLinearLM().to(float64)
+    data = [(randint(0, 5, (4, 3)), randn(4, 3, 5, dtype=float64))]
+    params, kwargs = list(model.parameters()), {"fisher_type": "type-2"}
+    K = KFACLinearOperator(model, MSELoss(), params, data, **kwargs)
+    compiled = torch.compile(model, backend="aot_eager")
+    K_compiled = KFACLinearOperator(compiled, MSELoss(), params, data, **kwargs)
+    assert list(K_compiled._mapping) == ["_orig_mod.head", "_orig_mod.mid"]
+    assert_close(kfac_dense(K_compiled), kfac_dense(K))
+    v = randn(K.shape[1], dtype=float64)
+    assert_close(torch.compile(lambda v: K @ v, backend="aot_eager")(v), K @ v)
