@@ -57,6 +57,7 @@ docs: install-docs
 
 bench: install
 	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/discovery.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py
 	$(PYTHON) benchmarks/compile.py

@@ -106,9 +106,15 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         additions.
 
         Args:
-            model_func: The neural network, a ``torch.nn.Module``.
+            model_func: The neural network: a ``torch.nn.Module`` or any callable
+                ``X -> prediction``, or ``model_func(params, X)`` if ``params`` is a
+                dictionary.
             loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-            params: Parameters of ``Linear`` and ``Conv2d`` layers of the model.
+            params: Weights and biases of the model's linear maps and 2d
+                convolutions (e.g. of its ``Linear`` and ``Conv2d`` layers), a list
+                or a ``dict[str, Tensor]`` (see ``model_func``). Layers that the
+                modules do not determine (reused or tied weights, functions) are
+                found with one forward pass on the first mini-batch.
             data: Mini-batches ``(X, y)``, presented in the same order on every pass.
             progressbar: Show a progress bar during passes over the data.
             check_deterministic: Compute the factors twice at construction and check
@@ -148,12 +154,13 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 no check.
 
         Raises:
-            TypeError: If ``model_func`` is not a ``torch.nn.Module``.
             ValueError: If the loss function, ``fisher_type``, ``kfac_approx``,
                 ``loss_average``, ``mc_samples`` or ``num_per_example_loss_terms``
                 is not supported, or ``loss_average`` averages although the loss's
-                reduction is ``'sum'``, or ``shape`` does not match.
-            NotImplementedError: If a parameter lives in an unsupported layer.
+                reduction is ``'sum'``, or ``shape`` does not match, or a parameter
+                is not used.
+            NotImplementedError: If a parameter is used in an unsupported way (the
+                message names the operation and the parameter).
             RuntimeError: If the determinism check fails.
         """
         hyperparameters = {

@@ -251,7 +251,7 @@ class ParameterUses(TorchFunctionMode):
                 label = self.label(call[1])
                 raise NotImplementedError(unsupported_message(op_name(func), label))
             return self._on_linear_call(func, args, kwargs, call)
-        watched = [t for t in tree_leaves((args, kwargs)) if self.watched(t)]
+        watched = self._watched_among(args, kwargs)
         if not watched:
             return func(*args, **kwargs)
         table = looked_up(func, args, kwargs)
@@ -259,6 +259,28 @@ class ParameterUses(TorchFunctionMode):
             self._on_lookup(func, table)
             return func(*args, **kwargs)
         return self._other(func, args, kwargs, watched[0])
+
+    def _watched_among(self, args: tuple, kwargs: dict) -> list[Tensor]:
+        """Return the watched parameters among a call's arguments.
+
+        Tensors and lists or tuples of tensors are checked directly (the common
+        case, and fast), other containers through their leaves.
+
+        Args:
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+
+        Returns:
+            The watched parameters, in argument order.
+        """
+        found = []
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Tensor):
+                if id(value) in self._labels:
+                    found.append(value)
+            elif isinstance(value, (list, tuple, dict)):
+                found.extend(t for t in tree_leaves(value) if self.watched(t))
+        return found
 
     def _other(self, func, args: tuple, kwargs: dict, parameter: Tensor):
         """Run a function that receives a parameter; fail if it depends on it.
@@ -360,7 +382,7 @@ class LayerUses(ParameterUses):
             The output, plus the probe.
         """
         kind, x, weight, bias, conv = call
-        layer = self._layer(op_name(func), weight, bias)
+        layer = self._layer(func, weight, bias)
         output = func(*args, **kwargs)
         if self._probes and not is_grad_enabled():
             return output  # inside the model's no_grad: not a use
@@ -371,11 +393,11 @@ class LayerUses(ParameterUses):
             output = output + use.probe
         return output
 
-    def _layer(self, operation: str, weight: Tensor, bias: Tensor | None) -> str:
+    def _layer(self, func, weight: Tensor, bias: Tensor | None) -> str:
         """Find the layer of a call and check its parameters' roles.
 
         Args:
-            operation: Name of the function, for messages.
+            func: The called function (named in messages).
             weight: The call's weight.
             bias: The call's bias, or ``None``.
 
@@ -396,13 +418,13 @@ class LayerUses(ParameterUses):
             if (owner, owner_role) != (layer, role):
                 raise NotImplementedError(
                     f"Parameter {self.label(tensor)!r} is the {owner_role} of KFAC's "
-                    f"layer {owner!r}, but a call of {operation!r} uses it as "
+                    f"layer {owner!r}, but a call of {op_name(func)!r} uses it as "
                     f"{role} with the parameters of layer {layer!r}."
                 )
         missing = set(self._mapping[layer]) - {role for _, role, _ in found}
         if missing:
             raise NotImplementedError(
-                f"A call of {operation!r} uses KFAC's layer {layer!r} without its "
+                f"A call of {op_name(func)!r} uses KFAC's layer {layer!r} without its "
                 f"{missing.pop()}: every use of a layer must use all its parameters."
             )
         return layer
