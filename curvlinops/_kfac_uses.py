@@ -11,13 +11,16 @@ mechanism covers modules and plain callables:
 - ``torch.nn.functional.linear(x, W, b)`` and ``conv2d(x, W, b, ...)`` with a
   parameter as ``W`` or ``b`` are *uses*: the mode keeps the (detached) input
   ``x`` and, for the backward pass, adds a zero *probe* to the output, whose
-  gradient is the gradient w.r.t. the output of this call.
+  gradient is the gradient w.r.t. the output of this call. A matrix product with
+  the transpose of a 2d parameter, ``x @ W.T`` (also ``W.t()``, ``W.mT``,
+  ``W.transpose(0, 1)``, ``torch.matmul``), is the use ``linear(x, W)``.
 - ``torch.nn.functional.embedding(idx, W)`` and ``W[idx]`` with an integer tensor
   ``idx`` are *lookups*. They are left out of KFAC if ``W`` is the weight of linear
   uses (tied embedding and unembedding), see :class:`curvlinops.KFACLinearOperator`.
-- Any other function that receives a parameter and returns a tensor that depends
-  on it differentiably (e.g. ``W.t()``, ``x @ W``, ``layer_norm(x, (D,), W)``)
-  raises an error that names the function and the parameter.
+- Any other function that receives a parameter (or its transpose) and returns a
+  tensor that depends on it differentiably (e.g. ``x @ W``, ``x + b``,
+  ``layer_norm(x, (D,), W)``) raises an error that names the function and the
+  parameter.
 
 The mode costs a Python call per PyTorch function call of the forward pass (a few
 microseconds) and needs no tracing: it works for every batch size and for
@@ -50,6 +53,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 LINEAR, CONV2D = "linear", "conv2d"
+_TRANSPOSES = {"Tensor.T", "Tensor.mT", "Tensor.t", "torch.t", "Tensor.transpose"}
+_TRANSPOSES |= {"torch.transpose"}
+_MATMULS = {"Tensor.matmul", "torch.matmul", "Tensor.__matmul__"}
 _INDEX_DTYPES = (int64, int32, int16, int8, uint8)
 _LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
 _CONV2D_ARGS = (
@@ -208,6 +214,7 @@ class ParameterUses(TorchFunctionMode):
         super().__init__()
         self._labels = labels
         self._forced_grad = forced_grad
+        self._views: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (param, W.T)
 
     def watched(self, tensor) -> bool:
         """Return whether an object is a watched parameter.
@@ -221,14 +228,16 @@ class ParameterUses(TorchFunctionMode):
         return isinstance(tensor, Tensor) and id(tensor) in self._labels
 
     def label(self, tensor: Tensor) -> str:
-        """Return a watched parameter's name.
+        """Return the name of a watched parameter (or of a transpose's parameter).
 
         Args:
-            tensor: A watched parameter.
+            tensor: A watched parameter, or the transpose of one.
 
         Returns:
-            Its name.
+            The parameter's name.
         """
+        if id(tensor) in self._views:
+            tensor = self._views[id(tensor)][0]
         return self._labels[id(tensor)]
 
     @torch_compiler_disable
@@ -254,6 +263,14 @@ class ParameterUses(TorchFunctionMode):
         watched = self._watched_among(args, kwargs)
         if not watched:
             return func(*args, **kwargs)
+        name = op_name(func)
+        call = self._transposed_weight_call(name, args, kwargs)
+        if call is not None:  # x @ W.T
+            return self._on_linear_call(func, args, kwargs, call)
+        if self._transposes(name, args, watched):
+            result = func(*args, **kwargs)
+            self._views[id(result)] = (args[0], result)  # keeps the id unique
+            return result
         table = looked_up(func, args, kwargs)
         if table is not None and self.watched(table) and len(watched) == 1:
             self._on_lookup(func, table)
@@ -276,11 +293,53 @@ class ParameterUses(TorchFunctionMode):
         found = []
         for value in (*args, *kwargs.values()):
             if isinstance(value, Tensor):
-                if id(value) in self._labels:
+                if id(value) in self._labels or id(value) in self._views:
                     found.append(value)
             elif isinstance(value, (list, tuple, dict)):
-                found.extend(t for t in tree_leaves(value) if self.watched(t))
+                found.extend(
+                    t
+                    for t in tree_leaves(value)
+                    if self.watched(t)
+                    or (isinstance(t, Tensor) and id(t) in self._views)
+                )
         return found
+
+    def _transposes(self, name: str, args: tuple, watched: list[Tensor]) -> bool:
+        """Return whether a call transposes a 2d parameter (``W.T``, ``W.t()``).
+
+        Args:
+            name: Name of the function.
+            args: Positional arguments.
+            watched: The watched tensors among the arguments.
+
+        Returns:
+            Whether the call is a transpose of one watched matrix.
+        """
+        if name not in _TRANSPOSES or watched != [args[0]] or not self.watched(args[0]):
+            return False
+        dims = args[1:] if name.endswith("transpose") else (0, 1)
+        return args[0].ndim == 2 and {d % 2 for d in dims} == {0, 1}
+
+    def _transposed_weight_call(self, name: str, args: tuple, kwargs: dict):
+        """Recognize ``x @ W.T`` (``matmul``) as the linear map ``linear(x, W)``.
+
+        Args:
+            name: Name of the function.
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+
+        Returns:
+            ``(kind, x, weight, bias, conv)`` as :func:`linear_call` returns it,
+            or ``None`` for other calls.
+        """
+        if name not in _MATMULS or len(args) != 2 or kwargs:
+            return None
+        x, view = args
+        if not isinstance(view, Tensor) or id(view) not in self._views:
+            return None
+        if self.watched(x) or id(x) in self._views:
+            return None
+        return LINEAR, x, self._views[id(view)][0], None, None
 
     def _other(self, func, args: tuple, kwargs: dict, parameter: Tensor):
         """Run a function that receives a parameter; fail if it depends on it.

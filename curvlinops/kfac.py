@@ -64,8 +64,8 @@ class KFACLinearOperator(_KFACBase):
 
     **Any model.** A layer is a weight used by linear maps or 2d convolutions
     (:func:`torch.nn.functional.linear`, :func:`~torch.nn.functional.conv2d`, as in
-    ``Linear`` and ``Conv2d`` modules, or called directly), with the bias those
-    calls add. KFAC watches every such call in the forward pass (see
+    ``Linear`` and ``Conv2d`` modules, or called directly; also ``x @ W.T``), with
+    the bias those calls add. KFAC watches every such call in the forward pass (see
     ``docs/internals.rst``), so a layer may be called several times (recurrent
     cells, reused blocks), a weight may be shared by several modules, and
     ``model_func`` may be any callable, or a function ``model_func(params, X)`` of
@@ -136,8 +136,8 @@ class KFACLinearOperator(_KFACBase):
     lookup reads a constant copy of the matrix (tested against the dense GGN). A
     matrix that is only looked up is not supported.
 
-    Parameters in any other operation (e.g. ``x @ W.T``, ``layer_norm``) raise an
-    error that names the operation and the parameter.
+    Parameters in any other operation (e.g. ``x @ W``, ``x + b``, ``layer_norm``)
+    raise an error that names the operation and the parameter.
 
     The factors are computed in one pass over the data, when first needed or by
     :meth:`compute_kronecker_factors`, and cached; create a new operator (or call

@@ -199,8 +199,10 @@ def test_uses_inside_no_grad_are_not_uses():
 
 
 UNSUPPORTED = {
-    "transpose": ((3, 3), lambda p, X: X @ p["w"].T, "Tensor.T"),
+    "transposed_weight": ((3, 3), lambda p, X: linear(X, p["w"].T), "linear"),
+    "transpose_twice": ((3, 3), lambda p, X: X @ p["w"].T.T.T, "Tensor.T"),
     "matmul": ((3, 3), lambda p, X: X @ p["w"], "Tensor.matmul"),
+    "bias_added": ((3,), lambda p, X: X + p["w"], "Tensor.add"),
     "layer_norm": ((3,), lambda p, X: layer_norm(X, (3,), p["w"]), "layer_norm"),
     "input": ((3, 3), lambda p, X: linear(p["w"], X), "linear"),
     "lookup_only": (
@@ -219,6 +221,32 @@ def test_unsupported_uses_name_operation_and_parameter(case):
     data = [(X, randn(model(params, X).shape, dtype=float64))]
     with pytest.raises(NotImplementedError, match=f"'w' in '.*{operation}'"):
         KFACLinearOperator(model, MSELoss(), params, data)
+
+
+@pytest.mark.parametrize(
+    "product",
+    [
+        lambda X, W: X @ W.T,
+        lambda X, W: torch.matmul(X, W.t()),
+        lambda X, W: X.matmul(W.transpose(-1, -2)),
+        lambda X, W: X @ W.mT,
+    ],
+    ids=["T", "t", "transpose", "mT"],
+)
+def test_products_with_the_transposed_weight_are_linear_maps(product):
+    """``x @ W.T`` (functional code, tied heads) is recorded as ``linear(x, W)``."""
+    params = random_params({"w": (2, 3), "v": (3, 3)})
+
+    def model(p, X, taps=None):
+        return product(tanh(linear(X, p["v"])), p["w"])
+
+    X = rand(4, 5, 3, dtype=float64)
+    K = _kfac(model, params, X, "expand")
+    assert K._mapping == {"w": {"weight": 0}, "v": {"weight": 1}}
+    K_linear = _kfac(
+        lambda p, X: linear(tanh(linear(X, p["v"])), p["w"]), params, X, "expand"
+    )
+    assert_close(kfac_dense(K), kfac_dense(K_linear))
 
 
 def _model_with(calls):

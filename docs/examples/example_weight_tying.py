@@ -159,24 +159,22 @@ print(f"lookup's share of the GGN block of W (Frobenius norm): {share:.2f}")
 # Unsupported uses
 # ----------------
 #
-# A parameter that enters any other operation, here a transpose before a matrix
-# product, raises an error that names the operation and the parameter.
+# Linear maps may also be written as ``X @ W.T``. A parameter that enters any other
+# operation, here a bias added with ``+`` instead of through ``linear``, raises an
+# error that names the operation and the parameter.
 
-
-def transposed(p: dict, X):
-    """A linear map written as ``X @ W.T``."""
-    return X @ p["w"].T
-
-
-weight = {"w": randn(2, 3, dtype=float64, requires_grad=True)}
+weights = {
+    "w": randn(2, 3, dtype=float64, requires_grad=True),
+    "b": randn(2, dtype=float64, requires_grad=True),
+}
 data = [(rand(4, 3, dtype=float64), rand(4, 2, dtype=float64))]
 try:
-    KFACLinearOperator(transposed, MSELoss(), weight, data)
+    KFACLinearOperator(lambda p, X: X @ p["w"].T + p["b"], MSELoss(), weights, data)
 except NotImplementedError as error:
     print(str(error).split(":")[0])
 
 # %%
-# Written as ``linear(X, p["w"])``, the same model works.
+# Written as ``linear(X, p["w"], p["b"])``, the same model works.
 
-K = KFACLinearOperator(lambda p, X: linear(X, p["w"]), MSELoss(), weight, data)
+K = KFACLinearOperator(lambda p, X: linear(X, p["w"], p["b"]), MSELoss(), weights, data)
 print("layers:", K._mapping)
