@@ -23,7 +23,8 @@ from torch import Tensor, enable_grad, is_grad_enabled
 from torch.nn import Conv2d, Linear, Module
 
 from curvlinops._functional import FunctionalModel
-from curvlinops._kfac_uses import ParameterUses, op_name, unsupported_message
+from curvlinops._kfac_calls import op_name, unsupported_message
+from curvlinops._kfac_uses import ParameterUses
 
 _ROLE_ORDER = ("weight", "bias")
 _PLURAL = {"weight": "weights", "bias": "biases"}

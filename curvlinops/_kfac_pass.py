@@ -23,7 +23,7 @@ from typing import Any
 from torch import Generator, Size, Tensor, cat, ones
 from torch.nn import Conv2d, CrossEntropyLoss, Linear, Module
 
-from curvlinops._kfac_uses import CONV2D, Use
+from curvlinops._kfac_calls import CONV2D, Use
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_loss_options,

@@ -30,166 +30,23 @@ tracing the model with ``make_fx`` and ``torch.export``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from torch import (
-    Size,
-    Tensor,
-    conv2d,
-    embedding,
-    enable_grad,
-    int8,
-    int16,
-    int32,
-    int64,
-    is_grad_enabled,
-    uint8,
-    zeros_like,
-)
+from torch import Tensor, enable_grad, is_grad_enabled, zeros_like
 from torch.compiler import disable as torch_compiler_disable
 from torch.nn import functional
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-LINEAR, CONV2D = "linear", "conv2d"
-_TRANSPOSES = {"Tensor.T", "Tensor.mT", "Tensor.t", "torch.t", "Tensor.transpose"}
-_TRANSPOSES |= {"torch.transpose"}
-_MATMULS = {"Tensor.matmul", "torch.matmul", "Tensor.__matmul__"}
-_INDEX_DTYPES = (int64, int32, int16, int8, uint8)
-_LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
-_CONV2D_ARGS = (
-    *_LINEAR_ARGS,
-    ("stride", 1),
-    ("padding", 0),
-    ("dilation", 1),
-    ("groups", 1),
+from curvlinops._kfac_calls import (
+    CELLS,
+    LINEAR,
+    MATMULS,
+    TRANSPOSES,
+    Use,
+    linear_call,
+    looked_up,
+    op_name,
+    unsupported_message,
 )
-
-
-@dataclass
-class Use:
-    """One call of a linear map or 2d convolution with a layer's parameters.
-
-    Attributes:
-        kind: ``'linear'`` or ``'conv2d'``.
-        x: The call's input, detached.
-        out_shape: Shape of the call's output.
-        conv: ``(kernel_size, stride, padding, dilation, groups)`` of a convolution,
-            else ``None``.
-        probe: Zero tensor of the output's shape whose gradient is the gradient
-            w.r.t. the output, or ``None`` if there is no backward pass.
-    """
-
-    kind: str
-    x: Tensor
-    out_shape: Size
-    conv: tuple | None = None
-    probe: Tensor | None = None
-
-
-def op_name(func: Callable) -> str:
-    """Return a readable name of a PyTorch function for messages.
-
-    Args:
-        func: A function as a torch function mode receives it.
-
-    Returns:
-        E.g. ``'Tensor.t'``, ``'Tensor.T'``, ``'torch.matmul'`` or
-        ``'torch.nn.functional.layer_norm'``.
-    """
-    name = getattr(func, "__name__", repr(func))
-    if name == "__get__":  # a property such as ``Tensor.T``
-        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', name)}"
-    qualname = getattr(func, "__qualname__", "")
-    if qualname.startswith(("TensorBase.", "Tensor.")):
-        return f"Tensor.{name}"
-    if qualname.startswith("_VariableFunctionsClass."):
-        return f"torch.{name}"
-    module = getattr(func, "__module__", None)
-    return f"{module}.{name}" if module else name
-
-
-def unsupported_message(operation: str, label: str) -> str:
-    """Explain that a parameter enters an operation KFAC does not support.
-
-    Args:
-        operation: Name of the operation.
-        label: Name of the parameter.
-
-    Returns:
-        The message.
-    """
-    return (
-        f"KFAC does not support parameter {label!r} in {operation!r}: KFAC's "
-        "parameters must be weights or biases of linear maps or 2d convolutions "
-        "(torch.nn.functional.linear or conv2d, as in Linear and Conv2d layers); "
-        "such weights may also be looked up (embedding, tied weights). Pass only "
-        "such parameters."
-    )
-
-
-def _bind(names: tuple, args: tuple, kwargs: dict) -> list:
-    """Match positional and keyword arguments to a signature with defaults.
-
-    Args:
-        names: ``(name, default)`` pairs in positional order.
-        args: Positional arguments.
-        kwargs: Keyword arguments.
-
-    Returns:
-        The argument values in the order of ``names``.
-    """
-    values = list(args) + [None] * (len(names) - len(args))
-    return [
-        kwargs.get(name, default) if i >= len(args) else values[i]
-        for i, (name, default) in enumerate(names)
-    ]
-
-
-def linear_call(func: Callable, args: tuple, kwargs: dict) -> tuple | None:
-    """Recognize a call of a linear map or 2d convolution.
-
-    Args:
-        func: The called function.
-        args: Its positional arguments.
-        kwargs: Its keyword arguments.
-
-    Returns:
-        ``(kind, x, weight, bias, conv)`` (``conv`` as in :class:`Use`), or
-        ``None`` for other functions.
-    """
-    if func is functional.linear:
-        x, weight, bias = _bind(_LINEAR_ARGS, args, kwargs)
-        return LINEAR, x, weight, bias, None
-    if func is conv2d:
-        x, weight, bias, *hyperparameters = _bind(_CONV2D_ARGS, args, kwargs)
-        return CONV2D, x, weight, bias, (tuple(weight.shape[2:]), *hyperparameters)
-    return None
-
-
-def looked_up(func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
-    """Return the table of an embedding lookup.
-
-    Args:
-        func: The called function.
-        args: Its positional arguments.
-        kwargs: Its keyword arguments.
-
-    Returns:
-        The looked-up matrix for ``functional.embedding(idx, W)``,
-        ``torch.embedding(W, idx)`` and ``W[idx]`` with an integer tensor ``idx``;
-        else ``None``.
-    """
-    if func is functional.embedding:
-        return _bind(_LINEAR_ARGS[:2], args, kwargs)[1]
-    if func is embedding:
-        return _bind((("weight", None),), args, kwargs)[0]
-    if getattr(func, "__name__", "") == "__getitem__" and len(args) == 2:
-        index = args[1]
-        if isinstance(index, Tensor) and index.dtype in _INDEX_DTYPES:
-            return args[0]
-    return None
 
 
 class ParameterUses(TorchFunctionMode):
@@ -264,6 +121,8 @@ class ParameterUses(TorchFunctionMode):
         if not watched:
             return func(*args, **kwargs)
         name = op_name(func)
+        if name in CELLS:  # recurrent cells: two linear maps each
+            return CELLS[name](self._linear, *args, **kwargs)
         call = self._transposed_weight_call(name, args, kwargs)
         if call is not None:  # x @ W.T
             return self._on_linear_call(func, args, kwargs, call)
@@ -276,6 +135,19 @@ class ParameterUses(TorchFunctionMode):
             self._on_lookup(func, table)
             return func(*args, **kwargs)
         return self._other(func, args, kwargs, watched[0])
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Evaluate ``linear(x, weight, bias)`` as a call the mode sees.
+
+        Args:
+            x: Input.
+            weight: Weight.
+            bias: Bias, or ``None``.
+
+        Returns:
+            The output (with a probe added for uses).
+        """
+        return self.__torch_function__(functional.linear, (), (x, weight, bias))
 
     def _watched_among(self, args: tuple, kwargs: dict) -> list[Tensor]:
         """Return the watched parameters among a call's arguments.
@@ -315,7 +187,7 @@ class ParameterUses(TorchFunctionMode):
         Returns:
             Whether the call is a transpose of one watched matrix.
         """
-        if name not in _TRANSPOSES or watched != [args[0]] or not self.watched(args[0]):
+        if name not in TRANSPOSES or watched != [args[0]] or not self.watched(args[0]):
             return False
         dims = args[1:] if name.endswith("transpose") else (0, 1)
         return args[0].ndim == 2 and {d % 2 for d in dims} == {0, 1}
@@ -332,7 +204,7 @@ class ParameterUses(TorchFunctionMode):
             ``(kind, x, weight, bias, conv)`` as :func:`linear_call` returns it,
             or ``None`` for other calls.
         """
-        if name not in _MATMULS or len(args) != 2 or kwargs:
+        if name not in MATMULS or len(args) != 2 or kwargs:
             return None
         x, view = args
         if not isinstance(view, Tensor) or id(view) not in self._views:

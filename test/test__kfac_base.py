@@ -54,7 +54,8 @@ def test_unsupported_loss_raises_and_plain_callables_work():
         lambda X: model(X), CrossEntropyLoss(), params, data
     )
     assert list(K_callable._mapping) == ["params[0]", "params[2]"]
-    assert_close(K_callable @ eye(K.shape[1]), K @ eye(K.shape[1]))
+    identity = eye(K.shape[1], dtype=float64)
+    assert_close(K_callable @ identity, K @ identity)
 
 
 def test_ekfac_rejects_forward_only():

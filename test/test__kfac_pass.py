@@ -15,12 +15,12 @@ from torch.nn import (
 )
 
 from curvlinops import KFACLinearOperator
+from curvlinops._kfac_calls import CONV2D, LINEAR, Use
 from curvlinops._kfac_pass import (
     input_rows,
     output_grad_rows,
     supported_layer_mapping,
 )
-from curvlinops._kfac_uses import CONV2D, LINEAR, Use
 from curvlinops.examples.functorch import functorch_ggn
 from test.utils import compare_matmat
 

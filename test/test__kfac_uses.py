@@ -18,11 +18,22 @@ from torch import (
     stack,
     tanh,
 )
-from torch.nn import Embedding, Linear, Module, MSELoss, Sequential, Tanh
+from torch.nn import (
+    Embedding,
+    GRUCell,
+    Linear,
+    LSTMCell,
+    Module,
+    MSELoss,
+    RNNCell,
+    Sequential,
+    Tanh,
+)
 from torch.nn.functional import embedding, layer_norm, linear
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator
 from curvlinops._functional import bind_params
+from curvlinops._kfac_calls import CELLS
 from curvlinops.examples.functorch import functorch_ggn
 from test.kfac_references import ekfac_dense, kfac_dense, restrict_to_blocks
 from test.shared_weights import (
@@ -334,3 +345,41 @@ def test_compiled_models_and_products():
     assert_close(kfac_dense(K_compiled), kfac_dense(K))
     v = randn(K.shape[1], dtype=float64)
     assert_close(torch.compile(lambda v: K @ v, backend="aot_eager")(v), K @ v)
+
+
+class UnrolledCell(Module):
+    """A recurrent cell unrolled over ``X [B, T, D_in]``, a Linear head per step."""
+
+    def __init__(self, cell: Module, twin: bool = False):
+        super().__init__()
+        self.cell, self.head, self.twin = cell, Linear(4, 2), twin
+
+    def step(self, x: Tensor, state):
+        if not self.twin:
+            return self.cell(x, state)
+        name = {RNNCell: "rnn_tanh_cell", LSTMCell: "lstm_cell", GRUCell: "gru_cell"}
+        cell = CELLS[f"torch.{name[type(self.cell)]}"]
+        return cell(linear, x, state, *self.cell.parameters())
+
+    def forward(self, X: Tensor) -> Tensor:
+        h = X.new_zeros(X.shape[0], 4)
+        state = (h, h) if isinstance(self.cell, LSTMCell) else h
+        outputs = []
+        for t in range(X.shape[1]):
+            state = self.step(X[:, t], state)
+            outputs.append(self.head(state[0] if isinstance(state, tuple) else state))
+        return stack(outputs, dim=1)
+
+
+@pytest.mark.parametrize("cell", [RNNCell, LSTMCell, GRUCell])
+def test_fused_recurrent_cells_are_two_linear_uses(cell):
+    """``RNNCell``, ``LSTMCell``, ``GRUCell``: as if written with ``linear``."""
+    manual_seed(0)
+    model, X = UnrolledCell(cell(3, 4)).to(float64), rand(3, 4, 3, dtype=float64)
+    twin = UnrolledCell(model.cell, twin=True)
+    twin.head = model.head
+    assert_close(twin(X), model(X))  # the decomposition computes the cell
+    params = list(model.parameters())
+    K = _kfac(model, params, X, "expand")
+    assert list(K._mapping) == ["cell.weight_ih", "cell.weight_hh", "head"]
+    assert_close(kfac_dense(K), kfac_dense(_kfac(twin, params, X, "expand")))
