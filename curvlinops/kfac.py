@@ -64,8 +64,9 @@ class KFACLinearOperator(_KFACBase):
 
     **Any model.** A layer is a weight used by linear maps or 2d convolutions
     (:func:`torch.nn.functional.linear`, :func:`~torch.nn.functional.conv2d`, as in
-    ``Linear`` and ``Conv2d`` modules, or called directly; also ``x @ W.T``), with
-    the bias those calls add. KFAC watches every such call in the forward pass (see
+    ``Linear`` and ``Conv2d`` modules, or called directly; also ``x @ W.T`` and
+    the two linear maps of ``RNNCell``, ``LSTMCell`` and ``GRUCell``), with the
+    bias those calls add. KFAC watches every such call in the forward pass (see
     ``docs/internals.rst``), so a layer may be called several times (recurrent
     cells, reused blocks), a weight may be shared by several modules, and
     ``model_func`` may be any callable, or a function ``model_func(params, X)`` of
