@@ -83,6 +83,8 @@ def op_name(func: Callable) -> str:
         E.g. ``'Tensor.t'``, ``'Tensor.T'``, ``'torch.matmul'`` or
         ``'torch.nn.functional.layer_norm'``.
     """
+    if func is functional.linear:
+        return "torch.nn.functional.linear"
     name = getattr(func, "__name__", repr(func))
     if name == "__get__":  # a property such as ``Tensor.T``
         return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', name)}"

@@ -37,7 +37,13 @@ class _KFACInterfaceMixin:
     def compute_parameter_mapping(
         cls, params: list[Tensor], model_func: Module
     ) -> dict[str, dict[str, int]]:
-        """Find the supported layer of every parameter.
+        """Find the supported layer of every parameter, from the modules.
+
+        This is curvlinops 3.0.1's mapping: every parameter must be the weight or
+        bias of one ``Linear`` or ``Conv2d`` module. The operators fall back to
+        finding the layers with one forward pass (:meth:`_discover_mapping`) for
+        other models: layers used several times or shared by modules, custom
+        modules, functions ``model_func(params, X)``.
 
         Args:
             params: Parameters of ``Linear`` and ``Conv2d`` layers of the model.
