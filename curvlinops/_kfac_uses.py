@@ -187,7 +187,9 @@ class ParameterUses(TorchFunctionMode):
         Returns:
             Whether the call is a transpose of one watched matrix.
         """
-        if name not in TRANSPOSES or watched != [args[0]] or not self.watched(args[0]):
+        if name not in TRANSPOSES or len(watched) != 1 or watched[0] is not args[0]:
+            return False
+        if not self.watched(args[0]):  # a transpose of a transpose
             return False
         dims = args[1:] if name.endswith("transpose") else (0, 1)
         return args[0].ndim == 2 and {d % 2 for d in dims} == {0, 1}
