@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from statistics import median
 
 import torch
 from torch.func import functional_call
@@ -37,7 +38,7 @@ from torch.func import functional_call
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
 from problems import PROBLEMS, Problem  # noqa: E402
-from run import RESULTS_DIR, gradient, timed_ratio  # noqa: E402
+from run import RESULTS_DIR, gradient, time_once  # noqa: E402
 
 from curvlinops import KFACLinearOperator  # noqa: E402
 from curvlinops._kfac_uses import LayerUses  # noqa: E402
@@ -80,6 +81,33 @@ def _tracers(problem: Problem) -> dict:
     }
 
 
+def _round_robin(
+    items: dict[str, tuple], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Time functions against references, all of them in every round.
+
+    Each round times every item's reference right before the item, so that a
+    machine whose speed drifts (shared cores) biases all items alike.
+
+    Args:
+        items: Name mapped to ``(function, reference)``.
+        repeats: Number of rounds (after one warm-up round).
+
+    Returns:
+        Name mapped to the median time (seconds) and median per-round ratio.
+    """
+    times = {name: [] for name in items}
+    ratios = {name: [] for name in items}
+    for round_ in range(repeats + 1):
+        for name, (func, reference) in items.items():
+            reference_time = time_once(reference)
+            seconds = time_once(func)
+            if round_ > 0:
+                times[name].append(seconds)
+                ratios[name].append(seconds / reference_time)
+    return {name: (median(times[name]), median(ratios[name])) for name in items}
+
+
 def measure(problem: Problem, repeats: int) -> dict[str, tuple[float, float]]:
     """Time discovery, watched forward passes, factors, and tracing.
 
@@ -100,35 +128,25 @@ def measure(problem: Problem, repeats: int) -> dict[str, tuple[float, float]]:
         with torch.no_grad(), LayerUses(module._mapping, params, module._labels, False):
             model(X)
 
-    results = {
-        "gradient": timed_ratio(grad, grad, repeats),
-        "discovery (modules)": timed_ratio(
-            lambda: module._mapping_from_modules(params, model), grad, repeats
+    items = {
+        "gradient": (grad, grad),
+        "discovery (modules)": (
+            lambda: module._mapping_from_modules(params, model),
+            grad,
         ),
-        "discovery (functional)": timed_ratio(
-            functional._discover_mapping, grad, repeats
-        ),
-        "forward": timed_ratio(forward, grad, repeats),
-        "watched forward / forward": timed_ratio(watched, forward, repeats),
-        "factors (modules)": timed_ratio(
-            module.compute_kronecker_factors, grad, repeats
-        ),
-        "factors (functional)": timed_ratio(
-            functional.compute_kronecker_factors, grad, repeats
-        ),
+        "discovery (functional)": (functional._discover_mapping, grad),
+        "forward": (forward, grad),
+        "watched forward / forward": (watched, forward),
+        "factors (modules)": (module.compute_kronecker_factors, grad),
+        "factors (functional)": (functional.compute_kronecker_factors, grad),
     }
     half = X[: len(X) // 2]
     for name, trace in _tracers(problem).items():
         for size, inputs in [(len(X), X), (len(half), half)]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    call = lambda i=inputs, t=trace: t(i)  # noqa: E731
-                    value = timed_ratio(call, grad, max(repeats // 3, 1), 1)
-                except Exception:  # noqa: BLE001 (report that it cannot trace)
-                    value = (float("nan"), float("nan"))
-            results[f"{name}, batch {size}"] = value
-    return results
+            items[f"{name}, batch {size}"] = (lambda i=inputs, t=trace: t(i), grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _round_robin(items, repeats)
 
 
 def main():
