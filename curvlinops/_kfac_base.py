@@ -322,7 +322,9 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
 
         Args:
             on_input: Receives a layer's name and its input rows ``[B, P, D_in]``
-                (only for layers whose weight is a parameter).
+                (only for layers whose weight is a parameter). ``P`` spans the
+                positions of all uses of the layer in the forward pass (``1`` for
+                ``'reduce'``), aligned with the output-gradient rows.
             on_output_grad: Receives a layer's name and its output-gradient rows
                 ``[K, B, P, D_out]`` (not called for ``'forward-only'``).
         """
