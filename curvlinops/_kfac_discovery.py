@@ -92,14 +92,69 @@ def discover_mapping(
 
     Returns:
         Layer names mapped to ``{'weight': i, 'bias': j}`` (the roles present),
-        layers in the order of their first parameter in ``params``.
+        layers in the order of their first parameter in ``params``. Parameters
+        that no call uses but a ``Linear`` or ``Conv2d`` module holds form that
+        module's layer (with zero factors until data reaches it).
+
+    Raises:
+        ValueError: If a parameter is neither used nor held by such a module.
     """
     log = CallLog(params, labels)
     with log, enable_grad():
         model_func(X)
     layers = layers_from_calls(log.calls, log.lookups, labels)
-    names = layer_names(model_func, params, labels, layers)
-    return dict(zip(names, layers))
+    mapping = dict(zip(layer_names(model_func, params, labels, layers), layers))
+    used = {position for layer in layers for position in layer.values()}
+    unused = [i for i in range(len(params)) if i not in used]
+    unused_layers = _layers_of_modules(model_func, params, unused)
+    missing = [labels[i] for i in unused if i not in _positions(unused_layers)]
+    if missing or set(unused_layers) & set(mapping):
+        raise ValueError(
+            f"Parameters {missing or [labels[i] for i in unused]} are not used as "
+            "weights or biases of linear maps or 2d convolutions on the first "
+            "mini-batch; KFAC cannot tell their layers. Pass only parameters the "
+            "model uses."
+        )
+    return dict(sorted((mapping | unused_layers).items(), key=_first_position))
+
+
+def _positions(mapping: dict[str, dict[str, int]]) -> set[int]:
+    """Return the parameter positions in a mapping."""
+    return {position for roles in mapping.values() for position in roles.values()}
+
+
+def _first_position(item: tuple[str, dict[str, int]]) -> int:
+    """Sort key of a layer: its smallest parameter position."""
+    return min(item[1].values())
+
+
+def _layers_of_modules(
+    model_func: Callable, params: list[Tensor], positions: list[int]
+) -> dict[str, dict[str, int]]:
+    """Find the ``Linear`` and ``Conv2d`` modules of parameters the data missed.
+
+    As in curvlinops 3.0.1, such layers get zero factors until data reaches them.
+
+    Args:
+        model_func: The model.
+        params: The parameters.
+        positions: Positions of the parameters no call used.
+
+    Returns:
+        Module names mapped to ``{'weight': i, 'bias': j}`` for the parameters
+        that are the weight or bias of a ``Linear`` or ``Conv2d`` module.
+    """
+    if not positions or not isinstance(model_func, Module):
+        return {}
+    position = {id(params[i]): i for i in positions}
+    layers: dict[str, dict[str, int]] = {}
+    for name, module in model_func.named_modules():
+        if isinstance(module, (Linear, Conv2d)):
+            for role in _ROLE_ORDER:
+                found = position.get(id(module._parameters.get(role)))
+                if found is not None:
+                    layers.setdefault(name, {})[role] = found
+    return layers
 
 
 def layers_from_calls(
@@ -122,7 +177,6 @@ def layers_from_calls(
         NotImplementedError: If a parameter is a weight and a bias, a weight is
             used with several biases (or with and without), a bias with several
             weights, or a parameter is only looked up.
-        ValueError: If a parameter is not used by any call.
     """
     partners: dict[str, dict[int, set]] = {"weight": {}, "bias": {}}
     for _, weight, bias in calls:
@@ -135,17 +189,9 @@ def layers_from_calls(
         {"weight": w} | ({} if None in bs else {"bias": next(iter(bs))})
         for w, bs in partners["weight"].items()
     ] + [{"bias": b} for b, ws in partners["bias"].items() if ws == {None}]
-    used = {pos for layer in layers for pos in layer.values()}
     for position, operation in lookups.items():
         if position not in partners["weight"]:
             raise NotImplementedError(unsupported_message(operation, labels[position]))
-    unused = [labels[i] for i in range(len(labels)) if i not in used]
-    if unused:
-        raise ValueError(
-            f"Parameters {unused} are not used as weights or biases of linear maps "
-            "or 2d convolutions on the first mini-batch; KFAC cannot tell their "
-            "layers. Pass only parameters the model uses."
-        )
     return sorted(layers, key=lambda layer: min(layer.values()))
 
 

@@ -88,11 +88,27 @@ def test_calls_give_layers_bias_only_layers_and_order():
     assert layers == [{"bias": 0}, {"weight": 1}, {"weight": 2, "bias": 3}]
 
 
-def test_unused_and_looked_up_only_parameters_raise():
-    with pytest.raises(ValueError, match=r"\['c'\] are not used"):
-        layers_from_calls([("linear", 0, 1)], {}, ["w", "b", "c"])
+def test_looked_up_only_parameters_raise():
     with pytest.raises(NotImplementedError, match="'e' in 'embedding'"):
         layers_from_calls([("linear", 0, None)], {1: "embedding"}, ["w", "e"])
+
+
+def test_unused_parameters_raise_unless_a_module_tells_their_layer():
+    """As in curvlinops 3.0.1, Linear layers the data never reach: zero factors."""
+    manual_seed(0)
+    model = Sequential(Cell(), Linear(3, 3)).to(float64)
+    model.forward = lambda x: model[0](x)  # the Linear layer is never called
+    params = list(model.parameters())
+    K = KFACLinearOperator(model, MSELoss(), params, _data(4))
+    assert list(K._mapping) == ["0.w_in", "0", "1"]
+    K.compute_kronecker_factors()
+    assert (K._gradient_covariances["1"] == 0).all()
+    params = {
+        "w": randn(3, 3, dtype=float64, requires_grad=True),
+        "v": randn(3, dtype=float64, requires_grad=True),
+    }
+    with pytest.raises(ValueError, match=r"\['v'\] are not used"):
+        KFACLinearOperator(lambda p, X: linear(X, p["w"]), MSELoss(), params, _data(4))
 
 
 def test_module_layer_used_without_its_bias_raises():
