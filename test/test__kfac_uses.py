@@ -330,6 +330,12 @@ def test_tied_lookup_is_left_out_of_the_dense_ggn_block():
     assert_close(ggn[mid, mid], ggn_linear_use[mid, mid])
     lookup_share = (ggn[W, W] - ggn_linear_use[W, W]).norm() / ggn[W, W].norm()
     assert lookup_share > 0.1
+    # EKFAC follows: the same as for the model whose lookup reads a constant
+    kwargs = {"fisher_type": "type-2"}
+    E_constant = EKFACLinearOperator(model, loss_func, params, data, **kwargs)
+    model.detach_lookup = False
+    E = EKFACLinearOperator(model, loss_func, params, data, **kwargs)
+    assert_close(ekfac_dense(E), ekfac_dense(E_constant))
 
 
 def test_compiled_models_and_products():
