@@ -38,9 +38,13 @@ from torch import (
 from torch.nn import functional
 
 LINEAR, CONV2D = "linear", "conv2d"
-TRANSPOSES = {"Tensor.T", "Tensor.mT", "Tensor.t", "torch.t", "Tensor.transpose"}
-TRANSPOSES |= {"torch.transpose"}
-MATMULS = {"Tensor.matmul", "torch.matmul", "Tensor.__matmul__"}
+#: Functions that transpose a matrix (``transpose`` with the dimensions 0 and 1).
+TRANSPOSES = frozenset(
+    ["Tensor.T", "Tensor.mT", "Tensor.t", "torch.t", "Tensor.transpose"]
+    + ["torch.transpose"]
+)
+#: Matrix products; ``x @ W.T`` with a parameter ``W`` is ``linear(x, W)``.
+MATMULS = frozenset(["Tensor.matmul", "torch.matmul", "Tensor.__matmul__"])
 _INDEX_DTYPES = (int64, int32, int16, int8, uint8)
 _LINEAR_ARGS = (("input", None), ("weight", None), ("bias", None))
 _CONV2D_ARGS = (
@@ -110,9 +114,9 @@ def unsupported_message(operation: str, label: str) -> str:
     return (
         f"KFAC does not support parameter {label!r} in {operation!r}: KFAC's "
         "parameters must be weights or biases of linear maps or 2d convolutions "
-        "(torch.nn.functional.linear or conv2d, as in Linear and Conv2d layers); "
-        "such weights may also be looked up (embedding, tied weights). Pass only "
-        "such parameters."
+        "(torch.nn.functional.linear or conv2d, as in Linear and Conv2d layers, "
+        "or x @ W.T); such weights may also be looked up (embedding, tied "
+        "weights). Pass only such parameters."
     )
 
 
