@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
-from curvlinops.utils import make_functional_model_and_loss
+from curvlinops._functional import functional_form
 
 # Forward-mode AD levels are global to the process: threads take turns.
 _FORWARD_AD = RLock()
@@ -370,18 +370,14 @@ class ModelJacobian:
         """Store the model and parameters.
 
         Args:
-            model_func: The model; forward mode needs a ``torch.nn.Module``.
+            model_func: The model; forward mode needs a ``torch.nn.Module`` or a
+                functional model (:mod:`curvlinops._functional`).
             params: Parameters that define the Jacobian's columns.
             forward_mode: Whether to try forward mode first (for ``J M``; products
                 that only need ``J^T`` use reverse mode).
         """
         self._model_func, self._params = model_func, params
-        is_module = isinstance(model_func, Module)
-        self._functional = (
-            make_functional_model_and_loss(model_func, None, params)[0]
-            if is_module and forward_mode
-            else None
-        )
+        self._functional = functional_form(model_func, params) if forward_mode else None
         self._modes = DifferentiationModes(self._functional is not None)
         self._fast_layers = fast_rule_layers(model_func)
 

@@ -24,6 +24,7 @@ from curvlinops._checks import check_params
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
 from curvlinops._distributed import all_reduce_sum
 from curvlinops._execution import with_autograd
+from curvlinops._functional import bind_params
 from curvlinops._kfac_interface import _KFACInterfaceMixin
 from curvlinops._kfac_pass import (
     LOSS_AVERAGES,
@@ -31,13 +32,13 @@ from curvlinops._kfac_pass import (
     backpropagated_vectors,
     canonical_groups,
     check_kfac_arguments,
-    layer_input_rows,
-    layer_output_grad_rows,
+    input_rows,
+    output_grad_rows,
     per_datum_input_rows,
-    record_layers,
     terms_per_datum,
 )
 from curvlinops._kfac_state import _KFACStateMixin
+from curvlinops._kfac_uses import LayerUses
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_no_ignored_labels,
@@ -106,9 +107,15 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         additions.
 
         Args:
-            model_func: The neural network, a ``torch.nn.Module``.
+            model_func: The neural network: a ``torch.nn.Module`` or any callable
+                ``X -> prediction``, or ``model_func(params, X)`` if ``params`` is a
+                dictionary.
             loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
-            params: Parameters of ``Linear`` and ``Conv2d`` layers of the model.
+            params: Weights and biases of the model's linear maps and 2d
+                convolutions (e.g. of its ``Linear`` and ``Conv2d`` layers), a list
+                or a ``dict[str, Tensor]`` (see ``model_func``). Layers that the
+                modules do not determine (reused or tied weights, functions) are
+                found with one forward pass on the first mini-batch.
             data: Mini-batches ``(X, y)``, presented in the same order on every pass.
             progressbar: Show a progress bar during passes over the data.
             check_deterministic: Compute the factors twice at construction and check
@@ -152,12 +159,13 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 no check.
 
         Raises:
-            TypeError: If ``model_func`` is not a ``torch.nn.Module``.
             ValueError: If the loss function, ``fisher_type``, ``kfac_approx``,
                 ``loss_average``, ``mc_samples`` or ``num_per_example_loss_terms``
                 is not supported, or ``loss_average`` averages although the loss's
-                reduction is ``'sum'``, or ``shape`` does not match.
-            NotImplementedError: If a parameter lives in an unsupported layer.
+                reduction is ``'sum'``, or ``shape`` does not match, or a parameter
+                is not used.
+            NotImplementedError: If a parameter is used in an unsupported way (the
+                message names the operation and the parameter).
             RuntimeError: If the determinism check fails.
         """
         hyperparameters = {
@@ -169,9 +177,10 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             "num_per_example_loss_terms": num_per_example_loss_terms,
             "separate_weight_and_bias": separate_weight_and_bias,
         }
+        model_func, params = bind_params(model_func, params)
         check_kfac_arguments(loss_func, hyperparameters, self._supported())
         check_params(params)
-        self._mapping = self.compute_parameter_mapping(params, model_func)
+        self._mapping = self._mapping_from_modules(params, model_func)
         self._set_hyperparameters(hyperparameters)
         super().__init__(
             model_func,
@@ -185,6 +194,8 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             process_group=process_group,
             shape=shape,
         )
+        if self._mapping is None:
+            self._mapping = self._discover_mapping()
         self._setup_canonical_form()
         if check_deterministic:
             self._check_deterministic()
@@ -278,13 +289,13 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
             A: Input covariances by layer name, completed in place.
             G: Gradient covariances by layer name, completed in place.
         """
-        modules = dict(self._model_func.named_modules())
         for layer, roles in self._mapping.items():
-            d_out = len(modules[layer].weight)
+            d_out = len(self._params[roles.get("weight", roles.get("bias"))])
             if self._fisher_type == FisherType.FORWARD_ONLY:
                 G[layer] = eye(d_out, device=self.device, dtype=self.dtype)
             if "weight" in roles and layer not in A:
-                d_in = modules[layer].weight[0].numel() + self._has_joint_bias(layer)
+                weight = self._params[roles["weight"]]
+                d_in = weight[0].numel() + self._has_joint_bias(layer)
                 A[layer] = self._zeros(d_in, d_in)
             G.setdefault(layer, self._zeros(d_out, d_out))
 
@@ -329,7 +340,9 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
 
         Args:
             on_input: Receives a layer's name and its input rows ``[B, P, D_in]``
-                (only for layers whose weight is a parameter).
+                (only for layers whose weight is a parameter). ``P`` spans the
+                positions of all uses of the layer in the forward pass (``1`` for
+                ``'reduce'``), aligned with the output-gradient rows.
             on_output_grad: Receives a layer's name and its output-gradient rows
                 ``[K, B, P, D_out]`` (not called for ``'forward-only'``).
             per_datum: Hand over the rows of the per-datum gradients instead of
@@ -358,20 +371,19 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         batch_size = self._batch_size(X)
         approx = KFACType.EXPAND if per_datum else self._kfac_approx
         backward = self._fisher_type != FisherType.FORWARD_ONLY
-
-        def input_rows(layer: str, module: Module, x: Tensor):
+        labels = self._parameter_labels()
+        recorder = LayerUses(self._mapping, self._params, labels, probes=backward)
+        with recorder, set_grad_enabled(backward):
+            output = self._model_func(X)
+        uses = recorder.uses
+        for layer, layer_uses in uses.items():
             if "weight" in self._mapping[layer]:
                 joint = self._has_joint_bias(layer)
                 if per_datum:
-                    rows = per_datum_input_rows(module, x, batch_size, joint, layer)
+                    rows = per_datum_input_rows(layer_uses, batch_size, joint, layer)
                 else:
-                    rows = layer_input_rows(module, x, batch_size, approx, joint, layer)
+                    rows = input_rows(layer_uses, batch_size, approx, joint, layer)
                 on_input(layer, rows)
-
-        layers = list(self._mapping)
-        with record_layers(self._model_func, layers, input_rows, backward) as probes:
-            with set_grad_enabled(backward):
-                output = self._model_func(X)
         check_output_and_labels(self._loss_func, output, y)
         check_no_ignored_labels(self._loss_func, y, type(self).__name__)
         self._seen_terms_per_datum.add(
@@ -379,13 +391,14 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 self._loss_func, output, batch_size, self._num_per_example_loss_terms
             )
         )
-        if not backward or not probes:
+        if not backward or not uses:
             return
         output_terms, V = self._scaled_vectors(X, output, y, generator)
-        grads = vjp([output_terms], list(probes.values()), [V], retain_graph=False)
-        modules = dict(self._model_func.named_modules())
-        for layer, g in zip(probes, grads):
-            rows = layer_output_grad_rows(modules[layer], g, batch_size, approx, layer)
+        probes = [use.probe for layer_uses in uses.values() for use in layer_uses]
+        grads = iter(vjp([output_terms], probes, [V], retain_graph=False))
+        for layer, layer_uses in uses.items():
+            layer_grads = [next(grads) for _ in layer_uses]
+            rows = output_grad_rows(layer_uses, layer_grads, batch_size, approx, layer)
             on_output_grad(layer, rows)
 
     def _scaled_vectors(self, X, output: Tensor, y: Tensor, generator):

@@ -9,22 +9,24 @@ the Kronecker approximation sums over:
   the vectors that :func:`backpropagated_vectors` computes in output space),
 
 both arranged as ``[..., B, P, D]`` with batch size ``B`` and ``P`` positions per
-data point over which the weight is shared (sequence positions, output pixels).
-With ``kfac_approx='reduce'`` the positions are collapsed to ``P = 1`` (inputs
-averaged, gradients summed). :func:`record_layers` collects them with forward hooks.
+data point over which the weight is shared (sequence positions, output pixels, and
+the positions of every further use of the layer in the same forward pass, see
+:func:`input_rows`). With ``kfac_approx='reduce'`` the positions are collapsed to
+``P = 1`` (inputs averaged, gradients summed). The uses themselves are recorded by
+:class:`curvlinops._kfac_uses.LayerUses`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from torch import Generator, Size, Tensor, cat, ones, zeros_like
+from torch import Generator, Size, Tensor, cat, ones
 from torch.nn import Conv2d, Linear, Module
 from torch.nn.functional import unfold
+from torch.nn.modules.utils import _pair
 
 from curvlinops._checks import check_integer, check_params_in_model, is_integer
+from curvlinops._kfac_calls import CONV2D, Use
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_loss_options,
@@ -143,130 +145,119 @@ def _as_positions(x: Tensor, batch_size: int, name: str) -> Tensor:
     return x.reshape(batch_size, -1, x.shape[-1])
 
 
-def layer_input_rows(
-    module: Module,
-    x: Tensor,
+def num_positions(use: Use, batch_size: int) -> int:
+    """Return the number of positions per data point of a use's output.
+
+    Args:
+        use: A use of a layer.
+        batch_size: Batch size ``B``.
+
+    Returns:
+        Sequence positions or output pixels (``1`` for plain vectors).
+    """
+    features = use.out_shape[1 if use.kind == CONV2D else -1]
+    return use.out_shape.numel() // (batch_size * features)
+
+
+def _use_input_rows(use: Use, batch_size: int, reduce: bool, name: str) -> Tensor:
+    """Turn one use's input into rows (averaged over positions for ``reduce``).
+
+    Args:
+        use: A use of a layer.
+        batch_size: Batch size ``B``.
+        reduce: Whether to average over positions.
+        name: Layer name for error messages.
+
+    Returns:
+        Rows ``[B, P_u, D_in]`` (``P_u = 1`` for ``reduce``).
+    """
+    if use.kind == CONV2D:
+        if reduce:
+            rows = extract_averaged_patches(use.x, *use.conv).unsqueeze(1)
+        else:
+            rows = extract_patches(use.x, *use.conv)
+    else:
+        rows = _as_positions(use.x, batch_size, name)
+        rows = rows.mean(1, keepdim=True) if reduce else rows
+    return _as_positions(rows, batch_size, name)
+
+
+def input_rows(
+    uses: list[Use],
     batch_size: int,
     kfac_approx: str,
     append_ones: bool,
     name: str = "",
 ) -> Tensor:
-    """Turn a layer's input into the rows of KFAC's input covariance.
+    r"""Turn a layer's inputs in all its uses into the rows of KFAC's input factor.
+
+    The uses of a layer in one forward pass add to its shared axis: a use
+    :math:`u` with :math:`P_u` positions per data point (sequence positions, output
+    pixels; one for plain vectors) contributes :math:`P_u` rows to each data point,
+    :math:`R = \sum_u P_u` in total. ``'expand'`` keeps all :math:`R` rows;
+    ``'reduce'`` averages them, :math:`\hat{\mathbf{a}}_n = \frac{1}{R} \sum_{u, p}
+    \mathbf{a}_{n,u,p}`. Calling a layer once on ``[B, R, D]`` or :math:`R` times on
+    ``[B, D]`` slices gives the same rows.
 
     Args:
-        module: A ``Linear`` or ``Conv2d`` layer.
-        x: The layer's (detached) input.
+        uses: The layer's uses in the forward pass, in call order.
         batch_size: Batch size ``B``.
         kfac_approx: ``'expand'`` or ``'reduce'``.
         append_ones: Append a one to every row (the bias joins the weight's block).
         name: Layer name for error messages.
 
     Returns:
-        Rows ``[B, P, D_in]`` (``P = 1`` for ``'reduce'``), with ``D_in`` the
+        Rows ``[B, R, D_in]`` (``R = 1`` for ``'reduce'``), with ``D_in`` the
         flattened size of one output's weights (plus one if ``append_ones``).
     """
     reduce = kfac_approx == KFACType.REDUCE
-    if isinstance(module, Conv2d):
-        hyperparameters = (
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-        )
-        if reduce:
-            rows = extract_averaged_patches(x, *hyperparameters).unsqueeze(1)
-        else:
-            rows = extract_patches(x, *hyperparameters)
-    else:
-        rows = _as_positions(x, batch_size, name)
-        rows = rows.mean(1, keepdim=True) if reduce else rows
-    rows = _as_positions(rows, batch_size, name)
+    rows = [_use_input_rows(use, batch_size, reduce, name) for use in uses]
+    if len(rows) > 1 and reduce:
+        counts = [num_positions(use, batch_size) for use in uses]
+        rows = [sum(r * (count / sum(counts)) for r, count in zip(rows, counts))]
+    rows = rows[0] if len(rows) == 1 else cat(rows, dim=1)
     if append_ones:
         rows = cat(
-            [rows, ones(*rows.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1
+            [rows, ones(*rows.shape[:-1], 1, dtype=rows.dtype, device=rows.device)], -1
         )
     return rows
 
 
-def layer_output_grad_rows(
-    module: Module, g: Tensor, batch_size: int, kfac_approx: str, name: str = ""
+def output_grad_rows(
+    uses: list[Use],
+    grads: list[Tensor],
+    batch_size: int,
+    kfac_approx: str,
+    name: str = "",
 ) -> Tensor:
-    """Turn gradients w.r.t. a layer's output into the rows of KFAC's second factor.
+    r"""Turn gradients w.r.t. a layer's outputs in all uses into KFAC's rows.
+
+    As for the inputs (:func:`input_rows`), the uses add to the shared axis:
+    ``'expand'`` keeps the :math:`R = \sum_u P_u` rows of every data point,
+    ``'reduce'`` sums them, :math:`\hat{\mathbf{g}}_{n,k} = \sum_{u, p}
+    \mathbf{g}_{n,u,p,k}`.
 
     Args:
-        module: A ``Linear`` or ``Conv2d`` layer.
-        g: Gradients ``[K, *output.shape]`` for ``K`` backpropagated vectors.
+        uses: The layer's uses, in call order.
+        grads: Per use, gradients ``[K, *output.shape]`` for ``K`` vectors.
         batch_size: Batch size ``B``.
         kfac_approx: ``'expand'`` or ``'reduce'``.
         name: Layer name for error messages.
 
     Returns:
-        Rows ``[K, B, P, D_out]`` (``P = 1`` and summed over positions for
-        ``'reduce'``).
+        Rows ``[K, B, R, D_out]`` (``R = 1`` for ``'reduce'``).
     """
-    if isinstance(module, Conv2d):  # [K, B, C_out, O1, O2] -> [K, B, O1 * O2, C_out]
-        g = g.flatten(start_dim=3).transpose(2, 3)
-    rows = _as_positions(g.flatten(end_dim=1), g.shape[0] * batch_size, name)
-    rows = rows.unflatten(0, (g.shape[0], batch_size))
-    return rows.sum(2, keepdim=True) if kfac_approx == KFACType.REDUCE else rows
-
-
-@contextmanager
-def record_layers(
-    model: Module,
-    layer_names: list[str],
-    on_input: Callable[[str, Module, Tensor], None],
-    track_outputs: bool,
-) -> Iterator[dict[str, Tensor]]:
-    """Hook into layers to observe their inputs and, optionally, output gradients.
-
-    On each forward pass of a hooked layer, ``on_input(name, module, input)``
-    receives the detached input. With ``track_outputs``, the layer's output is
-    replaced by ``output + probe`` with a zero tensor ``probe`` that requires
-    grad; gradients w.r.t. the probes are gradients w.r.t. the layer outputs, even
-    if later operations modify the output in place.
-
-    Args:
-        model: The neural network.
-        layer_names: Names of the layers to hook.
-        on_input: Callback for the layers' inputs.
-        track_outputs: Whether to create the probes.
-
-    Yields:
-        A dictionary that the forward pass fills with the probes, by layer name.
-
-    Raises:
-        NotImplementedError: If a layer is called more than once per forward pass.
-    """
-    probes: dict[str, Tensor] = {}
-    seen: set[str] = set()
-
-    def make_hook(name: str):
-        def hook(module: Module, args: tuple, output: Tensor):
-            if name in seen:
-                raise NotImplementedError(
-                    f"Layer {name!r} ran twice in one forward pass; KFAC supports "
-                    "each layer only once per forward pass."
-                )
-            seen.add(name)
-            on_input(name, module, args[0].detach())
-            if track_outputs:
-                probes[name] = zeros_like(output, requires_grad=True)
-                return output + probes[name]
-            return None
-
-        return hook
-
-    modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(make_hook(name)) for name in layer_names
-    ]
-    try:
-        yield probes
-    finally:
-        for handle in handles:
-            handle.remove()
+    reduce = kfac_approx == KFACType.REDUCE
+    rows = []
+    for use, g in zip(uses, grads):
+        if use.kind == CONV2D:  # [K, B, C_out, O1, O2] -> [K, B, O1 * O2, C_out]
+            g = g.flatten(start_dim=3).transpose(2, 3)
+        r = _as_positions(g.flatten(end_dim=1), g.shape[0] * batch_size, name)
+        r = r.unflatten(0, (g.shape[0], batch_size))
+        rows.append(r.sum(2, keepdim=True) if reduce else r)
+    if len(rows) == 1:
+        return rows[0]
+    return sum(rows[1:], rows[0]) if reduce else cat(rows, dim=2)
 
 
 def canonical_groups(
@@ -444,55 +435,67 @@ def _check_counts(hyperparameters: dict[str, Any]):
 
 
 def per_datum_input_rows(
-    module: Module, x: Tensor, batch_size: int, append_ones: bool, name: str = ""
+    uses: list[Use], batch_size: int, append_ones: bool, name: str = ""
 ) -> Tensor:
-    r"""Turn a layer's input into the rows of its per-datum weight gradients.
+    r"""Turn a layer's inputs in all its uses into the rows of per-datum gradients.
 
-    The weight gradient of datum :math:`n` is :math:`\sum_p \mathbf{g}_{n,p}
-    \mathbf{a}_{n,p}^\top` over all positions :math:`p`, whatever ``kfac_approx``
-    says, with the rows :math:`\mathbf{a}_{n,p}` of ``'expand'``, except that a
-    grouped convolution's output channels see their own group's patches.
-    Convolution patches may come as a strided view (no copy beyond the unfolding).
+    The weight gradient of datum :math:`n` is :math:`\sum_{u, p} \mathbf{g}_{n,u,p}
+    \mathbf{a}_{n,u,p}^\top` over all positions :math:`p` of all uses :math:`u`,
+    whatever ``kfac_approx`` says, with the rows :math:`\mathbf{a}_{n,u,p}` of
+    ``'expand'`` (aligned with :func:`output_grad_rows`), except that a grouped
+    convolution's output channels see their own group's patches. Convolution
+    patches of a single use may come as a strided view (no copy beyond the
+    unfolding).
 
     Args:
-        module: A ``Linear`` or ``Conv2d`` layer.
-        x: The layer's (detached) input.
+        uses: The layer's uses in the forward pass, in call order.
         batch_size: Batch size ``B``.
         append_ones: Append a one to every row (the bias joins the weight's block).
         name: Layer name for error messages.
 
     Returns:
-        Rows ``[B, P, D_in]``; for a convolution with ``groups > 1``, rows
-        ``[B, groups, P, D_in]`` of each group's patches.
+        Rows ``[B, R, D_in]``; for convolutions with ``groups > 1``, rows
+        ``[B, groups, R, D_in]`` of each group's patches.
+
+    Raises:
+        NotImplementedError: If the uses of a convolution's weight have different
+            numbers of channel groups.
     """
-    if isinstance(module, Conv2d):
-        rows = _patches_per_group(module, x, batch_size)
+    if uses[0].kind == CONV2D:
+        if len({use.conv[-1] for use in uses}) > 1:
+            raise NotImplementedError(
+                f"Layer {name!r} is used as a convolution with different numbers of "
+                "channel groups; per-datum gradients need the same groups in all "
+                "uses."
+            )
+        rows = [_patches_per_group(use.x, use.conv, batch_size) for use in uses]
     else:
-        rows = layer_input_rows(
-            module, x, batch_size, KFACType.EXPAND, append_ones=False, name=name
-        )
+        rows = [_use_input_rows(use, batch_size, False, name) for use in uses]
+    rows = rows[0] if len(rows) == 1 else cat(rows, dim=-2)
     if append_ones:
         rows = cat(
-            [rows, ones(*rows.shape[:-1], 1, dtype=x.dtype, device=x.device)], -1
+            [rows, ones(*rows.shape[:-1], 1, dtype=rows.dtype, device=rows.device)], -1
         )
     return rows
 
 
-def _patches_per_group(module: Conv2d, x: Tensor, batch_size: int) -> Tensor:
+def _patches_per_group(x: Tensor, conv: tuple, batch_size: int) -> Tensor:
     """Unfold a convolution's input into the patches of each channel group.
 
     Args:
-        module: The convolution.
-        x: Its input ``[B, C_in, I1, I2]``.
+        x: The convolution's input ``[B, C_in, I1, I2]``.
+        conv: ``(kernel_size, stride, padding, dilation, groups)`` (see
+            :class:`~curvlinops._kfac_calls.Use`).
         batch_size: Batch size ``B``.
 
     Returns:
         Patches ``[B, P, C_in * K1 * K2]`` (one group), else ``[B, groups, P,
         C_in / groups * K1 * K2]``, flattened in the order ``(c, k1, k2)``.
     """
-    groups, hyperparameters = module.groups, (module.kernel_size, module.stride)
+    kernel_size, stride, padding, dilation, groups = conv
+    kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
     x = x.unflatten(1, (groups, -1)).flatten(end_dim=1)  # [B * groups, C / groups, ...]
-    x = _pad(x, *hyperparameters, module.padding, module.dilation)
-    patches = unfold(x, module.kernel_size, module.dilation, stride=module.stride)
+    x = _pad(x, kernel_size, stride, padding, dilation)
+    patches = unfold(x, kernel_size, dilation, stride=stride)
     patches = patches.transpose(1, 2)  # [B * groups, P, D_in], a strided view
     return patches.unflatten(0, (batch_size, groups)) if groups > 1 else patches

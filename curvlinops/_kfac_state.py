@@ -32,6 +32,7 @@ from torch import Tensor, as_tensor
 from torch.nn import Module
 
 from curvlinops._checks import is_integer
+from curvlinops._functional import bind_params
 from curvlinops._kfac_interface import MATRIX_FUNCTIONS
 from curvlinops._kfac_pass import check_kfac_arguments
 from curvlinops._kfac_validation import (
@@ -106,7 +107,7 @@ class _KFACStateMixin:
         """
         self._ensure_factors()
         state = {
-            "model_func_state_dict": self._model_func.state_dict(),
+            "model_func_state_dict": _model_state(self._model_func),
             "loss_type": type(self._loss_func).__name__,
             "loss_reduction": self._loss_func.reduction,
             "progressbar": self._progressbar,
@@ -163,7 +164,7 @@ class _KFACStateMixin:
             hyperparameters, factors, functions = self._checked_state(state_dict)
             saved = dict(self.__dict__)
             try:
-                self._model_func.load_state_dict(state_dict["model_func_state_dict"])
+                _load_model_state(self._model_func, state_dict["model_func_state_dict"])
                 self._set_hyperparameters(hyperparameters)
                 self._progressbar = state_dict.get("progressbar", self._progressbar)
                 self._num_data = state_dict["num_data"]
@@ -262,7 +263,9 @@ class _KFACStateMixin:
         joint = {layer for layer, block in blocks if block == "Wb"}
         for name, value in factors.items():
             layer, block = name if kind == "blocks" else (name, None)
-            shape = factor_shape(self._model_func, layer, kind, block, layer in joint)
+            shape = factor_shape(
+                self._mapping, self._params, layer, kind, block, layer in joint
+            )
             check_factor(key, name, value, shape)
         return {k: self._to_operator(v) for k, v in factors.items()}
 
@@ -308,8 +311,9 @@ class _KFACStateMixin:
 
         Args:
             state_dict: A state dict of :meth:`state_dict` or of curvlinops 3.0.1.
-            model_func: The neural network.
-            params: The parameters.
+            model_func: The neural network, or ``model_func(params, X)`` for a
+                parameter dictionary (whose values the state then holds).
+            params: The parameters, a list or a dictionary.
             data: The data.
             check_deterministic: Check at construction that model and data are
                 deterministic (computes the factors twice, for the model's current
@@ -326,7 +330,9 @@ class _KFACStateMixin:
         """
         required = ["model_func_state_dict", "loss_type", "loss_reduction", "num_data"]
         check_state_keys(state_dict, [*required, *_HYPERPARAMETERS])
-        check_model_state(model_func, state_dict["model_func_state_dict"])
+        check_model_state(
+            bind_params(model_func, params)[0], state_dict["model_func_state_dict"]
+        )
         losses = {loss.__name__: loss for loss in SUPPORTED_LOSSES}
         if state_dict["loss_type"] not in losses:
             raise ValueError(
@@ -351,6 +357,40 @@ class _KFACStateMixin:
         )
         operator.load_state_dict(state_dict)
         return operator
+
+
+def _model_state(model_func) -> dict[str, Any]:
+    """Return the model's state: a module's (or functional model's) state dict.
+
+    Args:
+        model_func: The model.
+
+    Returns:
+        Its ``state_dict()``; empty for callables without one.
+    """
+    state_dict = getattr(model_func, "state_dict", None)
+    return {} if state_dict is None else state_dict()
+
+
+def _load_model_state(model_func, state: dict[str, Any]):
+    """Load a saved model state into a model.
+
+    Args:
+        model_func: The model.
+        state: The state of :func:`_model_state`.
+
+    Raises:
+        ValueError: If a non-empty state is given for a callable without
+            ``load_state_dict``.
+    """
+    load = getattr(model_func, "load_state_dict", None)
+    if load is not None:
+        load(state)
+    elif state:
+        raise ValueError(
+            f"The state holds model parameters, but {model_func!r} has no "
+            "`load_state_dict`."
+        )
 
 
 def _hyperparameters(state_dict: dict[str, Any]) -> dict[str, Any]:

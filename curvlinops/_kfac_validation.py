@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, can_cast
-from torch.nn import Module
 
 from curvlinops._kfac_pass import canonical_groups
 
@@ -37,18 +36,21 @@ def check_state_keys(state_dict: Mapping, required: list[str]):
         raise ValueError(f"The state dict lacks the keys {missing}.")
 
 
-def check_model_state(model: Module, state: Mapping):
-    """Verify that ``model.load_state_dict(state)`` would succeed, without loading.
+def check_model_state(model, state: Mapping):
+    """Verify that the model could load ``state``, without loading it.
 
     Args:
-        model: The model.
+        model: The model: a ``torch.nn.Module``, a functional model with bound
+            parameters (:class:`~curvlinops._functional.FunctionalModel`), or a
+            callable without state (whose saved state must be empty).
         state: The state to load into it.
 
     Raises:
         ValueError: If keys differ, or a value is no tensor, has another shape, or
             a dtype that cannot be cast to the model's.
     """
-    expected = model.state_dict()
+    state_dict = getattr(model, "state_dict", None)
+    expected = {} if state_dict is None else state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
@@ -89,12 +91,18 @@ def block_keys(
 
 
 def factor_shape(
-    model: Module, layer: str, kind: str, block: str | None, joint: bool
+    mapping: dict[str, dict[str, int]],
+    params: list[Tensor],
+    layer: str,
+    kind: str,
+    block: str | None,
+    joint: bool,
 ) -> tuple[int, ...]:
     """Return the shape of a layer's factor.
 
     Args:
-        model: The model.
+        mapping: Layer names mapped to their parameters' positions.
+        params: The parameters.
         layer: The layer's name.
         kind: ``'weights'`` (input-side factors), ``'layers'`` (output-side
             factors) or ``'blocks'`` (eigenvalues of a block).
@@ -104,8 +112,9 @@ def factor_shape(
     Returns:
         The shape.
     """
-    weight = model.get_submodule(layer).weight
-    d_out, d_in = weight.shape[0], weight[0].numel() + joint
+    roles = mapping[layer]
+    d_out = len(params[roles.get("weight", roles.get("bias"))])
+    d_in = (params[roles["weight"]][0].numel() if "weight" in roles else 0) + joint
     if kind == "weights":
         return (d_in, d_in)
     if kind == "layers":
@@ -171,9 +180,8 @@ def inverted_factors_fit(A, A_inv, G_inv) -> bool:
         if not isinstance(saved, dict) or sorted(saved) != sorted(A._factor_keys(kind)):
             return False
         for layer, value in saved.items():
-            shape = factor_shape(
-                A._model_func, layer, kind, None, A._has_joint_bias(layer)
-            )
+            joint = A._has_joint_bias(layer)
+            shape = factor_shape(A._mapping, A._params, layer, kind, None, joint)
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                 return False
     return True

@@ -77,6 +77,7 @@ from curvlinops._execution import (
     transient_names,
     with_autograd,
 )
+from curvlinops._functional import bind_params
 from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops.utils import allclose_report
 
@@ -644,11 +645,15 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
         Args:
             model_func: Maps a mini-batch input ``X`` to predictions, usually a
                 ``torch.nn.Module``. Its output's leading axis is the batch axis.
+                With ``params`` as a dictionary: a function ``model_func(params,
+                X)`` of the parameter dictionary and the input.
             loss_func: Maps predictions and labels to a scalar loss; needs a
                 ``reduction`` of ``'mean'`` or ``'sum'``. ``None`` for operators that
                 do not involve a loss (Jacobians).
             params: The parameters (tensors with ``requires_grad=True``) that define
-                the curvature matrix's rows and columns, in this order.
+                the curvature matrix's rows and columns, in this order: a list, or
+                a ``dict[str, Tensor]`` (then in dictionary order; see
+                :mod:`curvlinops._functional`).
             data: An iterable of mini-batches ``(X, y)``, e.g. a list or a
                 ``DataLoader``, presented in the same order on every pass. ``X`` may
                 be a tensor (floating point ones with the parameters' dtype) or a
@@ -680,6 +685,7 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
                 parameter does not belong to a ``torch.nn.Module`` model.
             RuntimeError: If the determinism probe fails.
         """
+        model_func, params = bind_params(model_func, params)
         check_params(params)
         if self._PARAMS_OF_MODEL:
             check_params_in_model(model_func, params)

@@ -305,6 +305,7 @@ def make_batch_fmc_matrix_product(
         model_func: Maps a mini-batch input to predictions (a module or a function).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
         params: Parameters (requiring grad) that define the rows and columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
 
     Returns:
         ``mp(X, y, *M, mc_samples, generator) -> tuple`` that takes the matrix as

@@ -14,6 +14,7 @@ from torch.func import vjp as func_vjp
 from curvlinops._autodiff import ModelJacobian, unpack_columns, vjp
 from curvlinops._checks import check_block_sizes
 from curvlinops._execution import autograd_enabled, lazy_attribute
+from curvlinops._functional import bind_params
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_output_and_labels,
@@ -99,6 +100,7 @@ def _make_batch_sandwich_product(
         The product function; the matrix ``M`` is a list of tensors
         ``[*param.shape, K]`` and so is the result.
     """
+    model_func, params = bind_params(model_func, params)
     params = list(params)
     block_sizes = check_block_sizes(block_sizes, len(params))
     blocks = [b for b, size in enumerate(block_sizes) for _ in range(size)]
@@ -192,6 +194,7 @@ def make_batch_ggn_matrix_product(
         model_func: Maps a mini-batch input to predictions (a module or a function).
         loss_func: Maps predictions and labels to a scalar.
         params: Parameters (requiring grad) that define the rows and columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
         block_sizes: Numbers of consecutive parameters that form the diagonal
             blocks of a block-diagonal approximation. ``None`` (default): the GGN.
 

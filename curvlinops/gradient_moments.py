@@ -188,6 +188,7 @@ def make_batch_ef_matrix_product(
         model_func: Maps a mini-batch input to predictions (a module or a function).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
         params: Parameters (requiring grad) that define the rows and columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
         block_sizes: Numbers of consecutive parameters that form the diagonal
             blocks of a block-diagonal approximation. ``None`` (default): the EF.
 

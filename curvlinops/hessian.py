@@ -9,6 +9,7 @@ from torch import Tensor
 from curvlinops._autodiff import DifferentiationModes, hvp, unpack_columns
 from curvlinops._checks import check_block_sizes
 from curvlinops._execution import autograd_enabled, lazy_attribute
+from curvlinops._functional import bind_params
 from curvlinops._losses import SUPPORTED_LOSSES, check_output_and_labels
 from curvlinops._torch_base import CurvatureLinearOperator
 from curvlinops.utils import split_list
@@ -112,6 +113,7 @@ def make_batch_hessian_matrix_product(
         loss_func: Maps predictions and labels to a scalar.
         params: Parameters (requiring grad) that define the Hessian's rows and
             columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
         block_sizes: Numbers of consecutive parameters that form the diagonal
             blocks. ``None`` (default): the full Hessian.
 
@@ -134,6 +136,7 @@ def make_batch_hessian_matrix_product(
         >>> HM.allclose((H @ M.reshape(6, 4)).reshape(2, 3, 4))
         True
     """
+    model_func, params = bind_params(model_func, params)
     params = list(params)
     block_sizes = check_block_sizes(block_sizes, len(params))
     param_blocks = split_list(params, block_sizes)

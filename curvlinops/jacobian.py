@@ -17,6 +17,7 @@ from curvlinops._distributed import (
     row_range,
 )
 from curvlinops._execution import autograd_enabled, lazy_attribute, with_autograd
+from curvlinops._functional import bind_params
 from curvlinops._torch_base import CurvatureLinearOperator
 
 
@@ -437,6 +438,7 @@ def make_batch_jacobian_matrix_product(
     Args:
         model_func: Maps a mini-batch input to outputs (a module or a function).
         params: Parameters (requiring grad) that define the Jacobian's columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
 
     Returns:
         ``mp(X, *M) -> Tensor`` that takes the matrix as one tensor per parameter of
@@ -475,6 +477,7 @@ def _make_batch_jvp(
     Returns:
         ``mp(X, *M) -> Tensor`` (see :func:`make_batch_jacobian_matrix_product`).
     """
+    model_func, params = bind_params(model_func, params)
     jacobian = ModelJacobian(model_func, list(params), forward_mode=True)
 
     @autograd_enabled
@@ -506,6 +509,7 @@ def make_batch_transposed_jacobian_matrix_product(
     Args:
         model_func: Maps a mini-batch input to outputs (a module or a function).
         params: Parameters (requiring grad) that define the Jacobian's columns.
+            A ``dict[str, Tensor]`` goes with ``model_func(params, X)``.
 
     Returns:
         ``mp(X, M) -> tuple`` that takes the columns as one tensor
@@ -543,6 +547,7 @@ def _make_batch_vjp(
         ``mp(X, M) -> tuple`` (see
         :func:`make_batch_transposed_jacobian_matrix_product`).
     """
+    model_func, params = bind_params(model_func, params)
     params = list(params)
     jacobian = ModelJacobian(model_func, params, forward_mode=False)
 

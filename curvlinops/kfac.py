@@ -62,6 +62,84 @@ class KFACLinearOperator(_KFACBase):
     example while ``'reduce'`` averages the inputs and sums the gradients over the
     positions of each data point first.
 
+    **Any model.** A layer is a weight used by linear maps or 2d convolutions
+    (:func:`torch.nn.functional.linear`, :func:`~torch.nn.functional.conv2d`, as in
+    ``Linear`` and ``Conv2d`` modules, or called directly; also ``x @ W.T`` and
+    the two linear maps of ``RNNCell``, ``LSTMCell`` and ``GRUCell``), with the
+    bias those calls add. KFAC watches every such call in the forward pass (see
+    ``docs/internals.rst``), so a layer may be called several times (recurrent
+    cells, reused blocks), a weight may be shared by several modules, and
+    ``model_func`` may be any callable, or a function ``model_func(params, X)`` of
+    a parameter dictionary ``params`` (layers named after the dictionary keys). If
+    layer :math:`\mathbf{W}` is used by calls :math:`u = 1, \dots, U` with
+    :math:`P_u` positions per data point each (sequence positions, output pixels;
+    one for vectors), its uses add to the shared axis, of length :math:`R =
+    \sum_u P_u`. With inputs :math:`\mathbf{a}_{n,u,p}` and gradients
+    :math:`\mathbf{g}_{n,u,p,k}` of data point :math:`n`,
+
+    .. math::
+        \text{expand:}\quad
+        \mathbf{A} = \frac{1}{NR} \sum_{n,u,p} \mathbf{a}_{n,u,p}
+        \mathbf{a}_{n,u,p}^\top, \quad
+        \mathbf{G} = \sum_{n,u,p,k} \mathbf{g}_{n,u,p,k}
+        \mathbf{g}_{n,u,p,k}^\top;
+        \qquad
+        \text{reduce:}\quad
+        \mathbf{A} = \frac{1}{N} \sum_n \hat{\mathbf{a}}_n
+        \hat{\mathbf{a}}_n^\top, \quad
+        \mathbf{G} = \sum_{n,k} \hat{\mathbf{g}}_{n,k}
+        \hat{\mathbf{g}}_{n,k}^\top,
+
+    with :math:`\hat{\mathbf{a}}_n = \frac{1}{R} \sum_{u,p}
+    \mathbf{a}_{n,u,p}` and :math:`\hat{\mathbf{g}}_{n,k} = \sum_{u,p}
+    \mathbf{g}_{n,u,p,k}`. Calling a layer once on ``[B, R, D]`` or :math:`R` times
+    on ``[B, D]`` slices therefore gives the same factors (EKFAC follows). Reduce
+    sums over *all* uses first, not per use: the gradient of a data point is
+    :math:`\sum_{u,p} \mathbf{g}_{n,u,p,k} \mathbf{a}_{n,u,p}^\top`, which
+    reduce replaces by :math:`\hat{\mathbf{g}}_{n,k} \hat{\mathbf{a}}_n^\top`;
+    this is exact if the inputs agree along the whole shared axis, whereas reducing
+    each use separately and expanding over the uses would count the uses of one
+    data point as independent examples. For type-2 and a loss Hessian
+    :math:`\mathbf{H}` w.r.t. each term's output that is the same for all terms
+    (square loss), and a network that is linear after the layer, the two are exact
+    in the settings of `Eschenhagen et al., 2023
+    <https://arxiv.org/abs/2311.00636>`_ (tested for layers used several times):
+
+    - *expand* equals the GGN's block if every loss term depends on the layer
+      through exactly one (use, position), every (use, position) feeds exactly one
+      term, and :math:`\mathbf{J}^\top \mathbf{H} \mathbf{J}` (Jacobian of the
+      term's output w.r.t. the layer output) is the same for all terms, e.g. deep
+      linear networks applied position-wise with a loss per position;
+    - *reduce* equals it if each data point's loss depends on the layer only
+      through the average of its outputs over the shared axis, with the same
+      :math:`\mathbf{J}^\top \mathbf{H} \mathbf{J}` for all data points, e.g.
+      deep linear networks applied position-wise, then mean-pooled.
+
+    Each is wrong in the other's setting as soon as :math:`R > 1` (expand treats
+    the positions of a pooled output as independent examples; reduce mixes the
+    gradients of independent terms).
+
+    **Tied embeddings.** A matrix :math:`\mathbf{W} \in \mathbb{R}^{V \times D}`
+    that is looked up (:func:`~torch.nn.functional.embedding`, or ``W[idx]`` with
+    an integer tensor) and is the weight of linear maps (a tied unembedding) gets
+    the factors of its linear uses, :math:`\mathbf{G} \in \mathbb{R}^{V \times
+    V}` and :math:`\mathbf{A} \in \mathbb{R}^{D \times D}`; the lookups are left
+    out (the matrix counts as a constant there). A lookup :math:`\mathbf{e} =
+    \mathbf{W}^\top \mathbf{o}` of a one-hot :math:`\mathbf{o}` has the
+    per-example gradient :math:`\mathbf{o} \mathbf{g}_\mathbf{e}^\top`, i.e.
+    Kronecker factors :math:`\mathbf{o}\mathbf{o}^\top` (diagonal: token counts)
+    on the vocabulary axis and :math:`\mathbf{g}_\mathbf{e}
+    \mathbf{g}_\mathbf{e}^\top` on the feature axis, the roles of the two axes
+    swapped w.r.t. the unembedding. Their sum is not a Kronecker product, which
+    inverse, eigenbasis (EKFAC) and saved factors rely on, and mixing both into one
+    pair of factors would create cross terms without curvature scale (token counts
+    times input covariances). The result is exactly the KFAC of the model whose
+    lookup reads a constant copy of the matrix (tested against the dense GGN). A
+    matrix that is only looked up is not supported.
+
+    Parameters in any other operation (e.g. ``x @ W``, ``x + b``, ``layer_norm``)
+    raise an error that names the operation and the parameter.
+
     The factors are computed in one pass over the data, when first needed or by
     :meth:`compute_kronecker_factors`, and cached (once, also when threads ask
     at the same time); create a new operator (or call
@@ -105,6 +183,14 @@ class KFACLinearOperator(_KFACBase):
         True
         >>> K._mapping
         {'0': {'weight': 0, 'bias': 1}, '1': {'weight': 2, 'bias': 3}}
+        >>> # a function of a parameter dictionary that uses one layer twice
+        >>> from torch.nn.functional import linear
+        >>> def f(p, X):
+        ...     return linear(linear(X, p["w"], p["b"]).tanh(), p["w"], p["b"])
+        >>> p = {"w": rand(3, 3, requires_grad=True), "b": rand(3, requires_grad=True)}
+        >>> K = KFACLinearOperator(f, MSELoss(), p, [(rand(8, 3), rand(8, 3))])
+        >>> K._mapping, K.shape
+        ({'w': {'weight': 0, 'bias': 1}}, (12, 12))
 
     Attributes:
         SELF_ADJOINT: ``True``.

@@ -131,16 +131,45 @@ class ChannelsLast(Module):
         return x.movedim(1, -1)
 
 
+class Chunked(Module):
+    """Apply a network to chunks of the positions of ``[B, R, D]``, one call each.
+
+    Every layer of the network is used once per chunk, on 2 and 1 positions. The
+    outputs are concatenated along the positions (expand's setting) or averaged over
+    all positions (``pool=True``, reduce's setting).
+    """
+
+    def __init__(self, net: Module, pool: bool = False):
+        super().__init__()
+        self.net, self.pool = net, pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = cat([self.net(chunk) for chunk in x.split([2, 1], dim=1)], dim=1)
+        return out.mean(1) if self.pool else out
+
+
 def deep_linear(structure: str) -> tuple[Module, tuple[int, ...]]:
     """A deep linear network and its input shape (per datum).
 
     ``'mlp'``: on vectors; ``'sequence'``: position-wise on sequences of length 3;
     ``'pooled'``: position-wise, then averaged over positions (reduce's exact case);
     ``'conv'``: a convolution then a 1x1 convolution, channels last (expand);
-    ``'conv_pooled'``: the same convolutions, pooled, then a linear layer (reduce).
+    ``'conv_pooled'``: the same convolutions, pooled, then a linear layer (reduce);
+    ``'circular'``: as ``'conv'`` with circular padding;
+    ``'chunked'``, ``'chunked_pooled'``: as ``'sequence'`` and ``'pooled'``, but
+    every layer is called once per chunk of positions (several uses per layer).
     """
     convs = [Conv2d(2, 3, 3, stride=2, padding=1), Conv2d(3, 2, 1)]
+    circular = Conv2d(2, 3, 3, padding=1, padding_mode="circular")
     models = {
+        "circular": (Sequential(circular, Conv2d(3, 2, 1), ChannelsLast()), (2, 4, 4)),
+        "chunked": (Chunked(Sequential(Linear(4, 3), Linear(3, 2))), (3, 4)),
+        "chunked_pooled": (
+            Sequential(
+                Chunked(Sequential(Linear(4, 3), Linear(3, 3)), pool=True), Linear(3, 2)
+            ),
+            (3, 4),
+        ),
         "mlp": (Sequential(Linear(4, 3), Linear(3, 2)), (4,)),
         "sequence": (Sequential(Linear(4, 3), Linear(3, 2)), (3, 4)),
         "pooled": (

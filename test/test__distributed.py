@@ -289,11 +289,34 @@ def _pass_over_data(op, M):
     return op @ M
 
 
+def _check_functional_kfac(rank, world_size, case, expected):
+    """KFAC of ``model_func(params, X)``: the layers of one rank, on all ranks.
+
+    The lowest rank with data discovers the layers and shares them, also with a
+    rank without data (three ranks).
+    """
+    model, loss_func, _, batches = _problem(case)
+    shard = [batches[i] for i in SHARDS[world_size][rank]]
+    named = dict(model.named_parameters())
+    M = _columns(sum(p.numel() for p in named.values()))
+
+    def model_func(params, X):
+        return torch.func.functional_call(model, params, (X,))
+
+    cls, kwargs = EXACT["kfac"]
+    K = cls(
+        model_func, loss_func, named, shard, process_group=dist.group.WORLD,
+        loss_average="batch", **kwargs,
+    )  # fmt: skip
+    assert list(K._mapping) == list(named)[::2]  # named after the weights
+    assert_close(K @ M, expected["kfac"], msg=f"functional KFAC rank {rank}")
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_products_equal_single_process(world_size):
-    checks = [
-        (_check_operators, (case, _references(case, world_size))) for case in CASES
-    ]
+    references = {case: _references(case, world_size) for case in CASES}
+    checks = [(_check_operators, (case, references[case])) for case in CASES]
+    checks.append((_check_functional_kfac, (CASES[0], references[CASES[0]])))
     if world_size == 2:
         checks += [
             (_check_probe_fails_on_all_ranks, ()),

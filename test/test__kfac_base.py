@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import equal, float64, rand
+from torch import equal, eye, float64, rand
 from torch.nn import CrossEntropyLoss, L1Loss, Linear, Sequential
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator
@@ -44,12 +44,18 @@ def test_sum_reduction_rejects_an_average(average):
         KFACLinearOperator(model, loss_func, params, data, loss_average=average)
 
 
-def test_unsupported_loss_and_model_raise():
+def test_unsupported_loss_raises_and_plain_callables_work():
+    """A callable that hides the module gives the same KFAC (layers discovered)."""
     model, _, params, data = _mlp()
     with pytest.raises(ValueError, match="L1Loss"):
         KFACLinearOperator(model, L1Loss(), params, data)
-    with pytest.raises(TypeError, match="torch.nn.Module"):
-        KFACLinearOperator(lambda X: model(X), CrossEntropyLoss(), params, data)
+    K = KFACLinearOperator(model, CrossEntropyLoss(), params, data)
+    K_callable = KFACLinearOperator(
+        lambda X: model(X), CrossEntropyLoss(), params, data
+    )
+    assert list(K_callable._mapping) == ["params[0]", "params[2]"]
+    identity = eye(K.shape[1], dtype=float64)
+    assert_close(K_callable @ identity, K @ identity)
 
 
 def test_ekfac_rejects_forward_only():

@@ -1,7 +1,8 @@
-"""Tests for curvlinops._kfac_pass: supported layers, rows, hooks."""
+"""Tests for curvlinops._kfac_pass: supported layers, rows of one or several uses."""
 
 import pytest
 from torch import (
+    Size,
     Tensor,
     arange,
     cat,
@@ -26,11 +27,11 @@ from torch.nn import (
 )
 
 from curvlinops import KFACLinearOperator
+from curvlinops._kfac_calls import CONV2D, LINEAR, Use
 from curvlinops._kfac_pass import (
-    layer_input_rows,
-    layer_output_grad_rows,
+    input_rows,
+    output_grad_rows,
     per_datum_input_rows,
-    record_layers,
     supported_layer_mapping,
 )
 from curvlinops.examples.functorch import functorch_ggn
@@ -114,53 +115,67 @@ def test_circular_padding_is_not_supported():
         supported_layer_mapping(model, list(model.parameters()))
 
 
-def test_layer_called_twice_raises():
-    layer = Linear(2, 2).to(float64)
-    model = Sequential(layer, layer)
-    data = [(rand(3, 2, dtype=float64), rand(3, 2, dtype=float64))]
-    with pytest.raises(NotImplementedError, match="twice"):
-        KFACLinearOperator(model, MSELoss(), [layer.weight], data)
+def _linear_use(x: Tensor, d_out: int) -> Use:
+    return Use(LINEAR, x, Size([*x.shape[:-1], d_out]))
+
+
+def _conv_use(x: Tensor, conv: Conv2d) -> Use:
+    hyperparameters = (conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return Use(CONV2D, x, conv(x).shape, (*hyperparameters, conv.groups))
 
 
 def test_input_rows_expand_reduce_and_bias_column():
     x = arange(24.0).reshape(2, 3, 4)
-    linear = Linear(4, 5)
-    expand = layer_input_rows(linear, x, 2, "expand", append_ones=True)
+    use = _linear_use(x, 5)
+    expand = input_rows([use], 2, "expand", append_ones=True)
     assert expand.shape == (2, 3, 5) and (expand[..., -1] == 1).all()
-    reduce = layer_input_rows(linear, x, 2, "reduce", append_ones=False)
+    reduce = input_rows([use], 2, "reduce", append_ones=False)
     assert reduce.shape == (2, 1, 4)
     assert reduce.squeeze(1).allclose(x.mean(1))
-    flat = layer_input_rows(linear, x.reshape(6, 4), 2, "expand", False)
+    flat = input_rows([_linear_use(x.reshape(6, 4), 5)], 2, "expand", False)
     assert flat.shape == (2, 3, 4)
     with pytest.raises(ValueError, match="batch axis"):
-        layer_input_rows(linear, x[:, :, :4].reshape(24, 1), 5, "expand", False)
+        input_rows([_linear_use(x.reshape(24, 1), 5)], 5, "expand", False)
+
+
+def test_uses_add_to_the_shared_axis():
+    """Two uses with 3 and 1 positions: 4 rows per datum; reduce averages all 4."""
+    x1, x2, g1, g2 = rand(2, 3, 4), rand(2, 4), rand(5, 2, 3, 6), rand(5, 2, 6)
+    uses = [_linear_use(x1, 6), _linear_use(x2, 6)]
+    joined = cat([x1, x2.unsqueeze(1)], dim=1)
+    assert input_rows(uses, 2, "expand", False).equal(joined)
+    reduce = input_rows(uses, 2, "reduce", True)
+    assert reduce[:, 0, :4].allclose(joined.mean(1)) and (reduce[..., 4] == 1).all()
+    g_joined = cat([g1, g2.unsqueeze(2)], dim=2)
+    assert output_grad_rows(uses, [g1, g2], 2, "expand").equal(g_joined)
+    g_reduce = output_grad_rows(uses, [g1, g2], 2, "reduce")
+    assert g_reduce.squeeze(2).allclose(g_joined.sum(2))
 
 
 def test_conv_rows_expand_and_reduce_are_consistent():
     conv = Conv2d(2, 3, 3, stride=2, padding=1)
     x, g = rand(4, 2, 5, 5), rand(6, 4, 3, 3, 3)  # 6 vectors, 3x3 outputs
-    a_expand = layer_input_rows(conv, x, 4, "expand", True)
-    a_reduce = layer_input_rows(conv, x, 4, "reduce", True)
+    use = _conv_use(x, conv)
+    a_expand = input_rows([use], 4, "expand", True)
+    a_reduce = input_rows([use], 4, "reduce", True)
     assert a_expand.shape == (4, 9, 19)
     assert a_reduce.squeeze(1).allclose(a_expand.mean(1), atol=1e-6)
-    g_expand = layer_output_grad_rows(conv, g, 4, "expand")
+    g_expand = output_grad_rows([use], [g], 4, "expand")
     assert g_expand.shape == (6, 4, 9, 3)
     assert g_expand[1, 2, 4].allclose(g[1, 2, :, 1, 1])
-    g_reduce = layer_output_grad_rows(conv, g, 4, "reduce")
+    g_reduce = output_grad_rows([use], [g], 4, "reduce")
     assert g_reduce.squeeze(2).allclose(g_expand.sum(2))
 
 
-def test_record_layers_probes_are_output_gradients_and_hooks_removed():
-    model = Sequential(Linear(3, 2), Linear(2, 1))
-    inputs = {}
-    with record_layers(
-        model, ["0", "1"], lambda n, m, x: inputs.update({n: x}), True
-    ) as probes:
-        output = model(randn(4, 3))
-    assert set(inputs) == set(probes) == {"0", "1"}
-    assert not model[0]._forward_hooks and not model[1]._forward_hooks
-    output.sum().backward()
-    assert probes["1"].grad.allclose(output.new_ones(4, 1))
+def test_reduce_weights_conv_uses_by_their_positions():
+    """A use with 9 output pixels and one with 1 pixel: weights 9/10 and 1/10."""
+    conv, small = Conv2d(2, 3, 3, stride=2, padding=1), Conv2d(2, 3, 3)
+    x, x_small = rand(4, 2, 5, 5), rand(4, 2, 3, 3)
+    uses = [_conv_use(x, conv), _conv_use(x_small, small)]
+    expand = input_rows(uses, 4, "expand", False)
+    assert expand.shape == (4, 10, 18)
+    reduce = input_rows(uses, 4, "reduce", False)
+    assert reduce.squeeze(1).allclose(expand.mean(1), atol=1e-6)
 
 
 class WithUnusedLayer(Module):
@@ -198,15 +213,47 @@ def test_per_datum_rows_give_the_per_datum_gradients(layer, in_shape):
     manual_seed(0)
     x = rand(3, *in_shape, dtype=float64)
     out_grad = randn(layer(x).shape, dtype=float64)
-    a = per_datum_input_rows(layer, x, 3, append_ones=True)
-    g = layer_output_grad_rows(layer, out_grad.unsqueeze(0), 3, "expand")[0]
-    if a.ndim == 4:  # [N, groups, P, D_in + 1]: each group's channels, its patches
-        gradients = einsum("npgc,ngpi->ngci", g.unflatten(-1, (2, -1)), a)
-        gradients = gradients.flatten(1, 2)
-    else:
-        gradients = einsum("npo,npi->noi", g, a)
+    use = _conv_use(x, layer) if isinstance(layer, Conv2d) else _linear_use(x, 6)
+    a = per_datum_input_rows([use], 3, append_ones=True)
+    g = output_grad_rows([use], [out_grad.unsqueeze(0)], 3, "expand")[0]
+    gradients = _per_datum_gradients(a, g)
     for n in range(3):
         grad_W, grad_b = grad(
             (layer(x[n : n + 1]) * out_grad[n : n + 1]).sum(), layer.parameters()
         )
+        assert gradients[n].allclose(cat([grad_W.flatten(1), grad_b[:, None]], 1))
+
+
+def _per_datum_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """Per-datum gradients ``[N, D_out, D_in]`` from per-datum rows (two groups)."""
+    if a.ndim == 4:  # [N, groups, P, D_in + 1]: each group's channels, its patches
+        gradients = einsum("npgc,ngpi->ngci", g.unflatten(-1, (2, -1)), a)
+        return gradients.flatten(1, 2)
+    return einsum("npo,npi->noi", g, a)
+
+
+@pytest.mark.parametrize(
+    "layer,in_shapes",
+    [
+        (Linear(4, 6), [(3, 4), (4,)]),
+        (Conv2d(4, 6, 3, padding=1, groups=2), [(4, 5, 5), (4, 3, 3)]),
+    ],
+    ids=["linear", "grouped_conv"],
+)
+def test_per_datum_rows_of_several_uses_give_the_per_datum_gradients(layer, in_shapes):
+    """A layer called twice: the rows of both uses give the summed gradients."""
+    layer = layer.to(float64)
+    manual_seed(0)
+    xs = [rand(3, *shape, dtype=float64) for shape in in_shapes]
+    out_grads = [randn(layer(x).shape, dtype=float64) for x in xs]
+    conv = isinstance(layer, Conv2d)
+    uses = [_conv_use(x, layer) if conv else _linear_use(x, 6) for x in xs]
+    a = per_datum_input_rows(uses, 3, append_ones=True)
+    g = output_grad_rows(uses, [o.unsqueeze(0) for o in out_grads], 3, "expand")[0]
+    gradients = _per_datum_gradients(a, g)
+    for n in range(3):
+        loss = sum(
+            (layer(x[n : n + 1]) * o[n : n + 1]).sum() for x, o in zip(xs, out_grads)
+        )
+        grad_W, grad_b = grad(loss, layer.parameters())
         assert gradients[n].allclose(cat([grad_W.flatten(1), grad_b[:, None]], 1))

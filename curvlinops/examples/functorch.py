@@ -13,8 +13,10 @@ with :math:`D` the total number of parameters (:func:`functorch_jacobian` gives 
 model's ``[NC, D]`` Jacobian instead). They cost :math:`\mathcal{O}(D^2)`
 memory, so they are meant for small models (tests, tutorials), not for production.
 Inputs ``X`` may be dict-like; then ``input_key`` names the entry whose leading axis
-is the batch axis. Attention layers run on the composite (``MATH``) kernel of
-``scaled_dot_product_attention``, which supports all derivatives.
+is the batch axis. ``params`` may be a dictionary ``{name: tensor}`` with a
+functional ``model_func(params, X)``, as for the operators; the matrices then
+follow the dictionary's order. Attention layers run on the composite (``MATH``)
+kernel of ``scaled_dot_product_attention``, which supports all derivatives.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.func import hessian, jacrev
 from torch.nn import CrossEntropyLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvlinops._functional import FunctionalModel, bind_params, functional_form
 from curvlinops.utils import make_functional_model_and_loss
 
 Data = Iterable[tuple[Tensor | MutableMapping, Tensor]]
@@ -96,14 +99,19 @@ def _flat_model(model_func, loss_func, params: list[Tensor]):
     """Make the model a function of one flat parameter vector.
 
     Args:
-        model_func: The neural network.
+        model_func: The neural network, or ``model_func(params, X)`` for a
+            parameter dictionary.
         loss_func: The loss function.
-        params: The parameters.
+        params: The parameters, a list or a dictionary (then in its order).
 
     Returns:
         ``f(theta, X)``, ``c(prediction, y)`` and the flat parameter vector ``theta``.
     """
-    f, c = make_functional_model_and_loss(model_func, loss_func, tuple(params))
+    model_func, params = bind_params(model_func, params)
+    if isinstance(model_func, FunctionalModel):
+        f, c = functional_form(model_func, params), loss_func
+    else:
+        f, c = make_functional_model_and_loss(model_func, loss_func, tuple(params))
 
     def f_flat(theta: Tensor, X):
         chunks = theta.split([p.numel() for p in params])
@@ -262,6 +270,7 @@ def functorch_gradient_and_loss(
     """
     risk, theta = _risk(model_func, loss_func, params, data, input_key)
     gradient, loss = jacrev(risk)(theta), risk(theta)
+    params = bind_params(model_func, params)[1]
     chunks = gradient.split([p.numel() for p in params])
     return [ch.reshape(p.shape) for ch, p in zip(chunks, params)], loss.detach()
 
