@@ -24,6 +24,8 @@ from torch.compiler import is_compiling
 from torch.nn import Module
 from torch.nn.modules.batchnorm import _NormBase
 
+from curvlinops._functional import FunctionalModel
+
 
 def with_autograd(method: Callable) -> Callable:
     """Run an operator's computation protected, with autograd on.
@@ -214,11 +216,15 @@ def model_lock(model) -> RLock:
     """Return the reentrant lock of a model, shared by all operators on it.
 
     Args:
-        model: The model (a ``torch.nn.Module`` or any callable).
+        model: The model (a ``torch.nn.Module`` or any callable). Functional models
+            with bound parameters share the lock of their function (which may,
+            e.g., swap a module's parameters with ``functional_call``).
 
     Returns:
         The model's lock; a new one if the model cannot be referenced weakly.
     """
+    if isinstance(model, FunctionalModel):
+        model = model.model_func
     with _MODEL_LOCKS_LOCK:
         try:
             return _MODEL_LOCKS.setdefault(model, RLock())

@@ -54,8 +54,9 @@ class ParameterUses(TorchFunctionMode):
 
     Subclasses handle the calls of linear maps and convolutions
     (:meth:`_on_linear_call`) and lookups (:meth:`_on_lookup`); every other
-    function that receives a watched parameter must not depend on it
-    differentiably.
+    function that receives a watched parameter and depends on it differentiably
+    goes to :meth:`_unsupported`, which raises (KFAC) unless a subclass records
+    it instead.
     """
 
     def __init__(self, labels: dict[int, str], forced_grad: bool):
@@ -93,9 +94,18 @@ class ParameterUses(TorchFunctionMode):
         Returns:
             The parameter's name.
         """
-        if id(tensor) in self._views:
-            tensor = self._views[id(tensor)][0]
-        return self._labels[id(tensor)]
+        return self._labels[id(self.parameter(tensor))]
+
+    def parameter(self, tensor: Tensor) -> Tensor:
+        """Return the watched parameter of a transpose (or the parameter itself).
+
+        Args:
+            tensor: A watched parameter, or the transpose of one.
+
+        Returns:
+            The parameter.
+        """
+        return self._views[id(tensor)][0] if id(tensor) in self._views else tensor
 
     @torch_compiler_disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -114,8 +124,7 @@ class ParameterUses(TorchFunctionMode):
         call = linear_call(func, args, kwargs)
         if call is not None and (self.watched(call[2]) or self.watched(call[3])):
             if self.watched(call[1]):
-                label = self.label(call[1])
-                raise NotImplementedError(unsupported_message(op_name(func), label))
+                self._unsupported(func, [call[1]])
             return self._on_linear_call(func, args, kwargs, call)
         watched = self._watched_among(args, kwargs)
         if not watched:
@@ -134,7 +143,7 @@ class ParameterUses(TorchFunctionMode):
         if table is not None and self.watched(table) and len(watched) == 1:
             self._on_lookup(func, table)
             return func(*args, **kwargs)
-        return self._other(func, args, kwargs, watched[0])
+        return self._other(func, args, kwargs, watched)
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Evaluate ``linear(x, weight, bias)`` as a call the mode sees.
@@ -215,30 +224,40 @@ class ParameterUses(TorchFunctionMode):
             return None
         return LINEAR, x, self._views[id(view)][0], None, None
 
-    def _other(self, func, args: tuple, kwargs: dict, parameter: Tensor):
-        """Run a function that receives a parameter; fail if it depends on it.
+    def _other(self, func, args: tuple, kwargs: dict, watched: list[Tensor]):
+        """Run a function that receives parameters; report it if it depends on them.
 
         Args:
             func: The function.
             args: Positional arguments.
             kwargs: Keyword arguments.
-            parameter: A watched parameter among the arguments.
+            watched: The watched parameters (or transposes) among the arguments.
 
         Returns:
-            The result, if no output tensor requires grad.
-
-        Raises:
-            NotImplementedError: If an output tensor requires grad.
+            The result (after :meth:`_unsupported` if an output tensor requires
+            grad).
         """
         if not (self._forced_grad or is_grad_enabled()):
             return func(*args, **kwargs)  # the model turned autograd off itself
         with enable_grad():
             result = func(*args, **kwargs)
         if any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves(result)):
-            raise NotImplementedError(
-                unsupported_message(op_name(func), self.label(parameter))
-            )
+            self._unsupported(func, watched)
         return result
+
+    def _unsupported(self, func, watched: list[Tensor]):
+        """Handle a function other than a linear map that depends on parameters.
+
+        Args:
+            func: The function.
+            watched: The watched parameters (or transposes) it receives.
+
+        Raises:
+            NotImplementedError: Naming the function and the first parameter.
+        """
+        raise NotImplementedError(
+            unsupported_message(op_name(func), self.label(watched[0]))
+        )
 
     def _on_linear_call(self, func, args: tuple, kwargs: dict, call: tuple):
         """Handle a linear map or convolution with a watched weight or bias.

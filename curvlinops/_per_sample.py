@@ -14,37 +14,151 @@ the entry-wise squares of per-datum gradients (with :math:`\mathbf{v}_{k,n}` the
 columns of a square root of the loss Hessian, this is the GGN's diagonal). The
 data points must not interact (no BatchNorm in train mode). Two paths:
 
-- *layers*: parameters of ``Linear`` and ``Conv2d`` layers (of exactly these types,
-  used only through their call) take one forward pass, hooked to record the
-  layers' inputs, and one backward pass batched over the :math:`K` vectors to the
-  layers' outputs. A layer that multiplies each datum's input once (no sequence
-  or spatial positions) gets its per-datum gradients
-  :math:`\mathbf{g}_{k,n} \mathbf{a}_n^\top` squared in closed form,
+- *layers*: parameters that the forward pass uses only as weights or biases of
+  linear maps and 2d convolutions (``torch.nn.functional.linear`` and ``conv2d``
+  as in ``Linear`` and ``Conv2d`` layers, ``x @ W.T``, recurrent cells; also
+  several times, by any module or function) take one forward pass, in which a
+  torch function mode (:class:`LinearUses`, see :mod:`curvlinops._kfac_uses`)
+  records every such call's input, and one backward pass batched over the
+  :math:`K` vectors to the calls' outputs. A weight that multiplies each datum's
+  input once (no sequence or spatial positions, one call) gets its per-datum
+  gradients :math:`\mathbf{g}_{k,n} \mathbf{a}_n^\top` squared in closed form,
   :math:`\sum_{k,n} \mathbf{g}_{k,n}^{\odot 2} (\mathbf{a}_n^{\odot 2})^\top`,
   one matrix product (as in BackPACK's ``DiagGGN``, `Dangel et al., 2020
-  <https://arxiv.org/abs/1912.10985>`_); with positions, the per-datum gradients
-  are formed in chunks of data points and squared.
-- *generic*: all other parameters get per-datum vector-Jacobian products from
-  :func:`torch.func.vmap` over data points of :func:`torch.func.vjp`, batched
-  over the :math:`K` vectors, in chunks of data points.
+  <https://arxiv.org/abs/1912.10985>`_); with positions or several calls, the
+  per-datum gradients (summed over the calls) are formed in chunks of data
+  points and squared.
+- *generic*: all other parameters (used by other functions, looked up, or not
+  seen at all) get per-datum vector-Jacobian products from :func:`torch.func.vmap`
+  over data points of :func:`torch.func.vjp`, batched over the :math:`K` vectors,
+  in chunks of data points.
+
+Every mini-batch's forward pass decides anew which parameters take which path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
 
-from torch import Tensor, cat, einsum, no_grad, zeros, zeros_like
+from torch import Tensor, cat, einsum, is_grad_enabled, zeros, zeros_like
 from torch.func import vjp as func_vjp
 from torch.func import vmap
-from torch.nn import Conv2d, Linear, Module
+from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlinops._autodiff import vjp
-from curvlinops.kfac_utils import extract_patches
-from curvlinops.utils import make_functional_call, parameter_names
+from curvlinops._functional import FunctionalModel, functional_form, parameter_labels
+from curvlinops._kfac_calls import CONV2D, Use
+from curvlinops._kfac_pass import output_grad_rows, per_datum_input_rows
+from curvlinops._kfac_uses import ParameterUses
+from curvlinops.utils import parameter_names
 
 #: Most entries of per-datum gradients held at once (chunks of data points).
 CHUNK_ENTRIES = 2**24
+
+
+class LinearUses(ParameterUses):
+    """Record the linear uses of parameters (with probes), and note all others.
+
+    Attributes:
+        calls: Per call of a linear map or 2d convolution with a parameter as
+            weight or bias: the use (with a probe on its output) and the positions
+            of weight and bias among the parameters (``None`` if not one).
+        others: Positions of parameters that the pass also uses otherwise (other
+            functions that depend on them, lookups, as a call's input).
+    """
+
+    def __init__(self, params: list[Tensor], labels: list[str]):
+        """Watch parameters.
+
+        Args:
+            params: The parameters.
+            labels: Their names.
+        """
+        super().__init__(dict(zip(map(id, params), labels)), forced_grad=False)
+        self._position = {id(p): i for i, p in enumerate(params)}
+        self.calls: list[tuple[Use, int | None, int | None]] = []
+        self.others: set[int] = set()
+
+    def _on_linear_call(self, func, args: tuple, kwargs: dict, call: tuple):
+        """Record a use: its input, and a probe on its output.
+
+        Args:
+            func: The function.
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            call: ``(kind, x, weight, bias, conv)``.
+
+        Returns:
+            The output, plus the probe.
+        """
+        kind, x, weight, bias, conv = call
+        output = func(*args, **kwargs)
+        if not is_grad_enabled():
+            return output  # inside the model's no_grad: not a use
+        probe = zeros_like(output, requires_grad=True)
+        use = Use(kind, x.detach(), output.shape, conv, probe)
+        self.calls.append((use, *(self._position.get(id(t)) for t in (weight, bias))))
+        return output + probe
+
+    def _on_lookup(self, func, table: Tensor):
+        """Note a lookup (its gradient is not a linear map's).
+
+        Args:
+            func: The function.
+            table: The looked-up matrix.
+        """
+        self.others.add(self._position[id(table)])
+
+    def _unsupported(self, func, watched: list[Tensor]):
+        """Note parameters that another function depends on.
+
+        Args:
+            func: The function.
+            watched: The watched parameters (or transposes) it receives.
+        """
+        self.others.update(self._position[id(self.parameter(t))] for t in watched)
+
+    def layer_uses(self, params: list[Tensor]) -> dict[int, list[tuple[Use, str]]]:
+        """Return the parameters of the layer path with their uses and roles.
+
+        Args:
+            params: The parameters.
+
+        Returns:
+            Positions of the parameters used only as weights (2d for linear maps)
+            or only as biases of linear maps and convolutions, with the same
+            channel groups in all convolutions, mapped to their uses and role.
+        """
+        found: dict[int, list[tuple[Use, str]]] = {}
+        for use, weight, bias in self.calls:
+            for position, role in ((weight, "weight"), (bias, "bias")):
+                if position is not None:
+                    found.setdefault(position, []).append((use, role))
+        return {
+            position: uses
+            for position, uses in found.items()
+            if position not in self.others and _fits(uses, params[position])
+        }
+
+
+def _fits(uses: list[tuple[Use, str]], param: Tensor) -> bool:
+    """Return whether the layer path computes a parameter's sums from its uses.
+
+    Args:
+        uses: The parameter's uses and roles.
+        param: The parameter.
+
+    Returns:
+        Whether it has one role, is a matrix if it is a linear map's weight, and
+        has the same channel groups in all convolutions.
+    """
+    roles = {role for _, role in uses}
+    if len(roles) > 1 or len({use.kind for use, _ in uses}) > 1:
+        return False
+    if roles == {"weight"} and uses[0][0].kind != CONV2D:
+        return param.ndim == 2
+    return len({use.conv[-1] for use, _ in uses if use.conv is not None}) <= 1
 
 
 class SquaredGradientSums:
@@ -53,38 +167,39 @@ class SquaredGradientSums:
     Build once per model and parameters; call per mini-batch.
     """
 
-    def __init__(self, model: Module, params: list[Tensor]):
-        """Assign every parameter to the layer path or the generic path.
+    def __init__(self, model: Module | FunctionalModel, params: list[Tensor]):
+        """Check the model.
 
         Args:
-            model: The neural network.
+            model: The neural network: a ``torch.nn.Module``, or a functional
+                model with bound parameters (see :mod:`curvlinops._functional`).
             params: Parameters of the model, in the order of the results.
 
         Raises:
-            TypeError: If the model is not a ``torch.nn.Module``.
+            TypeError: If the model is neither.
             ValueError: If a parameter is not part of the model, or a BatchNorm
                 layer is in train mode.
         """
-        if not isinstance(model, Module):
+        if not isinstance(model, (Module, FunctionalModel)):
             raise TypeError(
-                "Per-datum gradients need the model as a torch.nn.Module, got "
+                "Per-datum gradients need the model as a torch.nn.Module, or as "
+                "model_func(params, X) with a dictionary of parameters, got "
                 f"{type(model).__name__}."
             )
-        for name, module in model.named_modules():
+        for name, module in model.named_modules() if isinstance(model, Module) else []:
             if isinstance(module, _BatchNorm) and module.training:
                 raise ValueError(
                     f"BatchNorm layer {name!r} is in train mode, where it couples the "
                     "data points of a mini-batch; per-datum gradients need "
                     "`model.eval()`."
                 )
-        names = parameter_names(model, params)
+        if isinstance(model, Module):
+            parameter_names(model, params)  # raises for foreign parameters
+        self._labels = parameter_labels(model, params)
         self._model, self._params = model, list(params)
-        self._layers = _layer_roles(model, self._params)
-        in_layers = {i for roles in self._layers.values() for i in roles.values()}
-        self._generic = [i for i in range(len(params)) if i not in in_layers]
-        self._functional = make_functional_call(
-            model, [names[i] for i in self._generic]
-        )
+        self._functionals: dict[tuple[int, ...], Callable] = {}
+        #: Positions of the parameters the last call computed on the layer path.
+        self.layer_params: set[int] = set()
 
     def __call__(
         self,
@@ -106,63 +221,55 @@ class SquaredGradientSums:
         Returns:
             One tensor per parameter, of its shape.
         """
+        recorder = LinearUses(self._params, self._labels)
+        with recorder:
+            output = self._model(X)
+        V = make_vectors(output)
+        layer_uses = recorder.layer_uses(self._params)
+        self.layer_params = set(layer_uses)
         result = [zeros_like(p) for p in self._params]
-        if self._layers:
-            V = self._layer_pass(X, batch_size, make_vectors, result)
-        else:
-            with no_grad():
-                V = make_vectors(self._model(X))
-        if self._generic:
-            sums = self._generic_pass(X, batch_size, V)
-            for idx, s in zip(self._generic, sums):
+        if layer_uses:
+            self._layer_pass(output, V, layer_uses, batch_size, result)
+        generic = [i for i in range(len(self._params)) if i not in layer_uses]
+        if generic:
+            for idx, s in zip(generic, self._generic_pass(X, batch_size, V, generic)):
                 result[idx] = s
         return result
 
-    def _layer_pass(self, X, batch_size, make_vectors, result) -> Tensor:
-        """Run the hooked forward and the batched backward pass; fill layer entries.
+    def _layer_pass(
+        self,
+        output: Tensor,
+        V: Tensor,
+        layer_uses: dict[int, list[tuple[Use, str]]],
+        batch_size: int,
+        result: list[Tensor],
+    ):
+        """Backpropagate the vectors to the uses' outputs; fill the layer entries.
 
         Args:
-            X: Mini-batch input.
+            output: The model output (with the probes in its graph).
+            V: The vectors ``[K, *output.shape]``.
+            layer_uses: The parameters of the layer path, with uses and roles.
             batch_size: Number of data points.
-            make_vectors: See :meth:`__call__`.
             result: Per-parameter results, filled in place.
-
-        Returns:
-            The vectors ``[K, *output.shape]``.
         """
-        calls: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in self._layers}
-        modules = dict(self._model.named_modules())
-
-        def make_hook(name: str):
-            def hook(module: Module, args: tuple, output: Tensor) -> Tensor:
-                probe = zeros_like(output, requires_grad=True)
-                calls[name].append((args[0].detach(), probe))
-                return output + probe
-
-            return hook
-
-        handles = [
-            modules[name].register_forward_hook(make_hook(name))
-            for name in self._layers
-        ]
-        try:
-            output = self._model(X)
-        finally:
-            for handle in handles:
-                handle.remove()
-        V = make_vectors(output)
-        probes = [probe for layer in calls.values() for _, probe in layer]
-        grads = iter(vjp([output], probes, [V], retain_graph=False) if probes else [])
-        for name, layer_calls in calls.items():
-            records = [(x, next(grads)) for x, _ in layer_calls]
-            roles = self._layers[name]
-            sums = _layer_sums(modules[name], records, batch_size, list(roles))
-            for role, idx in roles.items():
-                result[idx] = sums[role]
-        return V
+        uses = list({id(u): u for us in layer_uses.values() for u, _ in us}.values())
+        grads = vjp([output], [u.probe for u in uses], [V], retain_graph=False)
+        grad_of = {id(u): g for u, g in zip(uses, grads)}
+        for position, param_uses in layer_uses.items():
+            calls = [u for u, _ in param_uses]
+            g = output_grad_rows(
+                calls, [grad_of[id(u)] for u in calls], batch_size, "expand"
+            )
+            if param_uses[0][1] == "bias":  # rows [K, B, R, C_out]
+                result[position] = g.sum(2).square().sum((0, 1))
+            else:
+                result[position] = _weight_sum(
+                    calls, g, batch_size, self._params[position]
+                )
 
     def _generic_pass(
-        self, X: Tensor | MutableMapping, batch_size: int, V: Tensor
+        self, X: Tensor | MutableMapping, batch_size: int, V: Tensor, generic: list[int]
     ) -> list[Tensor]:
         """Square per-datum vector-Jacobian products of the other parameters.
 
@@ -170,11 +277,15 @@ class SquaredGradientSums:
             X: Mini-batch input.
             batch_size: Number of data points.
             V: Vectors ``[K, *output.shape]``.
+            generic: Positions of the parameters.
 
         Returns:
             One sum per generic parameter.
         """
-        params = [self._params[i] for i in self._generic]
+        params = [self._params[i] for i in generic]
+        if tuple(generic) not in self._functionals:
+            self._functionals[tuple(generic)] = functional_form(self._model, params)
+        functional = self._functionals[tuple(generic)]
         num_entries = V.shape[0] * sum(p.numel() for p in params)
         chunk_size = max(1, CHUNK_ENTRIES // num_entries)
 
@@ -182,7 +293,7 @@ class SquaredGradientSums:
 
         def per_datum(x, v: Tensor) -> list[Tensor]:
             def output(*ps: Tensor) -> Tensor:
-                return self._functional(*ps, _with_batch_axis(x, dims))
+                return functional(*ps, _with_batch_axis(x, dims))
 
             _, pullback = func_vjp(output, *params)
             grads = vmap(pullback)(v.unsqueeze(1))
@@ -193,147 +304,25 @@ class SquaredGradientSums:
         return [s.sum(0) for s in sums]
 
 
-def _layer_roles(model: Module, params: list[Tensor]) -> dict[str, dict[str, int]]:
-    """Find the parameters that the layer path handles.
+def _weight_sum(uses: list[Use], g: Tensor, batch_size: int, weight: Tensor) -> Tensor:
+    """Sum a weight's squared per-datum gradients over its uses, data and vectors.
 
     Args:
-        model: The neural network.
-        params: The parameters.
-
-    Returns:
-        Layer names mapped to ``{'weight': i, 'bias': j}`` (positions in
-        ``params``), for ``Linear`` and zero-padded ``Conv2d`` layers of exactly
-        these types, without replaced ``forward``, whose parameters no other module
-        shares.
-    """
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    position = {id(p): i for i, p in enumerate(params)}
-    layers = {}
-    for name, module in model.named_modules():
-        if not _is_supported_layer(module):
-            continue
-        roles = {
-            role: position[id(p)]
-            for role, p in module.named_parameters(recurse=False)
-            if id(p) in position and owners[id(p)] == 1
-        }
-        if roles:
-            layers[name] = roles
-    return layers
-
-
-def _is_supported_layer(module: Module) -> bool:
-    """Return whether a module's per-datum gradients have the layer path's form.
-
-    Args:
-        module: A module.
-
-    Returns:
-        Whether it is a ``Linear`` or zero-padded ``Conv2d`` layer (exact types)
-        with its class's ``forward``.
-    """
-    if "forward" in vars(module):
-        return False
-    if type(module) is Conv2d:
-        return module.padding_mode == "zeros"
-    return type(module) is Linear
-
-
-def _layer_sums(
-    module: Module,
-    records: list[tuple[Tensor, Tensor]],
-    batch_size: int,
-    roles: list[str],
-) -> dict[str, Tensor]:
-    """Sum a layer's squared per-datum gradients over its calls, data and vectors.
-
-    Args:
-        module: A ``Linear`` or ``Conv2d`` layer.
-        records: Per call, the input and the gradients ``[K, *output.shape]`` w.r.t.
-            the output.
+        uses: The weight's uses (linear maps or convolutions).
+        g: Their output-gradient rows ``[K, B, R, D_out]``, joined over the uses.
         batch_size: Number of data points ``B``.
-        roles: The parameters to compute, ``'weight'`` and/or ``'bias'``.
+        weight: The weight.
 
     Returns:
-        Squared sums by role, of the parameters' shapes (zeros if the layer was not
-        called).
+        The sums, of the weight's shape.
     """
-    if not records:
-        return {role: zeros_like(getattr(module, role)) for role in roles}
-    if isinstance(module, Conv2d):
-        grads = [g.flatten(start_dim=3).transpose(2, 3) for _, g in records]
-        inputs = [x for x, _ in records]
-    else:
-        grads = [g.reshape(len(g), batch_size, -1, g.shape[-1]) for _, g in records]
-        inputs = [x.reshape(batch_size, -1, x.shape[-1]) for x, _ in records]
-    sums = {}
-    if "bias" in roles:  # grads [K, B, P, C_out]
-        sums["bias"] = sum(g.sum(2) for g in grads).square().sum((0, 1))
-    if "weight" in roles:
-        weight_sum = (
-            _conv2d_weight_sum if isinstance(module, Conv2d) else _linear_weight_sum
-        )
-        sums["weight"] = weight_sum(module, inputs, grads)
-    return sums
-
-
-def _linear_weight_sum(module: Linear, inputs: list[Tensor], grads: list[Tensor]):
-    """Sum a Linear layer's squared per-datum weight gradients.
-
-    Args:
-        module: The layer.
-        inputs: Per call, inputs ``[B, P, D_in]``.
-        grads: Per call, output gradients ``[K, B, P, D_out]``.
-
-    Returns:
-        ``[D_out, D_in]``.
-    """
-    return squared_gradient_sum(_join(inputs, 1), _join(grads, 2))
-
-
-def _conv2d_weight_sum(module: Conv2d, inputs: list[Tensor], grads: list[Tensor]):
-    """Sum a Conv2d layer's squared per-datum weight gradients, group by group.
-
-    Args:
-        module: The layer.
-        inputs: Per call, inputs ``[B, C_in, I1, I2]``.
-        grads: Per call, output gradients ``[K, B, P, C_out]`` (``P = O1 O2``).
-
-    Returns:
-        The weight's shape ``[C_out, C_in / groups, K1, K2]``.
-    """
-    groups = module.groups
-    hyperparameters = (module.kernel_size, module.stride, module.padding)
-    patches, outputs = [[] for _ in range(groups)], [[] for _ in range(groups)]
-    for x, g in zip(inputs, grads):
-        for j, (x_j, g_j) in enumerate(zip(x.chunk(groups, 1), g.chunk(groups, 3))):
-            patches[j].append(
-                extract_patches(x_j, *hyperparameters, module.dilation, 1)
-            )
-            outputs[j].append(g_j)
-    weight = cat(
-        [
-            squared_gradient_sum(_join(a, 1), _join(g, 2))
-            for a, g in zip(patches, outputs)
-        ]
-    )
-    return weight.reshape(module.weight.shape)
-
-
-def _join(tensors: list[Tensor], dim: int) -> Tensor:
-    """Concatenate the records of a layer's calls (no copy for a single call).
-
-    Args:
-        tensors: One tensor per call.
-        dim: The positions axis.
-
-    Returns:
-        The tensors joined along the positions axis.
-    """
-    return tensors[0] if len(tensors) == 1 else cat(tensors, dim)
+    a = per_datum_input_rows(uses, batch_size, append_ones=False)
+    if a.ndim == 3:  # [B, R, D_in]
+        return squared_gradient_sum(a, g).reshape(weight.shape)
+    groups = a.shape[1]  # [B, groups, R, D_in]: each group's channels, its patches
+    g = g.unflatten(-1, (groups, -1))
+    sums = [squared_gradient_sum(a[:, j], g[..., j, :]) for j in range(groups)]
+    return cat(sums).reshape(weight.shape)
 
 
 def squared_gradient_sum(inputs: Tensor, grads: Tensor) -> Tensor:

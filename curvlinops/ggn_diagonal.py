@@ -12,6 +12,7 @@ from curvlinops._checks import check_integer, check_supported_loss
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
 from curvlinops._distributed import all_reduce_sum, rank_seed
 from curvlinops._execution import lazy_attribute, with_autograd
+from curvlinops._functional import bind_params
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
     check_output_and_labels,
@@ -60,15 +61,19 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
     ``FisherMCLinearOperator`` of the same seed and ``mc_samples``.
 
     Cost per mini-batch: one forward pass and one backward pass batched over the
-    :math:`K` columns. Parameters of ``Linear`` layers without extra input axes need
-    just one more matrix product per layer (far less than :math:`K` gradients for
-    small :math:`K`); ``Conv2d`` and sequence ``Linear`` layers form per-datum
-    gradients in chunks, other parameters get them from :func:`torch.func.vmap`
-    (see :mod:`curvlinops._per_sample`). The data points must not interact: the
-    model is a ``torch.nn.Module`` whose layers carry the batch axis first, with
-    BatchNorm in eval mode. Supported losses: ``MSELoss``, ``CrossEntropyLoss``
-    (also ``ignore_index`` and class probabilities) and ``BCEWithLogitsLoss``,
-    without weights or label smoothing.
+    :math:`K` columns. Weights and biases of linear maps and 2d convolutions (of
+    ``Linear`` and ``Conv2d`` layers, also called several times or tied, and of
+    ``torch.nn.functional.linear``/``conv2d`` calls in any function; found in every
+    forward pass by a torch function mode) need just one more matrix product per
+    weight used once without extra input axes (far less than :math:`K` gradients
+    for small :math:`K`); convolutions, sequence inputs and several uses form
+    per-datum gradients in chunks, other parameters get them from
+    :func:`torch.func.vmap` (see :mod:`curvlinops._per_sample`). The data points
+    must not interact: the model is a ``torch.nn.Module`` (or a function
+    ``model_func(params, X)`` of a parameter dictionary) whose layers carry the
+    batch axis first, with BatchNorm in eval mode. Supported losses: ``MSELoss``,
+    ``CrossEntropyLoss`` (also ``ignore_index`` and class probabilities) and
+    ``BCEWithLogitsLoss``, without weights or label smoothing.
 
     The diagonal is computed with one pass over the data when first needed (and
     twice at construction with ``check_deterministic``), then cached; it is
@@ -111,9 +116,9 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
 
     def __init__(
         self,
-        model_func: Module,
+        model_func: Module | Callable,
         loss_func: Module,
-        params: list[Tensor],
+        params: list[Tensor] | dict[str, Tensor],
         data: Iterable[tuple[Tensor | MutableMapping, Tensor]],
         progressbar: bool = False,
         check_deterministic: bool = True,
@@ -129,11 +134,13 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
 
         Args:
             model_func: The neural network, a ``torch.nn.Module`` (BatchNorm in
-                eval mode); outputs ``[B, C]``, or ``[B, C, *]`` for cross-entropy
+                eval mode), or ``model_func(params, X)`` if ``params`` is a
+                dictionary; outputs ``[B, C]``, or ``[B, C, *]`` for cross-entropy
                 and ``[B, *, C]`` otherwise.
             loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
                 with ``reduction`` ``'mean'`` or ``'sum'``.
-            params: Parameters of the model whose diagonal entries to compute.
+            params: Parameters of the model whose diagonal entries to compute, a
+                list or a ``dict[str, Tensor]`` (then in dictionary order).
             data: Mini-batches ``(X, y)``. ``X`` may be a ``MutableMapping`` (then
                 ``batch_size_fn`` is required); its tensors whose leading axis has
                 the batch size are split into data points, the others are shared.
@@ -158,7 +165,8 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
 
         Raises:
             NotImplementedError: If the loss function is not supported.
-            TypeError: If the model is not a ``torch.nn.Module``.
+            TypeError: If the model is not a ``torch.nn.Module`` (with a list of
+                parameters).
             ValueError: If ``mc_samples`` is not a non-negative integer, ``seed``
                 not an integer, or a BatchNorm layer is in train mode.
         """
@@ -166,6 +174,7 @@ class GGNDiagonalLinearOperator(DiagonalLinearOperator, CurvatureLinearOperator)
         mc_samples = check_integer(mc_samples, "mc_samples", minimum=0)
         seed = check_integer(seed, "seed")
         self._mc_samples, self._seed = mc_samples, seed
+        model_func, params = bind_params(model_func, params)
         # checks the model now; copies rebuild it (see the lazy attribute)
         self._squared_gradient_sums = SquaredGradientSums(model_func, params)
         self._diagonal = None

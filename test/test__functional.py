@@ -11,6 +11,7 @@ from curvlinops import (
     EFLinearOperator,
     EKFACLinearOperator,
     FisherMCLinearOperator,
+    GGNDiagonalLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
@@ -30,6 +31,7 @@ OPERATORS = {
     "fisher_mc": (FisherMCLinearOperator, {}),
     "kfac": (KFACLinearOperator, {"fisher_type": "type-2"}),
     "ekfac": (EKFACLinearOperator, {"fisher_type": "mc"}),
+    "ggn_diagonal": (GGNDiagonalLinearOperator, {}),
     "jacobian": (JacobianLinearOperator, {}),
     "transposed_jacobian": (TransposedJacobianLinearOperator, {}),
 }
@@ -139,3 +141,12 @@ def test_bad_parameter_dictionaries_raise(params, error, match):
     data = [(rand(3, 2), rand(3, 2))]
     with pytest.raises(error, match=match):
         GGNLinearOperator(lambda p, X: X, MSELoss(), params, data)
+
+
+def test_operators_on_one_functional_model_share_its_lock():
+    """Threads take turns on ``model_func`` (it may swap a module's parameters)."""
+    _, model_func, named, loss_func, data = _functional_case()
+    G = GGNLinearOperator(model_func, loss_func, named, data)
+    H = HessianLinearOperator(model_func, loss_func, named, data)
+    other = GGNLinearOperator(lambda p, X: model_func(p, X), loss_func, named, data)
+    assert G._lock is H._lock and G._lock is not other._lock

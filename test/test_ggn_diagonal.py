@@ -94,12 +94,14 @@ def test_ggn_diagonal_is_a_diagonal_operator():
 )
 def test_ggn_diagonal_generic_path(case: Case, monkeypatch):
     """Per-datum gradients from torch.func for parameters outside the layer path."""
-    monkeypatch.setattr(curvlinops._per_sample, "_is_supported_layer", lambda m: False)
+    monkeypatch.setattr(
+        curvlinops._per_sample.LinearUses, "layer_uses", lambda self, params: {}
+    )
     model, loss_func, params, data = case.make()
     D = GGNDiagonalLinearOperator(
         model, loss_func, params, data, **OFF, **case.kwargs()
     )
-    assert not D._squared_gradient_sums._layers
+    assert not D._squared_gradient_sums.layer_params
     assert_close(flat(D.diagonal), exact_diagonal(case, model, loss_func, params, data))
 
 
@@ -125,10 +127,52 @@ def test_ggn_diagonal_of_layers_called_twice_and_tied_weights():
     data = [(torch.rand(4, 3, dtype=float64), torch.rand(4, 3, dtype=float64))]
     loss_func = MSELoss()
     D = GGNDiagonalLinearOperator(model, loss_func, params, data, **OFF)
-    layers = D._squared_gradient_sums._layers
-    assert "twice" in layers and "first" not in layers and "tied" in layers
     expected = functorch_ggn(model, loss_func, params, data).diag()
     assert_close(flat(D.diagonal), expected)
+    # every call is seen: also the tied weight takes the layer path
+    assert D._squared_gradient_sums.layer_params == set(range(len(params)))
+
+
+class WeightUsedOutsideItsLayer(Module):
+    """A Linear layer whose weight the parent also uses: ``x @ W.T`` and a norm."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.inner, self.head, self.norm = Linear(3, 3), Linear(3, 2), norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x).tanh() + (x @ self.inner.weight.T).sin()
+        out = self.head(h)
+        return out * self.head.weight.norm() if self.norm else out
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["matmul", "matmul_and_norm"])
+def test_ggn_diagonal_of_weights_used_outside_their_layer(norm: bool):
+    """Uses outside the module count: ``x @ W.T`` is a use, a norm is generic."""
+    torch.manual_seed(0)
+    model = WeightUsedOutsideItsLayer(norm).to(float64)
+    params = list(model.parameters())
+    data = [(torch.rand(5, 3, dtype=float64), torch.rand(5, 2, dtype=float64))]
+    loss_func = MSELoss()
+    D = GGNDiagonalLinearOperator(model, loss_func, params, data, **OFF)
+    expected = functorch_ggn(model, loss_func, params, data).diag()
+    assert_close(flat(D.diagonal), expected)
+    generic = {2} if norm else set()  # head.weight
+    assert D._squared_gradient_sums.layer_params == {0, 1, 2, 3} - generic
+
+
+def test_ggn_diagonal_of_a_functional_model_with_dict_params():
+    """``model_func(params, X)`` with torch.nn.functional: the module's diagonal."""
+    case = Case("cnn", "ce", "sum")
+    model, loss_func, params, data = case.make()
+    named = dict(model.named_parameters())
+
+    def model_func(p: dict, X: Tensor) -> Tensor:
+        return torch.func.functional_call(model, p, (X,))
+
+    D = GGNDiagonalLinearOperator(model_func, loss_func, named, data, **OFF)
+    assert_close(flat(D.diagonal), exact_diagonal(case, model, loss_func, params, data))
+    assert D._squared_gradient_sums.layer_params == set(range(len(params)))
 
 
 def test_ggn_diagonal_with_ignored_labels_and_class_probabilities():
