@@ -99,6 +99,17 @@ def transformer() -> Problem:
     return Problem("transformer", Transformer(), nn.CrossEntropyLoss(), X, y)
 
 
+def transformer_long() -> Problem:
+    """The transformer block on sequences of length 256, batch size 8.
+
+    Attention dominates: its causal attention matrices hold 8 times as many entries
+    per token as the short problem's.
+    """
+    manual_seed(0)
+    X, y = rand(8, 256, 64), randint(0, 10, (8,))
+    return Problem("transformer256", Transformer(), nn.CrossEntropyLoss(), X, y)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch normalization and a skip connection."""
 
@@ -151,5 +162,6 @@ PROBLEMS = {
     "mlp": mlp,
     "cnn": cnn,
     "transformer": transformer,
+    "transformer256": transformer_long,
     "resnet18": resnet18_cuda,
 }

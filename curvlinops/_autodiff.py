@@ -13,8 +13,9 @@ public tensor-list format):
 Some operations lack forward-mode derivatives (user-defined ``autograd.Function``
 without ``jvp``) or second derivatives (the fused CPU/GPU kernels of
 ``scaled_dot_product_attention``). :class:`DifferentiationModes` tries the fast mode
-first and, when PyTorch reports a missing derivative, retries with reverse mode and
-with the composite (``MATH``) attention kernel, remembering what worked.
+first and, when PyTorch reports a missing derivative, retries with our own rules for
+the fused attention kernels (:mod:`curvlinops._attention`), with reverse mode, and
+finally with the composite (``MATH``) attention kernel, remembering what worked.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
+from curvlinops._attention import attention_rules
 from curvlinops.utils import make_functional_model_and_loss
 
 
@@ -257,10 +259,14 @@ def is_missing_derivative(error: Exception) -> bool:
 
 @dataclass(frozen=True)
 class _Mode:
-    """A way to differentiate: forward or reverse mode, fused or composite attention."""
+    """A way to differentiate: forward or reverse mode, and the attention kernels.
+
+    ``attention`` is ``"fused"`` (PyTorch's choice of kernel), ``"rules"`` (fused
+    kernels with our derivative rules) or ``"composite"`` (the ``MATH`` kernel).
+    """
 
     forward: bool
-    composite_attention: bool
+    attention: str
 
     def context(self):
         """Return the context manager that selects the attention kernels.
@@ -268,18 +274,22 @@ class _Mode:
         Returns:
             Context manager.
         """
-        return (
-            sdpa_kernel(SDPBackend.MATH) if self.composite_attention else nullcontext()
-        )
+        if self.attention == "rules":
+            return attention_rules()
+        if self.attention == "composite":
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
 
 
 class DifferentiationModes:
     """Run a computation in the fastest differentiation mode that works; remember it.
 
-    The candidate modes, in order: forward mode (only if allowed), reverse mode, and
-    both again with the composite attention kernel, whose operations all have
-    forward and second derivatives. Under ``torch.compile`` there is no fallback:
-    the current direction runs with the composite attention kernel.
+    The candidate modes, in order: for PyTorch's attention kernels, then for the
+    fused kernels with our derivative rules (:func:`attention_rules`), forward mode
+    (only if allowed) and then reverse mode; last, both with the composite attention
+    kernel, whose operations all have forward and second derivatives. Under
+    ``torch.compile`` there is no fallback: the current direction runs with the
+    composite attention kernel.
     """
 
     def __init__(self, forward_mode_allowed: bool):
@@ -290,7 +300,10 @@ class DifferentiationModes:
                 needs a functional model, i.e. a ``torch.nn.Module``).
         """
         directions = [True, False] if forward_mode_allowed else [False]
-        self._modes = [_Mode(d, c) for c in (False, True) for d in directions]
+        self._modes = [
+            *(_Mode(d, a) for d in directions for a in ("fused", "rules")),
+            *(_Mode(d, "composite") for d in directions),
+        ]
         self._current = 0
 
     def __call__(self, computation: Callable[[bool], object]):
@@ -310,7 +323,7 @@ class DifferentiationModes:
             # Dynamo cannot trace the fallback, so choose the composite attention
             # kernel up front (the compiler fuses it anyway).
             forward = self._modes[self._current].forward
-            with _Mode(forward, composite_attention=True).context():
+            with _Mode(forward, "composite").context():
                 return computation(forward)
         while True:
             mode = self._modes[self._current]
