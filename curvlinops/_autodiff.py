@@ -24,9 +24,10 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from time import perf_counter
 from types import MethodType
 
-from torch import Tensor, no_grad, zeros, zeros_like
+from torch import Tensor, cat, cuda, no_grad, zeros, zeros_like
 from torch.autograd import forward_ad, grad
 from torch.compiler import is_compiling
 from torch.func import jvp as func_jvp
@@ -45,6 +46,8 @@ def vjp(
     inputs: list[Tensor],
     V: list[Tensor],
     retain_graph: bool = True,
+    columns: ColumnPolicy | None = None,
+    kind: str = "vjp",
 ) -> list[Tensor]:
     """Multiply the transposed Jacobian of ``outputs`` onto ``K`` columns.
 
@@ -53,6 +56,10 @@ def vjp(
         inputs: Tensors to differentiate with respect to.
         V: One tensor per output, of shape ``[K, *output.shape]``.
         retain_graph: Keep the graph for further backward passes.
+        columns: Chooses between one batched backward pass and one pass per
+            column (see :class:`ColumnPolicy`). ``None``: batched.
+        kind: Name of the pass for ``columns`` (passes of different kinds may
+            prefer different ways).
 
     Returns:
         One tensor per input, of shape ``[K, *input.shape]``; zeros for inputs the
@@ -65,7 +72,31 @@ def vjp(
             zeros(num_cols, *x.shape, dtype=x.dtype, device=x.device) for x in inputs
         ]
     outs, vs = zip(*pairs)
-    batched = num_cols > 1
+
+    def batched() -> list[Tensor]:
+        return _grad(outs, inputs, vs, retain_graph)
+
+    def column(k: int, last: bool) -> list[Tensor]:
+        return _grad(outs, inputs, [v[k : k + 1] for v in vs], retain_graph or not last)
+
+    if columns is None or num_cols == 1:
+        return batched()
+    return columns.choose(kind, vs[0], batched, column, _stack_columns)
+
+
+def _grad(outs, inputs, vs, retain_graph: bool) -> list[Tensor]:
+    """One (batched) backward pass for columns ``vs[i]`` of shape ``[K, *out.shape]``.
+
+    Args:
+        outs: Outputs that require grad.
+        inputs: Tensors to differentiate with respect to.
+        vs: Columns, one tensor per output.
+        retain_graph: Keep the graph.
+
+    Returns:
+        One tensor ``[K, *input.shape]`` per input.
+    """
+    batched = vs[0].shape[0] > 1
     result = grad(
         outs,
         inputs,
@@ -78,7 +109,93 @@ def vjp(
     return list(result) if batched else [r.unsqueeze(0) for r in result]
 
 
-def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tensor]]):
+def _stack_columns(results: list[list[Tensor]]) -> list[Tensor]:
+    """Concatenate per-column results along the leading column axis.
+
+    Args:
+        results: Per column, a list of tensors ``[1, *shape]``.
+
+    Returns:
+        One tensor ``[K, *shape]`` per entry.
+    """
+    return [cat(parts) for parts in zip(*results)]
+
+
+class ColumnPolicy:
+    """Multiply onto ``K`` columns in one batched pass or one pass per column.
+
+    Batched passes (``vmap``, ``is_grads_batched``) share work between columns,
+    but PyTorch's batching rules of some operations (convolutions on CPUs) cost
+    more per column than separate passes. The first time a kind of pass meets
+    ``K > 1`` columns, the policy times the batched pass and two single columns,
+    and uses the faster way for that kind and ``K`` from then on.
+    Both give the same numbers up to rounding. Under ``torch.compile`` passes are
+    batched.
+
+    Attributes:
+        force: ``"batched"`` or ``"loop"`` to skip the measurement (tests);
+            ``None`` (default) to measure.
+    """
+
+    def __init__(self):
+        """Start without decisions."""
+        self.force: str | None = None
+        self._loop: dict[tuple[str, int], bool] = {}
+
+    def choose(self, kind: str, like: Tensor, batched, column, combine):
+        """Run the batched pass or one pass per column, as decided for ``kind``.
+
+        Args:
+            kind: Name of the pass (decisions are kept per kind and ``K``).
+            like: A tensor ``[K, ...]`` of columns (for ``K`` and the device).
+            batched: ``batched()`` computes all columns at once.
+            column: ``column(k, last)`` computes column ``k``; ``last`` says
+                whether it is the last call of the pass.
+            combine: Combines the per-column results.
+
+        Returns:
+            The result for all columns.
+        """
+        num_cols = like.shape[0]
+        key = (kind, num_cols)
+        if self.force is not None or is_compiling():
+            loop = self.force == "loop"
+        elif key in self._loop:
+            loop = self._loop[key]
+        else:  # the faster of two single columns, against all columns at once
+            times = [_clock(like)]
+            for k in range(2):
+                column(k, last=False)
+                times.append(_clock(like))
+            result = batched()
+            single = min(times[1] - times[0], times[2] - times[1])
+            self._loop[key] = _clock(like) - times[2] > num_cols * single
+            return result
+        if not loop:
+            return batched()
+        return combine([column(k, k == num_cols - 1) for k in range(num_cols)])
+
+
+def _clock(like: Tensor) -> float:
+    """Return the time in seconds, after the device of a tensor has finished.
+
+    Args:
+        like: Tensor on the device.
+
+    Returns:
+        A monotonic time stamp.
+    """
+    if like.device.type == "cuda":
+        cuda.synchronize(like.device)
+    return perf_counter()
+
+
+def hvp(
+    loss: Tensor,
+    param_blocks: list[list[Tensor]],
+    M_blocks: list[list[Tensor]],
+    columns: ColumnPolicy | None = None,
+):
     """Multiply the (block-diagonal) Hessian of a scalar onto ``K`` columns.
 
     One backward pass with ``create_graph=True`` gives the gradient; a second one per
@@ -88,6 +205,7 @@ def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tens
         loss: Scalar to differentiate twice.
         param_blocks: Parameters, grouped into the diagonal blocks.
         M_blocks: Columns per block, tensors of shape ``[K, *param.shape]``.
+        columns: Chooses how the second backward pass treats the columns.
 
     Returns:
         Hessian-matrix products, one tensor ``[K, *param.shape]`` per parameter.
@@ -98,7 +216,8 @@ def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tens
     )
     result, start = [], 0
     for ps, ms in zip(param_blocks, M_blocks):
-        result.extend(vjp(gradient[start : start + len(ps)], ps, ms))
+        block = gradient[start : start + len(ps)]
+        result.extend(vjp(block, ps, ms, True, columns, "hvp"))
         start += len(ps)
     return result
 
@@ -109,6 +228,7 @@ def jvp(
     M: list[Tensor],
     forward_mode: bool,
     fast_layers: list[Module] = (),
+    columns: ColumnPolicy | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``f(*params)`` and multiply its Jacobian onto ``K`` columns.
 
@@ -121,23 +241,69 @@ def jvp(
         fast_layers: Linear and convolution layers of the model ``f`` evaluates
             (see :func:`fast_rule_layers`) that use hand-written forward-mode rules
             for one column (see :func:`_fast_layer_jvps`).
+        columns: Chooses between one batched pass and one pass per column (see
+            :class:`ColumnPolicy`). ``None``: batched.
 
     Returns:
-        The output of ``f`` (still attached to the parameters' autograd graph) and the
-        Jacobian-matrix product ``[K, *output.shape]``.
+        The output of ``f`` (still attached to the parameters' graph, if grad mode
+        is on) and the Jacobian-matrix product ``[K, *output.shape]``.
     """
     if not forward_mode:
         output = f(*params)
-        return output, _jvp_reverse(output, params, M)
-    if M[0].shape[0] == 1 and is_compiling():  # dynamo traces torch.func, not duals
+        return output, _jvp_reverse(output, params, M, columns)
+    num_cols = M[0].shape[0]
+    if num_cols == 1 and is_compiling():  # dynamo traces torch.func, not duals
         output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
         return output, JM.unsqueeze(0)
-    if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
-        with forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
-            duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
-            output, JM = forward_ad.unpack_dual(f(*duals))
-        return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
-    return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
+    if num_cols == 1:
+        return _dual_jvp(f, params, M, fast_layers)
+
+    def batched() -> tuple[Tensor, Tensor]:
+        return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
+
+    def column(k: int, last: bool) -> tuple[Tensor, Tensor]:
+        # the output (and its graph) of the first column serves all columns
+        with nullcontext() if k == 0 else no_grad():
+            return _dual_jvp(f, params, [m[k : k + 1] for m in M], fast_layers)
+
+    if columns is None:
+        return batched()
+    return columns.choose("jvp", M[0], batched, column, _combine_jvps)
+
+
+def _dual_jvp(f, params, M, fast_layers) -> tuple[Tensor, Tensor]:
+    """Jacobian product with one column by dual tensors (less overhead than vmap).
+
+    Args:
+        f: Function of the parameters.
+        params: Parameters.
+        M: One tensor ``[1, *param.shape]`` per parameter.
+        fast_layers: Layers that use the lean forward-mode rules.
+
+    Returns:
+        The output and ``[1, *output.shape]`` (``None`` if the output is not a
+        tensor).
+    """
+    with forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
+        duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
+        output = f(*duals)
+        if not isinstance(output, Tensor):  # for the caller to report
+            return output, None
+        output, JM = forward_ad.unpack_dual(output)
+    return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
+
+
+def _combine_jvps(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine per-column Jacobian products: the first output, stacked products.
+
+    Args:
+        results: Per column, the output and ``[1, *output.shape]``.
+
+    Returns:
+        The first column's output and ``[K, *output.shape]``.
+    """
+    output, JM = results[0]
+    return output, (JM if JM is None else cat([JM for _, JM in results]))
 
 
 def fast_rule_layers(model) -> list[Module]:
@@ -212,13 +378,19 @@ def _bilinear_layer_forward(layer: Module, x: Tensor) -> Tensor:
     return forward_ad.make_dual(output, terms[0] if len(terms) == 1 else sum(terms))
 
 
-def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tensor:
+def _jvp_reverse(
+    output: Tensor,
+    params: list[Tensor],
+    M: list[Tensor],
+    columns: ColumnPolicy | None = None,
+) -> Tensor:
     """Jacobian-matrix product with reverse mode only: ``J M = d/du <J^T u, M>``.
 
     Args:
         output: Function value, attached to the parameters' graph.
         params: Parameters.
         M: One tensor ``[K, *param.shape]`` per parameter.
+        columns: Chooses how the second backward pass treats the columns.
 
     Returns:
         ``[K, *output.shape]``.
@@ -231,7 +403,7 @@ def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tenso
     JTu = grad(
         output, params, u, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    (JM,) = vjp(list(JTu), [u], M)
+    (JM,) = vjp(list(JTu), [u], M, True, columns, "jvp by reverse mode")
     return JM
 
 
@@ -290,6 +462,10 @@ class DifferentiationModes:
     kernel, whose operations all have forward and second derivatives. Under
     ``torch.compile`` there is no fallback: the current direction runs with the
     composite attention kernel.
+
+    Attributes:
+        columns: The operator's :class:`ColumnPolicy`, which computations pass to
+            the primitives.
     """
 
     def __init__(self, forward_mode_allowed: bool):
@@ -305,6 +481,7 @@ class DifferentiationModes:
             *(_Mode(d, "composite") for d in directions),
         ]
         self._current = 0
+        self.columns = ColumnPolicy()
 
     def __call__(self, computation: Callable[[bool], object]):
         """Run ``computation(forward_mode)`` in the first mode that succeeds.
@@ -363,6 +540,15 @@ class ModelJacobian:
         self._modes = DifferentiationModes(self._functional is not None)
         self._fast_layers = fast_rule_layers(model_func)
 
+    @property
+    def columns(self) -> ColumnPolicy:
+        """Return the policy for products with several columns.
+
+        Returns:
+            The column policy of the differentiation modes.
+        """
+        return self._modes.columns
+
     def run(self, computation: Callable[[Callable], object]):
         """Run a computation that uses Jacobian products, in a mode that works.
 
@@ -391,8 +577,10 @@ class ModelJacobian:
         Returns:
             The output and ``[K, *output.shape]``.
         """
+        columns = self._modes.columns
         if not forward_mode:
-            return jvp(lambda *_: self._model_func(X), self._params, M, False)
-        f = self._functional
+            model = self._model_func
+            return jvp(lambda *_: model(X), self._params, M, False, columns=columns)
+        f, layers = self._functional, self._fast_layers
         with nullcontext() if output_graph else no_grad():
-            return jvp(lambda *ps: f(*ps, X), self._params, M, True, self._fast_layers)
+            return jvp(lambda *ps: f(*ps, X), self._params, M, True, layers, columns)

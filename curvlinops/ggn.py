@@ -61,7 +61,8 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
             output, JM = jvp(X, M)
             check_output_and_labels(self._loss_func, output, y)
             SJM = self._output_matmat(output.detach(), y, JM)
-            return vjp([output], self._params, [SJM], retain_graph=False)
+            columns = self._jacobian.columns
+            return vjp([output], self._params, [SJM], False, columns)
 
         return [r.movedim(0, -1) for r in self._jacobian.run(compute)]
 

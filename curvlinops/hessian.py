@@ -87,6 +87,6 @@ class HessianLinearOperator(CurvatureLinearOperator):
 
         def compute(forward_mode: bool) -> list[Tensor]:
             loss = self._loss_func(self._model_func(X), y)
-            return hvp(loss, param_blocks, M_blocks)
+            return hvp(loss, param_blocks, M_blocks, self._modes.columns)
 
         return [r.movedim(0, -1) for r in self._modes(compute)]

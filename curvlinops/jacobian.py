@@ -390,7 +390,7 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
 
         def compute(_) -> list[Tensor]:
             output = self._model_func(X)
-            return vjp([output], self._params, [V], retain_graph=False)
+            return vjp([output], self._params, [V], False, self._jacobian.columns)
 
         return self._jacobian.run(compute)
 

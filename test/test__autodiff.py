@@ -1,8 +1,11 @@
 """Tests for curvlinops._autodiff: Jacobian products in every mode agree."""
 
+from functools import cache
+from time import sleep
+
 import pytest
 import torch
-from torch import float64, manual_seed, rand, randn
+from torch import float64, manual_seed, rand, randn, zeros
 from torch.nn import (
     Conv1d,
     Conv2d,
@@ -15,11 +18,21 @@ from torch.nn import (
 )
 from torch.nn.functional import linear
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
-from curvlinops._autodiff import fast_rule_layers, jvp
+from curvlinops import (
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+    TransposedJacobianLinearOperator,
+)
+from curvlinops._autodiff import ColumnPolicy, fast_rule_layers, jvp
+from curvlinops.examples.functorch import (
+    functorch_ggn,
+    functorch_hessian,
+    functorch_jacobian,
+)
 from curvlinops.utils import make_functional_model_and_loss
 from test.cases import Case
-from test.utils import assert_close
+from test.utils import assert_close, compare_matmat
 
 
 def _model():
@@ -115,3 +128,73 @@ def test_products_compile_without_graph_breaks(architecture, operator):
         compiled = torch.compile(lambda v: op @ v, backend="aot_eager")(v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert_close(compiled, op @ v)
+
+
+@cache
+def _cnn_dense(name: str) -> torch.Tensor:
+    """Dense matrix of an operator on the CNN case (computed once)."""
+    model, loss_func, params, data = Case("cnn", "ce").make()
+    if name == "HessianLinearOperator":
+        return functorch_hessian(model, loss_func, params, data)
+    if name == "GGNLinearOperator":
+        return functorch_ggn(model, loss_func, params, data)
+    J = functorch_jacobian(model, params, data)
+    return J if name == "JacobianLinearOperator" else J.T
+
+
+def _column_policy(op):
+    modes = op._modes if hasattr(op, "_modes") else op._jacobian._modes
+    return modes.columns
+
+
+@pytest.mark.parametrize("force", ["batched", "loop", None])
+@pytest.mark.parametrize(
+    "operator",
+    [
+        HessianLinearOperator,
+        GGNLinearOperator,
+        JacobianLinearOperator,
+        TransposedJacobianLinearOperator,
+    ],
+)
+def test_columns_batched_or_looped_match_dense(operator, force):
+    """Each way of treating columns gives the dense reference's products."""
+    model, loss_func, params, data = Case("cnn", "ce").make()
+    if operator in (JacobianLinearOperator, TransposedJacobianLinearOperator):
+        op = operator(model, params, data, check_deterministic=False)
+    else:
+        op = operator(model, loss_func, params, data, check_deterministic=False)
+    dense = _cnn_dense(operator.__name__)
+    policy = _column_policy(op)
+    policy.force = force
+    compare_matmat(op, dense)
+    if force is None:  # measured once per kind of pass, for 3 columns
+        assert {num_cols for _, num_cols in policy._loop} == {3}
+    else:
+        assert policy._loop == {}
+
+
+@pytest.mark.parametrize("slow", ["batched", "column"])
+def test_column_policy_picks_the_faster_way_and_remembers(slow):
+    """The policy times both ways once, then uses the faster one."""
+    calls = []
+
+    def batched():
+        calls.append("batched")
+        sleep(0.05 if slow == "batched" else 0.0)
+        return "all"
+
+    def column(k, last):
+        calls.append(k)
+        sleep(0.05 if slow == "column" else 0.0)
+        return k
+
+    policy, like = ColumnPolicy(), zeros(3)
+    assert policy.choose("pass", like, batched, column, tuple) == "all"
+    assert calls == [0, 1, "batched"]
+    calls.clear()
+    result = policy.choose("pass", like, batched, column, tuple)
+    if slow == "batched":
+        assert (result, calls) == ((0, 1, 2), [0, 1, 2])
+    else:
+        assert (result, calls) == ("all", ["batched"])

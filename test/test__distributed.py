@@ -96,14 +96,26 @@ def _problem(case: Case):
 
 
 def _build(cls, case: Case, problem, data, **kwargs):
-    """Build an operator of a class on some data, with the case's arguments."""
+    """Build an operator of a class on some data, with the case's arguments.
+
+    Products with several columns are always batched, so that operators compare
+    bit for bit (a measured choice may differ between them, in rounding).
+    """
     model, loss_func, params, _ = problem
     kwargs = {**case.kwargs(), **kwargs}
     if cls is JacobianLinearOperator:
-        return cls(model, params, data, **kwargs)
+        return _batched_columns(cls(model, params, data, **kwargs))
     if issubclass(cls, (KFACLinearOperator, EKFACLinearOperator)):
         kwargs["loss_average"] = None if case.reduction == "sum" else "batch"
-    return cls(model, loss_func, params, data, **kwargs)
+    return _batched_columns(cls(model, loss_func, params, data, **kwargs))
+
+
+def _batched_columns(op):
+    """Fix an operator's column policy to batched passes, if it has one."""
+    modes = getattr(op, "_modes", None) or getattr(op, "_jacobian", None)
+    if modes is not None:
+        modes.columns.force = "batched"
+    return op
 
 
 def _rank_seed(seed: int, rank: int) -> int:
