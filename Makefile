@@ -44,7 +44,8 @@ docs: install-docs
 	$(PYTHON) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 bench: install
-	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/run.py --markdown
+	$(PYTHON) benchmarks/scaling.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py
 	$(PYTHON) benchmarks/compile.py

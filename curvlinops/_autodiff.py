@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from time import perf_counter
+from time import perf_counter, process_time
 from types import MethodType
 
 from torch import Tensor, cat, cuda, no_grad, zeros, zeros_like
@@ -126,9 +126,10 @@ class ColumnPolicy:
 
     Batched passes (``vmap``, ``is_grads_batched``) share work between columns,
     but PyTorch's batching rules of some operations (convolutions on CPUs) cost
-    more per column than separate passes. The first time a kind of pass meets
+    more per column than separate passes. The second time a kind of pass meets
     ``K > 1`` columns, the policy times the batched pass and two single columns,
-    and uses the faster way for that kind and ``K`` from then on.
+    and from then on uses the faster way for that kind and ``K`` (separate passes
+    only if they save more than a tenth).
     Both give the same numbers up to rounding. Under ``torch.compile`` passes are
     batched.
 
@@ -145,6 +146,9 @@ class ColumnPolicy:
     def choose(self, kind: str, like: Tensor, batched, column, combine):
         """Run the batched pass or one pass per column, as decided for ``kind``.
 
+        The first call for a kind and ``K`` runs the batched pass (which warms it
+        up); the second also times two single columns against it and decides.
+
         Args:
             kind: Name of the pass (decisions are kept per kind and ``K``).
             like: A tensor ``[K, ...]`` of columns (for ``K`` and the device).
@@ -160,34 +164,46 @@ class ColumnPolicy:
         key = (kind, num_cols)
         if self.force is not None or is_compiling():
             loop = self.force == "loop"
-        elif key in self._loop:
-            loop = self._loop[key]
-        else:  # the faster of two single columns, against all columns at once
+        elif self._loop.get(key, "unseen") == "unseen":
+            self._loop[key] = None
+            return batched()
+        elif self._loop[key] is None:
             times = [_clock(like)]
             for k in range(2):
                 column(k, last=False)
                 times.append(_clock(like))
             result = batched()
             single = min(times[1] - times[0], times[2] - times[1])
-            self._loop[key] = _clock(like) - times[2] > num_cols * single
+            per_column = (_clock(like) - times[2]) / num_cols
+            self._loop[key] = per_column > LOOP_MARGIN * single
             return result
+        else:
+            loop = self._loop[key]
         if not loop:
             return batched()
         return combine([column(k, k == num_cols - 1) for k in range(num_cols)])
 
 
+# One pass per column only if the batched pass costs this much more per column.
+LOOP_MARGIN = 1.1
+
+
 def _clock(like: Tensor) -> float:
-    """Return the time in seconds, after the device of a tensor has finished.
+    """Return a time stamp in seconds for comparing the costs of passes.
+
+    On GPUs, wall-clock time after the device has finished; on CPUs, the CPU time
+    of the process (all threads), which waiting for a shared core does not inflate.
 
     Args:
-        like: Tensor on the device.
+        like: Tensor on the device that does the work.
 
     Returns:
-        A monotonic time stamp.
+        The time stamp.
     """
     if like.device.type == "cuda":
         cuda.synchronize(like.device)
-    return perf_counter()
+        return perf_counter()
+    return process_time()
 
 
 def hvp(
@@ -215,9 +231,10 @@ def hvp(
         loss, params, create_graph=True, allow_unused=True, materialize_grads=True
     )
     result, start = [], 0
-    for ps, ms in zip(param_blocks, M_blocks):
+    for index, (ps, ms) in enumerate(zip(param_blocks, M_blocks)):
         block = gradient[start : start + len(ps)]
-        result.extend(vjp(block, ps, ms, True, columns, "hvp"))
+        last = index == len(param_blocks) - 1  # frees the graph as it goes
+        result.extend(vjp(block, ps, ms, not last, columns, "hvp"))
         start += len(ps)
     return result
 
