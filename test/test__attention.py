@@ -89,7 +89,7 @@ def _inputs(config: str):
 
 
 def _derivatives(inputs: list, kwargs: dict) -> dict:
-    """Value, VJP, JVP (dual tensors, ``torch.func``), batched and second ones."""
+    """Value, VJPs (with a graph or not), JVPs, batched and second derivatives."""
 
     def f(*xs):
         mask = {"attn_mask": xs[3]} if len(xs) > 3 else {}
@@ -110,6 +110,7 @@ def _derivatives(inputs: list, kwargs: dict) -> dict:
         "vjp": list(gradient),
         "second": list(grad(gradient, inputs, tangents, retain_graph=True)),
         "second, batched": list(grad(gradient, inputs, cols, is_grads_batched=True)),
+        "vjp, no graph": list(grad(f(*inputs), inputs, dO)),
         "vjp, batched": list(grad(f(*inputs), inputs, dO_cols, is_grads_batched=True)),
         "jvp, dual tensors": [dual_tangent],
         "jvp": [func_jvp(f, primals, tuple(tangents))[1]],
