@@ -24,10 +24,9 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from time import perf_counter, process_time
 from types import MethodType
 
-from torch import Tensor, cat, cuda, no_grad, zeros, zeros_like
+from torch import Tensor, cat, no_grad, zeros, zeros_like
 from torch.autograd import forward_ad, grad
 from torch.compiler import is_compiling
 from torch.func import jvp as func_jvp
@@ -38,6 +37,7 @@ from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
 from curvlinops._attention import attention_rules
+from curvlinops._columns import ColumnPolicy, stack_columns
 from curvlinops.utils import make_functional_model_and_loss
 
 
@@ -81,7 +81,7 @@ def vjp(
 
     if columns is None or num_cols == 1:
         return batched()
-    return columns.choose(kind, vs[0], batched, column, _stack_columns)
+    return columns.choose(kind, vs[0], batched, column, stack_columns)
 
 
 def _grad(outs, inputs, vs, retain_graph: bool) -> list[Tensor]:
@@ -107,103 +107,6 @@ def _grad(outs, inputs, vs, retain_graph: bool) -> list[Tensor]:
         is_grads_batched=batched,
     )
     return list(result) if batched else [r.unsqueeze(0) for r in result]
-
-
-def _stack_columns(results: list[list[Tensor]]) -> list[Tensor]:
-    """Concatenate per-column results along the leading column axis.
-
-    Args:
-        results: Per column, a list of tensors ``[1, *shape]``.
-
-    Returns:
-        One tensor ``[K, *shape]`` per entry.
-    """
-    return [cat(parts) for parts in zip(*results)]
-
-
-class ColumnPolicy:
-    """Multiply onto ``K`` columns in one batched pass or one pass per column.
-
-    Batched passes (``vmap``, ``is_grads_batched``) share work between columns,
-    but PyTorch's batching rules of some operations (convolutions on CPUs) cost
-    more per column than separate passes. The second time a kind of pass meets
-    ``K > 1`` columns, the policy times the batched pass and two single columns,
-    and from then on uses the faster way for that kind and ``K`` (separate passes
-    only if they save more than a tenth).
-    Both give the same numbers up to rounding. Under ``torch.compile`` passes are
-    batched.
-
-    Attributes:
-        force: ``"batched"`` or ``"loop"`` to skip the measurement (tests);
-            ``None`` (default) to measure.
-    """
-
-    def __init__(self):
-        """Start without decisions."""
-        self.force: str | None = None
-        self._loop: dict[tuple[str, int], bool] = {}
-
-    def choose(self, kind: str, like: Tensor, batched, column, combine):
-        """Run the batched pass or one pass per column, as decided for ``kind``.
-
-        The first call for a kind and ``K`` runs the batched pass (which warms it
-        up); the second also times two single columns against it and decides.
-
-        Args:
-            kind: Name of the pass (decisions are kept per kind and ``K``).
-            like: A tensor ``[K, ...]`` of columns (for ``K`` and the device).
-            batched: ``batched()`` computes all columns at once.
-            column: ``column(k, last)`` computes column ``k``; ``last`` says
-                whether it is the last call of the pass.
-            combine: Combines the per-column results.
-
-        Returns:
-            The result for all columns.
-        """
-        num_cols = like.shape[0]
-        key = (kind, num_cols)
-        if self.force is not None or is_compiling():
-            loop = self.force == "loop"
-        elif self._loop.get(key, "unseen") == "unseen":
-            self._loop[key] = None
-            return batched()
-        elif self._loop[key] is None:
-            times = [_clock(like)]
-            for k in range(2):
-                column(k, last=False)
-                times.append(_clock(like))
-            result = batched()
-            single = min(times[1] - times[0], times[2] - times[1])
-            per_column = (_clock(like) - times[2]) / num_cols
-            self._loop[key] = per_column > LOOP_MARGIN * single
-            return result
-        else:
-            loop = self._loop[key]
-        if not loop:
-            return batched()
-        return combine([column(k, k == num_cols - 1) for k in range(num_cols)])
-
-
-# One pass per column only if the batched pass costs this much more per column.
-LOOP_MARGIN = 1.1
-
-
-def _clock(like: Tensor) -> float:
-    """Return a time stamp in seconds for comparing the costs of passes.
-
-    On GPUs, wall-clock time after the device has finished; on CPUs, the CPU time
-    of the process (all threads), which waiting for a shared core does not inflate.
-
-    Args:
-        like: Tensor on the device that does the work.
-
-    Returns:
-        The time stamp.
-    """
-    if like.device.type == "cuda":
-        cuda.synchronize(like.device)
-        return perf_counter()
-    return process_time()
 
 
 def hvp(

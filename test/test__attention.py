@@ -1,4 +1,4 @@
-"""Tests for curvlinops._attention: derivative rules of the fused attention kernels.
+"""Tests for curvlinops._attention (and its blockwise rules, _attention_blocks).
 
 Every rule is compared in float64 against the composite (``MATH``) kernel, whose
 derivatives PyTorch composes from differentiable operations: values, forward- and
@@ -25,7 +25,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
-    _attention,
+    _attention_blocks,
 )
 from curvlinops._attention import attention_rules
 from curvlinops._autodiff import _Mode
@@ -125,7 +125,7 @@ def _derivatives(inputs: list, kwargs: dict) -> dict:
 def test_rules_match_composite_kernel(config, blockwise, monkeypatch):
     """All derivatives agree with the composite kernel's, also block by block."""
     if blockwise:  # blocks of one or two query rows
-        monkeypatch.setattr(_attention, "BLOCK_ENTRIES", 2 * S * B * H)
+        monkeypatch.setattr(_attention_blocks, "BLOCK_ENTRIES", 2 * S * B * H)
     inputs, kwargs = _inputs(config)
     with sdpa_kernel(SDPBackend.MATH):
         expected = _derivatives(inputs, kwargs)

@@ -1,11 +1,10 @@
 """Tests for curvlinops._autodiff: Jacobian products in every mode agree."""
 
 from functools import cache
-from time import process_time
 
 import pytest
 import torch
-from torch import float64, manual_seed, rand, randn, zeros
+from torch import float64, manual_seed, rand, randn
 from torch.nn import (
     Conv1d,
     Conv2d,
@@ -24,7 +23,7 @@ from curvlinops import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
-from curvlinops._autodiff import ColumnPolicy, fast_rule_layers, jvp
+from curvlinops._autodiff import fast_rule_layers, jvp
 from curvlinops.examples.functorch import (
     functorch_ggn,
     functorch_hessian,
@@ -172,37 +171,3 @@ def test_columns_batched_or_looped_match_dense(operator, force):
         assert {num_cols for _, num_cols in policy._loop} == {3}
     else:
         assert policy._loop == {}
-
-
-def _busy(seconds: float):
-    """Spend CPU time (the policy times CPU time on CPUs)."""
-    start = process_time()
-    while process_time() - start < seconds:
-        pass
-
-
-@pytest.mark.parametrize("slow", ["batched", "column"])
-def test_column_policy_picks_the_faster_way_and_remembers(slow):
-    """Batched first, then both ways timed once, then the faster one."""
-    calls = []
-
-    def batched():
-        calls.append("batched")
-        _busy(0.05 if slow == "batched" else 0.0)
-        return "all"
-
-    def column(k, last):
-        calls.append(k)
-        _busy(0.05 if slow == "column" else 0.0)
-        return k
-
-    policy, like = ColumnPolicy(), zeros(3)
-    for expected in (["batched"], [0, 1, "batched"]):
-        assert policy.choose("pass", like, batched, column, tuple) == "all"
-        assert calls == expected
-        calls.clear()
-    result = policy.choose("pass", like, batched, column, tuple)
-    if slow == "batched":
-        assert (result, calls) == ((0, 1, 2), [0, 1, 2])
-    else:
-        assert (result, calls) == ("all", ["batched"])

@@ -1,0 +1,113 @@
+"""Products with several columns: one batched pass or one pass per column.
+
+Batched passes (``vmap``, ``is_grads_batched``) share work between columns, but
+PyTorch's batching rules of some operations (convolutions on CPUs) cost more per
+column than separate passes, and on a compute-bound model a column's tangents and
+backward pass cost as much as a single product's anyway. :class:`ColumnPolicy`
+measures which way is faster, once per operator, kind of pass and number of
+columns.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter, process_time
+
+from torch import Tensor, cat, cuda
+from torch.compiler import is_compiling
+
+
+def stack_columns(results: list[list[Tensor]]) -> list[Tensor]:
+    """Concatenate per-column results along the leading column axis.
+
+    Args:
+        results: Per column, a list of tensors ``[1, *shape]``.
+
+    Returns:
+        One tensor ``[K, *shape]`` per entry.
+    """
+    return [cat(parts) for parts in zip(*results)]
+
+
+class ColumnPolicy:
+    """Multiply onto ``K`` columns in one batched pass or one pass per column.
+
+    Batched passes (``vmap``, ``is_grads_batched``) share work between columns,
+    but PyTorch's batching rules of some operations (convolutions on CPUs) cost
+    more per column than separate passes. The second time a kind of pass meets
+    ``K > 1`` columns, the policy times the batched pass and two single columns,
+    and from then on uses the faster way for that kind and ``K`` (separate passes
+    only if they save more than a tenth).
+    Both give the same numbers up to rounding. Under ``torch.compile`` passes are
+    batched.
+
+    Attributes:
+        force: ``"batched"`` or ``"loop"`` to skip the measurement (tests);
+            ``None`` (default) to measure.
+    """
+
+    def __init__(self):
+        """Start without decisions."""
+        self.force: str | None = None
+        self._loop: dict[tuple[str, int], bool] = {}
+
+    def choose(self, kind: str, like: Tensor, batched, column, combine):
+        """Run the batched pass or one pass per column, as decided for ``kind``.
+
+        The first call for a kind and ``K`` runs the batched pass (which warms it
+        up); the second also times two single columns against it and decides.
+
+        Args:
+            kind: Name of the pass (decisions are kept per kind and ``K``).
+            like: A tensor ``[K, ...]`` of columns (for ``K`` and the device).
+            batched: ``batched()`` computes all columns at once.
+            column: ``column(k, last)`` computes column ``k``; ``last`` says
+                whether it is the last call of the pass.
+            combine: Combines the per-column results.
+
+        Returns:
+            The result for all columns.
+        """
+        num_cols = like.shape[0]
+        key = (kind, num_cols)
+        if self.force is not None or is_compiling():
+            loop = self.force == "loop"
+        elif self._loop.get(key, "unseen") == "unseen":
+            self._loop[key] = None
+            return batched()
+        elif self._loop[key] is None:
+            times = [_clock(like)]
+            for k in range(2):
+                column(k, last=False)
+                times.append(_clock(like))
+            result = batched()
+            single = min(times[1] - times[0], times[2] - times[1])
+            per_column = (_clock(like) - times[2]) / num_cols
+            self._loop[key] = per_column > LOOP_MARGIN * single
+            return result
+        else:
+            loop = self._loop[key]
+        if not loop:
+            return batched()
+        return combine([column(k, k == num_cols - 1) for k in range(num_cols)])
+
+
+# One pass per column only if the batched pass costs this much more per column.
+LOOP_MARGIN = 1.1
+
+
+def _clock(like: Tensor) -> float:
+    """Return a time stamp in seconds for comparing the costs of passes.
+
+    On GPUs, wall-clock time after the device has finished; on CPUs, the CPU time
+    of the process (all threads), which waiting for a shared core does not inflate.
+
+    Args:
+        like: Tensor on the device that does the work.
+
+    Returns:
+        The time stamp.
+    """
+    if like.device.type == "cuda":
+        cuda.synchronize(like.device)
+        return perf_counter()
+    return process_time()
