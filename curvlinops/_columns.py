@@ -33,12 +33,13 @@ class ColumnPolicy:
 
     Batched passes (``vmap``, ``is_grads_batched``) share work between columns,
     but PyTorch's batching rules of some operations (convolutions on CPUs) cost
-    more per column than separate passes. The second time a kind of pass meets
-    ``K > 1`` columns, the policy times the batched pass and two single columns,
-    and from then on uses the faster way for that kind and ``K`` (separate passes
-    only if they save more than a tenth).
-    Both give the same numbers up to rounding. Under ``torch.compile`` passes are
-    batched.
+    more per column than separate passes. The first time a kind of pass meets
+    ``K > 1`` columns it runs batched (which warms that pass up); the next two
+    times the policy also times two single columns against the batched pass. From
+    then on it uses separate passes for that kind and ``K`` only if both
+    measurements found them more than a tenth cheaper per column (a single
+    measurement on a busy machine can mislead). Both ways give the same numbers up
+    to rounding. Under ``torch.compile`` passes are batched.
 
     Attributes:
         force: ``"batched"`` or ``"loop"`` to skip the measurement (tests);
@@ -46,15 +47,12 @@ class ColumnPolicy:
     """
 
     def __init__(self):
-        """Start without decisions."""
+        """Start without measurements."""
         self.force: str | None = None
-        self._loop: dict[tuple[str, int], bool] = {}
+        self._votes: dict[tuple[str, int], list[bool]] = {}
 
     def choose(self, kind: str, like: Tensor, batched, column, combine):
         """Run the batched pass or one pass per column, as decided for ``kind``.
-
-        The first call for a kind and ``K`` runs the batched pass (which warms it
-        up); the second also times two single columns against it and decides.
 
         Args:
             kind: Name of the pass (decisions are kept per kind and ``K``).
@@ -67,30 +65,47 @@ class ColumnPolicy:
         Returns:
             The result for all columns.
         """
-        num_cols = like.shape[0]
-        key = (kind, num_cols)
+        votes = self._votes.setdefault((kind, like.shape[0]), [])
         if self.force is not None or is_compiling():
             loop = self.force == "loop"
-        elif self._loop.get(key, "unseen") == "unseen":
-            self._loop[key] = None
-            return batched()
-        elif self._loop[key] is None:
-            times = [_clock(like)]
-            for k in range(2):
-                column(k, last=False)
-                times.append(_clock(like))
-            result = batched()
-            single = min(times[1] - times[0], times[2] - times[1])
-            per_column = (_clock(like) - times[2]) / num_cols
-            self._loop[key] = per_column > LOOP_MARGIN * single
-            return result
+        elif len(votes) < MEASUREMENTS + 1:
+            return self._measure(votes, like, batched, column)
         else:
-            loop = self._loop[key]
+            loop = all(votes[1:])
         if not loop:
             return batched()
+        num_cols = like.shape[0]
         return combine([column(k, k == num_cols - 1) for k in range(num_cols)])
 
+    @staticmethod
+    def _measure(votes: list[bool], like: Tensor, batched, column):
+        """Run the batched pass; from the second call on, vote on looping.
 
+        Args:
+            votes: The votes so far (the first entry stands for the warm-up).
+            like: A tensor ``[K, ...]`` of columns.
+            batched: Computes all columns at once.
+            column: Computes one column.
+
+        Returns:
+            The batched pass's result.
+        """
+        if not votes:
+            votes.append(False)
+            return batched()
+        times = [_clock(like)]
+        for k in range(2):
+            column(k, last=False)
+            times.append(_clock(like))
+        result = batched()
+        single = min(times[1] - times[0], times[2] - times[1])
+        per_column = (_clock(like) - times[2]) / like.shape[0]
+        votes.append(per_column > LOOP_MARGIN * single)
+        return result
+
+
+# Measurements (after the warm-up) that must all favor separate passes.
+MEASUREMENTS = 2
 # One pass per column only if the batched pass costs this much more per column.
 LOOP_MARGIN = 1.1
 

@@ -167,7 +167,8 @@ def test_columns_batched_or_looped_match_dense(operator, force):
     policy = _column_policy(op)
     policy.force = force
     compare_matmat(op, dense)
-    if force is None:  # measured once per kind of pass, for 3 columns
-        assert {num_cols for _, num_cols in policy._loop} == {3}
+    if force is None:  # measured per kind of pass, for 3 columns
+        assert {num_cols for _, num_cols in policy._votes} == {3}
+        assert all(len(votes) == 3 for votes in policy._votes.values())
     else:
-        assert policy._loop == {}
+        assert all(votes == [] for votes in policy._votes.values())
