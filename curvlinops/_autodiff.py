@@ -376,12 +376,12 @@ class _Mode:
 class DifferentiationModes:
     """Run a computation in the fastest differentiation mode that works; remember it.
 
-    The candidate modes, in order: for PyTorch's attention kernels, then for the
-    fused kernels with our derivative rules (:func:`attention_rules`), forward mode
-    (only if allowed) and then reverse mode; last, both with the composite attention
-    kernel, whose operations all have forward and second derivatives. Under
-    ``torch.compile`` there is no fallback: the current direction runs with the
-    composite attention kernel.
+    The candidate modes, in order: forward mode (only if allowed) with PyTorch's
+    attention kernels, then with the fused kernels and our derivative rules
+    (:func:`attention_rules`); the same two for reverse mode; last, both directions
+    with the composite attention kernel, whose operations all have forward and
+    second derivatives. Under ``torch.compile`` there is no fallback: the current
+    direction runs with the composite attention kernel.
 
     Attributes:
         columns: The operator's :class:`ColumnPolicy`, which computations pass to
