@@ -31,7 +31,7 @@ from curvlinops.examples.functorch import (
 )
 from curvlinops.utils import make_functional_model_and_loss
 from test.cases import Case
-from test.utils import assert_close, compare_matmat
+from test.utils import assert_close, random_columns
 
 
 def _model():
@@ -166,7 +166,9 @@ def test_columns_batched_or_looped_match_dense(operator, force):
     dense = _cnn_dense(operator.__name__)
     policy = _column_policy(op)
     policy.force = force
-    compare_matmat(op, dense)
+    M = random_columns(op.shape[1], 3, op)
+    for _ in range(3):  # warm-up and two measurements, unless forced
+        assert_close(op @ M, dense @ M)
     if force is None:  # measured per kind of pass, for 3 columns
         assert {num_cols for _, num_cols in policy._votes} == {3}
         assert all(len(votes) == 3 for votes in policy._votes.values())
