@@ -10,7 +10,7 @@ columns.
 
 from __future__ import annotations
 
-from time import perf_counter, process_time
+from time import perf_counter, thread_time
 
 from torch import Tensor, cat, cuda
 from torch.compiler import is_compiling
@@ -113,8 +113,12 @@ LOOP_MARGIN = 1.1
 def _clock(like: Tensor) -> float:
     """Return a time stamp in seconds for comparing the costs of passes.
 
-    On GPUs, wall-clock time after the device has finished; on CPUs, the CPU time
-    of the process (all threads), which waiting for a shared core does not inflate.
+    On GPUs, wall-clock time after the device has finished. On CPUs, the CPU time
+    of the calling thread: it computes or waits at the end of each parallel
+    operation throughout a pass, so its CPU time follows the elapsed time, but not
+    the time the thread spends descheduled on a shared machine. (The CPU time of
+    all threads would count the worker threads' idle spinning, which penalizes
+    passes of many small operations.)
 
     Args:
         like: Tensor on the device that does the work.
@@ -125,4 +129,4 @@ def _clock(like: Tensor) -> float:
     if like.device.type == "cuda":
         cuda.synchronize(like.device)
         return perf_counter()
-    return process_time()
+    return thread_time()
