@@ -37,7 +37,7 @@ from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
 from curvlinops._attention import attention_rules
-from curvlinops._columns import ColumnPolicy, stack_columns
+from curvlinops._columns import LOOP_MARGIN, ColumnPolicy, clock, stack_columns
 from curvlinops.utils import make_functional_model_and_loss
 
 
@@ -380,8 +380,10 @@ class DifferentiationModes:
     attention kernels, then with the fused kernels and our derivative rules
     (:func:`attention_rules`); the same two for reverse mode; last, both directions
     with the composite attention kernel, whose operations all have forward and
-    second derivatives. Under ``torch.compile`` there is no fallback: the current
-    direction runs with the composite attention kernel.
+    second derivatives. Where the rules work, the composite kernel is timed against
+    them once, and kept if it is faster (short sequences, Hessian products). Under
+    ``torch.compile`` there is no fallback: the current direction runs with the
+    composite attention kernel.
 
     Attributes:
         columns: The operator's :class:`ColumnPolicy`, which computations pass to
@@ -400,7 +402,7 @@ class DifferentiationModes:
             *(_Mode(d, a) for d in directions for a in ("fused", "rules")),
             *(_Mode(d, "composite") for d in directions),
         ]
-        self._current = 0
+        self._current, self._rules_runs = 0, 0
         self.columns = ColumnPolicy()
 
     def __call__(self, computation: Callable[[bool], object]):
@@ -424,14 +426,45 @@ class DifferentiationModes:
                 return computation(forward)
         while True:
             mode = self._modes[self._current]
+            start = clock()
             try:
                 with mode.context():
-                    return computation(mode.forward)
+                    result = computation(mode.forward)
             except (RuntimeError, NotImplementedError) as error:
                 last = self._current == len(self._modes) - 1
                 if last or not is_missing_derivative(error):
                     raise
                 self._current += 1
+                continue
+            if mode.attention == "rules":
+                self._rules_runs += 1
+                if self._rules_runs == 2:  # the first run warmed the rules up
+                    self._compare_with_composite(computation, mode, clock() - start)
+            return result
+
+    def _compare_with_composite(self, computation, mode: _Mode, seconds: float):
+        """Time the composite attention kernel against the rules; keep the faster.
+
+        With short sequences, the rules' fixed costs can exceed what they save
+        (reverse-over-reverse products). The computation runs again with the
+        composite kernel, which must save a tenth of the time to be kept.
+
+        Args:
+            computation: The computation just run with the rules.
+            mode: The rules' mode.
+            seconds: The time the computation took with the rules.
+        """
+        composite = _Mode(mode.forward, "composite")
+        start = clock()
+        try:
+            with composite.context():
+                computation(mode.forward)
+        except (RuntimeError, NotImplementedError) as error:
+            if not is_missing_derivative(error):
+                raise
+            return
+        if clock() - start < seconds / LOOP_MARGIN:
+            self._current = self._modes.index(composite)
 
 
 class ModelJacobian:

@@ -56,7 +56,7 @@ class ColumnPolicy:
 
         Args:
             kind: Name of the pass (decisions are kept per kind and ``K``).
-            like: A tensor ``[K, ...]`` of columns (for ``K`` and the device).
+            like: A tensor ``[K, ...]`` of columns (for ``K``).
             batched: ``batched()`` computes all columns at once.
             column: ``column(k, last)`` computes column ``k``; ``last`` says
                 whether it is the last call of the pass.
@@ -93,13 +93,13 @@ class ColumnPolicy:
         if not votes:
             votes.append(False)
             return batched()
-        times = [_clock(like)]
+        times = [clock()]
         for k in range(2):
             column(k, last=False)
-            times.append(_clock(like))
+            times.append(clock())
         result = batched()
         single = min(times[1] - times[0], times[2] - times[1])
-        per_column = (_clock(like) - times[2]) / like.shape[0]
+        per_column = (clock() - times[2]) / like.shape[0]
         votes.append(per_column > LOOP_MARGIN * single)
         return result
 
@@ -110,23 +110,20 @@ MEASUREMENTS = 2
 LOOP_MARGIN = 1.1
 
 
-def _clock(like: Tensor) -> float:
-    """Return a time stamp in seconds for comparing the costs of passes.
+def clock() -> float:
+    """Return a time stamp in seconds for comparing the costs of computations.
 
-    On GPUs, wall-clock time after the device has finished. On CPUs, the CPU time
-    of the calling thread: it computes or waits at the end of each parallel
-    operation throughout a pass, so its CPU time follows the elapsed time, but not
-    the time the thread spends descheduled on a shared machine. (The CPU time of
-    all threads would count the worker threads' idle spinning, which penalizes
-    passes of many small operations.)
-
-    Args:
-        like: Tensor on the device that does the work.
+    With CUDA in use, wall-clock time after the GPUs have finished. Otherwise the
+    CPU time of the calling thread: it computes or waits at the end of each
+    parallel operation throughout a pass, so its CPU time follows the elapsed time,
+    but not the time the thread spends descheduled on a shared machine. (The CPU
+    time of all threads would count the worker threads' idle spinning, which
+    penalizes passes of many small operations.)
 
     Returns:
         The time stamp.
     """
-    if like.device.type == "cuda":
-        cuda.synchronize(like.device)
+    if cuda.is_initialized():
+        cuda.synchronize()
         return perf_counter()
     return thread_time()

@@ -8,6 +8,8 @@ every curvature operator on attention models against dense references.
 
 from __future__ import annotations
 
+from itertools import chain, count
+
 import pytest
 import torch
 from torch import float64, manual_seed, randn
@@ -28,7 +30,7 @@ from curvlinops import (
     _attention_blocks,
 )
 from curvlinops._attention import attention_rules
-from curvlinops._autodiff import _Mode
+from curvlinops._autodiff import DifferentiationModes, _Mode
 from curvlinops.examples.functorch import (
     functorch_empirical_fisher,
     functorch_ggn,
@@ -207,9 +209,13 @@ def _modes(op):
     return modes
 
 
-def _attention_of(op) -> str:
-    modes = _modes(op)
-    return modes._modes[modes._current].attention
+def _rules_runs(op) -> int:
+    """How many computations ran with the rules."""
+    return _modes(op)._rules_runs
+
+
+def _keep_rules(*args):
+    """Skip the comparison with the composite kernel (tests of the rules)."""
 
 
 def _check_products(op, dense: torch.Tensor):
@@ -220,8 +226,9 @@ def _check_products(op, dense: torch.Tensor):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_operators_on_attention_models_match_dense(model_name):
-    """Every product uses the rules (reverse mode: the fused kernel) and is right."""
+def test_operators_on_attention_models_match_dense(model_name, monkeypatch):
+    """Products with the rules (reverse mode: the fused kernel) are right."""
+    monkeypatch.setattr(DifferentiationModes, "_compare_with_composite", _keep_rules)
     model, loss_func, params, data = _problem(model_name)
     dense = {
         HessianLinearOperator: functorch_hessian(model, loss_func, params, data),
@@ -231,24 +238,49 @@ def test_operators_on_attention_models_match_dense(model_name):
     for cls, matrix in dense.items():
         op = cls(model, loss_func, params, data, check_deterministic=False)
         _check_products(op, matrix)
-        assert _attention_of(op) == "rules"
+        assert _rules_runs(op) == 2 * len(data)  # two products, per batch
     J = functorch_jacobian(model, params, data)
-    for cls, matrix, kernels in [
-        (JacobianLinearOperator, J, "rules"),
-        (TransposedJacobianLinearOperator, J.T, "fused"),
+    for cls, matrix, runs in [
+        (JacobianLinearOperator, J, 2 * len(data)),
+        (TransposedJacobianLinearOperator, J.T, 0),  # the fused kernel suffices
     ]:
         op = cls(model, params, data, check_deterministic=False)
         _check_products(op, matrix)
-        assert _attention_of(op) == kernels
+        assert _rules_runs(op) == runs
 
 
 def test_mc_fisher_with_rules_matches_composite_kernel():
     """The MC Fisher (no dense reference) gives the composite kernel's numbers."""
     model, loss_func, params, data = _problem("causal grouped-query")
-    F = FisherMCLinearOperator(model, loss_func, params, data)
+    F = FisherMCLinearOperator(
+        model, loss_func, params, data, check_deterministic=False
+    )
     F_composite = FisherMCLinearOperator(model, loss_func, params, data)
     modes = _modes(F_composite)
     modes._modes, modes._current = [_Mode(True, "composite")], 0
     M = randn(F.shape[1], 3, dtype=float64)
     assert_close(F @ M, F_composite @ M)
-    assert _attention_of(F) == "rules"
+    assert _rules_runs(F) == len(data)
+
+
+def test_composite_kernel_replaces_the_rules_if_faster(monkeypatch):
+    """The second computation with the rules is timed against the composite kernel."""
+    model, loss_func, params, data = _problem("causal grouped-query")
+    H = HessianLinearOperator(
+        model, loss_func, params, data[:1], check_deterministic=False
+    )
+    # calls of the clock: product 1 (fused fails; rules start), product 2 (rules:
+    # start, end 1 s later; composite: start, end 0.5 s later), then products 3+
+    times = chain([0.0, 1.0, 10.0, 11.0, 20.0, 20.5], count(30.0))
+    monkeypatch.setattr("curvlinops._autodiff.clock", lambda: next(times))
+    v = randn(H.shape[1], dtype=float64)
+    first = H @ v
+    assert _attention_of(H) == "rules"
+    assert_close(H @ v, first)
+    assert _attention_of(H) == "composite"
+    assert_close(H @ v, first)
+
+
+def _attention_of(op) -> str:
+    modes = _modes(op)
+    return modes._modes[modes._current].attention
