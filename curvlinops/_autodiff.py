@@ -402,7 +402,7 @@ class DifferentiationModes:
             *(_Mode(d, a) for d in directions for a in ("fused", "rules")),
             *(_Mode(d, "composite") for d in directions),
         ]
-        self._current, self._rules_runs = 0, 0
+        self._current, self._rules_runs, self._composite_votes = 0, 0, []
         self.columns = ColumnPolicy()
 
     def __call__(self, computation: Callable[[bool], object]):
@@ -438,7 +438,7 @@ class DifferentiationModes:
                 continue
             if mode.attention == "rules":
                 self._rules_runs += 1
-                if self._rules_runs == 2:  # the first run warmed the rules up
+                if self._rules_runs in (2, 3):  # the first run warmed the rules up
                     self._compare_with_composite(computation, mode, clock() - start)
             return result
 
@@ -447,7 +447,8 @@ class DifferentiationModes:
 
         With short sequences, the rules' fixed costs can exceed what they save
         (reverse-over-reverse products). The computation runs again with the
-        composite kernel, which must save a tenth of the time to be kept.
+        composite kernel; if it saved a tenth of the time in both of two
+        comparisons, the composite kernel is kept.
 
         Args:
             computation: The computation just run with the rules.
@@ -463,7 +464,8 @@ class DifferentiationModes:
             if not is_missing_derivative(error):
                 raise
             return
-        if clock() - start < seconds / LOOP_MARGIN:
+        self._composite_votes.append(clock() - start < seconds / LOOP_MARGIN)
+        if self._composite_votes == [True, True]:
             self._current = self._modes.index(composite)
 
 

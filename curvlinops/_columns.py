@@ -10,7 +10,7 @@ columns.
 
 from __future__ import annotations
 
-from time import perf_counter, thread_time
+from time import perf_counter
 
 from torch import Tensor, cat, cuda
 from torch.compiler import is_compiling
@@ -38,8 +38,9 @@ class ColumnPolicy:
     times the policy also times two single columns against the batched pass. From
     then on it uses separate passes for that kind and ``K`` only if both
     measurements found them more than a tenth cheaper per column (a single
-    measurement on a busy machine can mislead). Both ways give the same numbers up
-    to rounding. Under ``torch.compile`` passes are batched.
+    measurement on a busy machine can mislead; so can CPU times, which count
+    idle or spinning worker threads differently for the two ways). Both ways give
+    the same numbers up to rounding. Under ``torch.compile`` passes are batched.
 
     Attributes:
         force: ``"batched"`` or ``"loop"`` to skip the measurement (tests);
@@ -111,19 +112,11 @@ LOOP_MARGIN = 1.1
 
 
 def clock() -> float:
-    """Return a time stamp in seconds for comparing the costs of computations.
-
-    With CUDA in use, wall-clock time after the GPUs have finished. Otherwise the
-    CPU time of the calling thread: it computes or waits at the end of each
-    parallel operation throughout a pass, so its CPU time follows the elapsed time,
-    but not the time the thread spends descheduled on a shared machine. (The CPU
-    time of all threads would count the worker threads' idle spinning, which
-    penalizes passes of many small operations.)
+    """Return a wall-clock time stamp in seconds, after queued GPU work has finished.
 
     Returns:
         The time stamp.
     """
     if cuda.is_initialized():
         cuda.synchronize()
-        return perf_counter()
-    return thread_time()
+    return perf_counter()
