@@ -42,6 +42,7 @@ The blockwise rules live in :mod:`curvlinops._attention_blocks`.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from math import sqrt
 
 from torch import (
@@ -91,7 +92,14 @@ def _sdpa_arguments(
 
 
 class _AttentionRules(TorchFunctionMode):
-    """Send ``scaled_dot_product_attention`` calls to :class:`Attention`."""
+    """Send ``scaled_dot_product_attention`` calls to :class:`Attention`.
+
+    Attributes:
+        routed: Number of attention calls (direct or inside another function of
+            PyTorch) routed so far.
+    """
+
+    routed = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         """Intercept attention; pass every other function through.
@@ -112,15 +120,30 @@ class _AttentionRules(TorchFunctionMode):
         """
         kwargs = kwargs or {}
         if func is scaled_dot_product_attention:
+            self.routed += 1
             return _attention(*args, **kwargs)
         namespace = getattr(func, "__globals__", {})
         if namespace.get(_NAME) is scaled_dot_product_attention:
-            namespace[_NAME] = _attention
+            namespace[_NAME] = partial(self._count, _attention)
             try:
                 return func(*args, **kwargs)
             finally:
                 namespace[_NAME] = scaled_dot_product_attention
         return func(*args, **kwargs)
+
+    def _count(self, attention, *args, **kwargs) -> Tensor:
+        """Count a routed attention call and evaluate it.
+
+        Args:
+            attention: The function that evaluates attention.
+            args: Its positional arguments.
+            kwargs: Its keyword arguments.
+
+        Returns:
+            The attention output.
+        """
+        self.routed += 1
+        return attention(*args, **kwargs)
 
 
 _NAME = "scaled_dot_product_attention"
@@ -166,10 +189,10 @@ def attention_rules():
     """Route ``scaled_dot_product_attention`` to :class:`Attention` while active.
 
     Yields:
-        Nothing.
+        The mode; its ``routed`` attribute counts the attention calls it routed.
     """
-    with _AttentionRules():
-        yield
+    with _AttentionRules() as mode:
+        yield mode
 
 
 class Attention(Function):

@@ -428,7 +428,7 @@ class DifferentiationModes:
             mode = self._modes[self._current]
             start = clock()
             try:
-                with mode.context():
+                with mode.context() as rules:
                     result = computation(mode.forward)
             except (RuntimeError, NotImplementedError) as error:
                 last = self._current == len(self._modes) - 1
@@ -436,7 +436,7 @@ class DifferentiationModes:
                     raise
                 self._current += 1
                 continue
-            if mode.attention == "rules":
+            if mode.attention == "rules" and rules.routed > 0:
                 self._rules_runs += 1
                 if self._rules_runs in (2, 3):  # the first run warmed the rules up
                     self._compare_with_composite(computation, mode, clock() - start)
