@@ -65,8 +65,10 @@ docs-check: docs
 	CURVLINOPS_DOCS_HTML=docs/_build/html $(PYTHON) -m pytest -q test/test_docs_browser.py
 
 bench: install
-	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/run.py --markdown
+	$(PYTHON) benchmarks/scaling.py
 	$(PYTHON) benchmarks/ggn_diagonal.py
+	$(PYTHON) benchmarks/ekfac_precompute.py
 	$(PYTHON) benchmarks/discovery.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py

@@ -25,9 +25,9 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from measure import timed  # noqa: E402
 from operators import OPERATORS  # noqa: E402
 from problems import PROBLEMS, Problem  # noqa: E402
-from run import timed  # noqa: E402
 
 COMPILED_OPERATORS = [
     "hessian",

@@ -37,8 +37,9 @@ from torch.func import functional_call
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from measure import gradient, time_once  # noqa: E402
 from problems import PROBLEMS, Problem  # noqa: E402
-from run import RESULTS_DIR, gradient, time_once  # noqa: E402
+from run import RESULTS_DIR  # noqa: E402
 
 from curvlinops import KFACLinearOperator  # noqa: E402
 from curvlinops._kfac_uses import LayerUses  # noqa: E402

@@ -79,15 +79,15 @@ def measure(rank: int, world_size: int, repeats: int) -> dict[str, float]:
     problem = mlp()
     model, loss_func, params = problem.model, problem.loss_func, problem.params
     shards = list(zip(problem.X.chunk(world_size), problem.y.chunk(world_size)))
-    shard, num_data = [shards[rank]], len(problem.y)
+    shard = [shards[rank]]
     group = dist.group.WORLD if world_size > 1 else None
     kwargs = {"check_deterministic": False}
     G = GGNLinearOperator(
         model, loss_func, params, shard, process_group=group, **kwargs
     )
-    G_local = GGNLinearOperator(
-        model, loss_func, params, shard, num_data=num_data, **kwargs
-    )
+    # the shard's own GGN: the same passes, scaled by N / |shard| (every pass must
+    # yield num_data points, so the shard cannot pose as all N)
+    G_local = GGNLinearOperator(model, loss_func, params, shard, **kwargs)
     v = torch.randn(G.shape[1], generator=torch.Generator().manual_seed(0))
     return {
         "matvec": timed(lambda: G @ v, repeats, group),

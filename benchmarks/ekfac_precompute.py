@@ -30,8 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from measure import gradient, quiet_stderr  # noqa: E402
 from problems import PROBLEMS, Problem  # noqa: E402
-from run import gradient, quiet_stderr  # noqa: E402
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator  # noqa: E402
 
@@ -139,7 +139,7 @@ def print_profile(problem: Problem, fisher_type: str, repeats: int, clock):
 def main():
     """Print EKFAC's precompute ratios (and, optionally, profiles)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = [p for p in PROBLEMS if p != "resnet18"]
+    names = [p for p in PROBLEMS if not p.startswith("resnet18")]
     parser.add_argument("--problems", nargs="+", default=names)
     parser.add_argument("--fisher-type", default="mc")
     parser.add_argument(

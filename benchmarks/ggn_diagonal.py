@@ -31,8 +31,9 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from measure import gradient, timed_ratio  # noqa: E402
 from problems import PROBLEMS  # noqa: E402
-from run import RESULTS_DIR, gradient, timed_ratio  # noqa: E402
+from run import RESULTS_DIR  # noqa: E402
 
 from curvlinops import GGNDiagonalLinearOperator, GGNLinearOperator  # noqa: E402
 from curvlinops.diagonal import hutchinson_diag  # noqa: E402
@@ -74,9 +75,9 @@ def measure(problem, repeats: int) -> dict:
 def main():
     """Run the benchmark, print the table and write the JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_problems = [p for p in PROBLEMS if p != "resnet18"]
+    default_problems = [p for p in PROBLEMS if not p.startswith("resnet18")]
     if torch.cuda.is_available():
-        default_problems.append("resnet18")
+        default_problems.append("resnet18_cuda")
     parser.add_argument("--problems", nargs="+", default=default_problems)
     parser.add_argument(
         "--repeats", type=int, default=int(os.environ.get("REPEATS", 5))

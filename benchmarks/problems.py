@@ -65,13 +65,17 @@ class Transformer(nn.Module):
         return self.head(h).mean(1)
 
 
-def mlp() -> Problem:
-    """MNIST-sized MLP 784-128-64-10 with batch size 256."""
+def mlp(batch_size: int = 256, width: int = 128) -> Problem:
+    """MNIST-sized MLP 784-128-64-10 with batch size 256 (or other sizes)."""
     manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+        nn.Linear(784, width),
+        nn.ReLU(),
+        nn.Linear(width, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
-    X, y = rand(256, 784), randint(0, 10, (256,))
+    X, y = rand(batch_size, 784), randint(0, 10, (batch_size,))
     return Problem("mlp", model, nn.CrossEntropyLoss(), X, y)
 
 
@@ -97,6 +101,17 @@ def transformer() -> Problem:
     manual_seed(0)
     X, y = rand(32, 32, 64), randint(0, 10, (32,))
     return Problem("transformer", Transformer(), nn.CrossEntropyLoss(), X, y)
+
+
+def transformer_long() -> Problem:
+    """The transformer block on sequences of length 256, batch size 8.
+
+    Attention dominates: its causal attention matrices hold 8 times as many entries
+    per token as the short problem's.
+    """
+    manual_seed(0)
+    X, y = rand(8, 256, 64), randint(0, 10, (8,))
+    return Problem("transformer256", Transformer(), nn.CrossEntropyLoss(), X, y)
 
 
 class BasicBlock(nn.Module):
@@ -139,17 +154,28 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     return model.eval()
 
 
+def _resnet18_problem(batch_size: int, device: torch.device) -> Problem:
+    manual_seed(0)
+    X = rand(batch_size, 3, 32, 32, device=device)
+    y = randint(0, 10, (batch_size,), device=device)
+    return Problem("resnet18", resnet18().to(device), nn.CrossEntropyLoss(), X, y)
+
+
+def resnet18_cpu() -> Problem:
+    """ResNet-18 on 32x32 images with batch size 32, on the CPU."""
+    return _resnet18_problem(32, torch.device("cpu"))
+
+
 def resnet18_cuda() -> Problem:
     """ResNet-18 on 32x32 images with batch size 128, on the GPU."""
-    manual_seed(0)
-    device = torch.device("cuda")
-    X, y = rand(128, 3, 32, 32, device=device), randint(0, 10, (128,), device=device)
-    return Problem("resnet18", resnet18().to(device), nn.CrossEntropyLoss(), X, y)
+    return _resnet18_problem(128, torch.device("cuda"))
 
 
 PROBLEMS = {
     "mlp": mlp,
     "cnn": cnn,
     "transformer": transformer,
-    "resnet18": resnet18_cuda,
+    "transformer256": transformer_long,
+    "resnet18": resnet18_cpu,
+    "resnet18_cuda": resnet18_cuda,
 }

@@ -40,8 +40,8 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from measure import gradient, timed  # noqa: E402
 from problems import PROBLEMS, Problem  # noqa: E402
-from run import gradient_time, timed  # noqa: E402
 
 from curvlinops import GGNLinearOperator  # noqa: E402
 from curvlinops.vivit import EighComputation  # noqa: E402
@@ -133,7 +133,7 @@ def main():
     print("-" * len(header))
     for name in args.problems:
         problem = PROBLEMS[name]()
-        t_grad = gradient_time(problem, args.repeats)
+        t_grad = timed(gradient(problem), args.repeats)
         print(f"{name:<8} {'gradient':<18} {1e3 * t_grad:>10.1f} {1:>8.2f}")
         lanczos, lanczos_info = lanczos_top_k(problem, args.k)
         reference = lanczos()

@@ -13,8 +13,9 @@ public tensor-list format):
 Some operations lack forward-mode derivatives (user-defined ``autograd.Function``
 without ``jvp``) or second derivatives (the fused CPU/GPU kernels of
 ``scaled_dot_product_attention``). :class:`DifferentiationModes` tries the fast mode
-first and, when PyTorch reports a missing derivative, retries with reverse mode and
-with the composite (``MATH``) attention kernel, remembering what worked.
+first and, when PyTorch reports a missing derivative, retries with our own rules for
+the fused attention kernels (:mod:`curvlinops._attention`), with reverse mode, and
+finally with the composite (``MATH``) attention kernel, remembering what worked.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from functools import partial
 from threading import RLock
 from types import MethodType
 
-from torch import Tensor, no_grad, zeros, zeros_like
+from torch import Tensor, cat, no_grad, zeros, zeros_like
 from torch.autograd import forward_ad, grad
 from torch.compiler import is_compiling
 from torch.func import jvp as func_jvp
@@ -36,6 +37,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import linear
 from torch.nn.modules.conv import _ConvNd
 
+from curvlinops._attention import attention_rules
+from curvlinops._columns import LOOP_MARGIN, ColumnPolicy, clock, stack_columns
 from curvlinops._functional import functional_form
 
 # Forward-mode AD levels are global to the process: threads take turns.
@@ -72,6 +75,8 @@ def vjp(
     inputs: list[Tensor],
     V: list[Tensor],
     retain_graph: bool = True,
+    columns: ColumnPolicy | None = None,
+    kind: str = "vjp",
 ) -> list[Tensor]:
     """Multiply the transposed Jacobian of ``outputs`` onto ``K`` columns.
 
@@ -80,6 +85,10 @@ def vjp(
         inputs: Tensors to differentiate with respect to.
         V: One tensor per output, of shape ``[K, *output.shape]``.
         retain_graph: Keep the graph for further backward passes.
+        columns: Chooses between one batched backward pass and one pass per
+            column (see :class:`ColumnPolicy`). ``None``: batched.
+        kind: Name of the pass for ``columns`` (passes of different kinds may
+            prefer different ways).
 
     Returns:
         One tensor per input, of shape ``[K, *input.shape]``; zeros for inputs the
@@ -92,6 +101,31 @@ def vjp(
             zeros(num_cols, *x.shape, dtype=x.dtype, device=x.device) for x in inputs
         ]
     outs, vs = zip(*pairs)
+
+    def batched() -> list[Tensor]:
+        return _grad(outs, inputs, vs, retain_graph)
+
+    def column(k: int, last: bool) -> list[Tensor]:
+        return _grad(outs, inputs, [v[k : k + 1] for v in vs], retain_graph or not last)
+
+    if columns is None or num_cols == 1:
+        return batched()
+    return columns.choose(kind, vs[0], batched, column, stack_columns)
+
+
+def _grad(outs, inputs, vs, retain_graph: bool) -> list[Tensor]:
+    """One (batched) backward pass for columns ``vs[i]`` of shape ``[K, *out.shape]``.
+
+    Args:
+        outs: Outputs that require grad.
+        inputs: Tensors to differentiate with respect to.
+        vs: Columns, one tensor per output.
+        retain_graph: Keep the graph.
+
+    Returns:
+        One tensor ``[K, *input.shape]`` per input.
+    """
+    num_cols = vs[0].shape[0]
     batched = num_cols > 1
     result = grad(
         outs,
@@ -110,7 +144,12 @@ def vjp(
     ]
 
 
-def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tensor]]):
+def hvp(
+    loss: Tensor,
+    param_blocks: list[list[Tensor]],
+    M_blocks: list[list[Tensor]],
+    columns: ColumnPolicy | None = None,
+):
     """Multiply the (block-diagonal) Hessian of a scalar onto ``K`` columns.
 
     One backward pass with ``create_graph=True`` gives the gradient; a second one per
@@ -120,6 +159,7 @@ def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tens
         loss: Scalar to differentiate twice.
         param_blocks: Parameters, grouped into the diagonal blocks.
         M_blocks: Columns per block, tensors of shape ``[K, *param.shape]``.
+        columns: Chooses how the second backward pass treats the columns.
 
     Returns:
         Hessian-matrix products, one tensor ``[K, *param.shape]`` per parameter.
@@ -129,8 +169,10 @@ def hvp(loss: Tensor, param_blocks: list[list[Tensor]], M_blocks: list[list[Tens
         loss, params, create_graph=True, allow_unused=True, materialize_grads=True
     )
     result, start = [], 0
-    for ps, ms in zip(param_blocks, M_blocks):
-        result.extend(vjp(gradient[start : start + len(ps)], ps, ms))
+    for index, (ps, ms) in enumerate(zip(param_blocks, M_blocks)):
+        block = gradient[start : start + len(ps)]
+        last = index == len(param_blocks) - 1  # frees the graph as it goes
+        result.extend(vjp(block, ps, ms, not last, columns, "hvp"))
         start += len(ps)
     return result
 
@@ -141,6 +183,7 @@ def jvp(
     M: list[Tensor],
     forward_mode: bool,
     fast_layers: list[Module] = (),
+    columns: ColumnPolicy | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Evaluate ``f(*params)`` and multiply its Jacobian onto ``K`` columns.
 
@@ -153,24 +196,73 @@ def jvp(
         fast_layers: Linear and convolution layers of the model ``f`` evaluates
             (see :func:`fast_rule_layers`) that use hand-written forward-mode rules
             for one column (see :func:`_fast_layer_jvps`).
+        columns: Chooses between one batched pass and one pass per column (see
+            :class:`ColumnPolicy`). ``None``: batched.
 
     Returns:
-        The output of ``f`` (still attached to the parameters' autograd graph) and the
-        Jacobian-matrix product ``[K, *output.shape]``.
+        The output of ``f`` (still attached to the parameters' graph, if grad mode
+        is on) and the Jacobian-matrix product ``[K, *output.shape]``.
     """
     if not forward_mode:
         output = f(*params)
-        return output, _jvp_reverse(output, params, M)
-    if M[0].shape[0] == 1 and is_compiling():  # dynamo traces torch.func, not duals
+        return output, _jvp_reverse(output, params, M, columns)
+    num_cols = M[0].shape[0]
+    if num_cols == 1 and is_compiling():  # dynamo traces torch.func, not duals
         output, JM = func_jvp(f, tuple(params), tuple(m.squeeze(0) for m in M))
         return output, JM.unsqueeze(0)
-    if M[0].shape[0] == 1:  # dual tensors: less overhead than func_jvp for one column
-        with _FORWARD_AD, forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
-            duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
-            output, JM = forward_ad.unpack_dual(f(*duals))
-        return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
-    with nullcontext() if is_compiling() else _FORWARD_AD:  # func_jvp: a level, too
-        return vmap(lambda *ms: func_jvp(f, tuple(params), ms), out_dims=(None, 0))(*M)
+    if num_cols == 1:
+        return _dual_jvp(f, params, M, fast_layers)
+
+    def batched() -> tuple[Tensor, Tensor]:
+        def tangents(*ms: Tensor) -> tuple[Tensor, Tensor]:
+            return func_jvp(f, tuple(params), ms)
+
+        with nullcontext() if is_compiling() else _FORWARD_AD:  # a level, too
+            return vmap(tangents, out_dims=(None, 0))(*M)
+
+    def column(k: int, last: bool) -> tuple[Tensor, Tensor]:
+        # the output (and its graph) of the first column serves all columns
+        with nullcontext() if k == 0 else no_grad():
+            return _dual_jvp(f, params, [m[k : k + 1] for m in M], fast_layers)
+
+    if columns is None:
+        return batched()
+    return columns.choose("jvp", M[0], batched, column, _combine_jvps)
+
+
+def _dual_jvp(f, params, M, fast_layers) -> tuple[Tensor, Tensor]:
+    """Jacobian product with one column by dual tensors (less overhead than vmap).
+
+    Args:
+        f: Function of the parameters.
+        params: Parameters.
+        M: One tensor ``[1, *param.shape]`` per parameter.
+        fast_layers: Layers that use the lean forward-mode rules.
+
+    Returns:
+        The output and ``[1, *output.shape]`` (``None`` if the output is not a
+        tensor).
+    """
+    with _FORWARD_AD, forward_ad.dual_level(), _fast_layer_jvps(fast_layers):
+        duals = [forward_ad.make_dual(p, m.squeeze(0)) for p, m in zip(params, M)]
+        output = f(*duals)
+        if not isinstance(output, Tensor):  # for the caller to report
+            return output, None
+        output, JM = forward_ad.unpack_dual(output)
+    return output, (zeros_like(output) if JM is None else JM).unsqueeze(0)
+
+
+def _combine_jvps(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Combine per-column Jacobian products: the first output, stacked products.
+
+    Args:
+        results: Per column, the output and ``[1, *output.shape]``.
+
+    Returns:
+        The first column's output and ``[K, *output.shape]``.
+    """
+    output, JM = results[0]
+    return output, (JM if JM is None else cat([JM for _, JM in results]))
 
 
 def fast_rule_layers(model) -> list[Module]:
@@ -245,13 +337,19 @@ def _bilinear_layer_forward(layer: Module, x: Tensor) -> Tensor:
     return forward_ad.make_dual(output, terms[0] if len(terms) == 1 else sum(terms))
 
 
-def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tensor:
+def _jvp_reverse(
+    output: Tensor,
+    params: list[Tensor],
+    M: list[Tensor],
+    columns: ColumnPolicy | None = None,
+) -> Tensor:
     """Jacobian-matrix product with reverse mode only: ``J M = d/du <J^T u, M>``.
 
     Args:
         output: Function value, attached to the parameters' graph.
         params: Parameters.
         M: One tensor ``[K, *param.shape]`` per parameter.
+        columns: Chooses how the second backward pass treats the columns.
 
     Returns:
         ``[K, *output.shape]``.
@@ -264,7 +362,7 @@ def _jvp_reverse(output: Tensor, params: list[Tensor], M: list[Tensor]) -> Tenso
     JTu = grad(
         output, params, u, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    (JM,) = vjp(list(JTu), [u], M)
+    (JM,) = vjp(list(JTu), [u], M, True, columns, "jvp by reverse mode")
     return JM
 
 
@@ -292,10 +390,14 @@ def is_missing_derivative(error: Exception) -> bool:
 
 @dataclass(frozen=True)
 class _Mode:
-    """A way to differentiate: forward or reverse mode, fused or composite attention."""
+    """A way to differentiate: forward or reverse mode, and the attention kernels.
+
+    ``attention`` is ``"fused"`` (PyTorch's choice of kernel), ``"rules"`` (fused
+    kernels with our derivative rules) or ``"composite"`` (the ``MATH`` kernel).
+    """
 
     forward: bool
-    composite_attention: bool
+    attention: str
 
     def context(self):
         """Return the context manager that selects the attention kernels.
@@ -303,18 +405,28 @@ class _Mode:
         Returns:
             Context manager.
         """
-        return (
-            sdpa_kernel(SDPBackend.MATH) if self.composite_attention else nullcontext()
-        )
+        if self.attention == "rules":
+            return attention_rules()
+        if self.attention == "composite":
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
 
 
 class DifferentiationModes:
     """Run a computation in the fastest differentiation mode that works; remember it.
 
-    The candidate modes, in order: forward mode (only if allowed), reverse mode, and
-    both again with the composite attention kernel, whose operations all have
-    forward and second derivatives. Under ``torch.compile`` there is no fallback:
-    the current direction runs with the composite attention kernel.
+    The candidate modes, in order: forward mode (only if allowed) with PyTorch's
+    attention kernels, then with the fused kernels and our derivative rules
+    (:func:`attention_rules`); the same two for reverse mode; last, both directions
+    with the composite attention kernel, whose operations all have forward and
+    second derivatives. Where the rules work, the composite kernel is timed against
+    them once, and kept if it is faster (short sequences, Hessian products). Under
+    ``torch.compile`` there is no fallback: the current direction runs with the
+    composite attention kernel.
+
+    Attributes:
+        columns: The operator's :class:`ColumnPolicy`, which computations pass to
+            the primitives.
     """
 
     def __init__(self, forward_mode_allowed: bool):
@@ -322,11 +434,24 @@ class DifferentiationModes:
 
         Args:
             forward_mode_allowed: Whether forward-mode AD may be tried at all (it
-                needs a functional model, i.e. a ``torch.nn.Module``).
+                needs a functional form of the model: a ``torch.nn.Module`` or a
+                parameter dictionary with ``model_func(params, X)``).
         """
         directions = [True, False] if forward_mode_allowed else [False]
-        self._modes = [_Mode(d, c) for c in (False, True) for d in directions]
-        self._current = 0
+        self._modes = [
+            *(_Mode(d, a) for d in directions for a in ("fused", "rules")),
+            *(_Mode(d, "composite") for d in directions),
+        ]
+        self._current, self._rules_runs, self._composite_votes = 0, 0, []
+        self.columns = ColumnPolicy()
+
+    def adopt(self, other: DifferentiationModes):
+        """Take over what another instance found (for a copy of its operator).
+
+        Args:
+            other: Modes of the same model and parameters (e.g. a deep copy).
+        """
+        vars(self).update(vars(other))
 
     def __call__(self, computation: Callable[[bool], object]):
         """Run ``computation(forward_mode)`` in the first mode that succeeds.
@@ -345,18 +470,51 @@ class DifferentiationModes:
             # Dynamo cannot trace the fallback, so choose the composite attention
             # kernel up front (the compiler fuses it anyway).
             forward = self._modes[self._current].forward
-            with _Mode(forward, composite_attention=True).context():
+            with _Mode(forward, "composite").context():
                 return computation(forward)
         while True:
             mode = self._modes[self._current]
+            start = clock()
             try:
-                with mode.context():
-                    return computation(mode.forward)
+                with mode.context() as rules:
+                    result = computation(mode.forward)
             except (RuntimeError, NotImplementedError) as error:
                 last = self._current == len(self._modes) - 1
                 if last or not is_missing_derivative(error):
                     raise
                 self._current += 1
+                continue
+            if mode.attention == "rules" and rules.routed > 0:
+                self._rules_runs += 1
+                if self._rules_runs in (2, 3):  # the first run warmed the rules up
+                    self._compare_with_composite(computation, mode, clock() - start)
+            return result
+
+    def _compare_with_composite(self, computation, mode: _Mode, seconds: float):
+        """Time the composite attention kernel against the rules; keep the faster.
+
+        With short sequences, the rules' fixed costs can exceed what they save
+        (reverse-over-reverse products). The computation runs again with the
+        composite kernel; if it saved a tenth of the time in both of two
+        comparisons, the composite kernel is kept.
+
+        Args:
+            computation: The computation just run with the rules.
+            mode: The rules' mode.
+            seconds: The time the computation took with the rules.
+        """
+        composite = _Mode(mode.forward, "composite")
+        start = clock()
+        try:
+            with composite.context():
+                computation(mode.forward)
+        except (RuntimeError, NotImplementedError) as error:
+            if not is_missing_derivative(error):
+                raise
+            return
+        self._composite_votes.append(clock() - start < seconds / LOOP_MARGIN)
+        if self._composite_votes == [True, True]:
+            self._current = self._modes.index(composite)
 
 
 class ModelJacobian:
@@ -380,6 +538,24 @@ class ModelJacobian:
         self._functional = functional_form(model_func, params) if forward_mode else None
         self._modes = DifferentiationModes(self._functional is not None)
         self._fast_layers = fast_rule_layers(model_func)
+
+    @property
+    def modes(self) -> DifferentiationModes:
+        """Return the differentiation modes, which remember what works and is fast.
+
+        Returns:
+            The differentiation modes.
+        """
+        return self._modes
+
+    @property
+    def columns(self) -> ColumnPolicy:
+        """Return the policy for products with several columns.
+
+        Returns:
+            The column policy of the differentiation modes.
+        """
+        return self._modes.columns
 
     def run(self, computation: Callable[[Callable], object]):
         """Run a computation that uses Jacobian products, in a mode that works.
@@ -409,8 +585,10 @@ class ModelJacobian:
         Returns:
             The output and ``[K, *output.shape]``.
         """
+        columns = self._modes.columns
         if not forward_mode:
-            return jvp(lambda *_: self._model_func(X), self._params, M, False)
-        f = self._functional
+            model = self._model_func
+            return jvp(lambda *_: model(X), self._params, M, False, columns=columns)
+        f, layers = self._functional, self._fast_layers
         with nullcontext() if output_graph else no_grad():
-            return jvp(lambda *ps: f(*ps, X), self._params, M, True, self._fast_layers)
+            return jvp(lambda *ps: f(*ps, X), self._params, M, True, layers, columns)

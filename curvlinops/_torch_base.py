@@ -871,6 +871,39 @@ class CurvatureLinearOperator(PyTorchLinearOperator):
             with restored_running_stats(self._model_func):
                 yield
 
+    def __getstate__(self) -> dict:
+        """Return the state to copy or pickle, with what the products measured.
+
+        The per-batch product is rebuilt on use (it closes over the model), but a
+        copy keeps its original's measurements (the working differentiation mode,
+        the choices between batched and per-column passes), so that it computes
+        the same numbers bit for bit (see :meth:`_with_measurements`).
+
+        Returns:
+            The attributes to copy.
+        """
+        state = super().__getstate__()
+        modes = getattr(self.__dict__.get("_mp"), "modes", None)
+        if modes is not None:
+            state["_measured_modes"] = modes
+        return state
+
+    def _with_measurements(self, mp: Callable) -> Callable:
+        """Give a (re)built per-batch product the measurements of the original.
+
+        Args:
+            mp: The per-batch product of a ``make_batch_*`` builder, with its
+                :class:`~curvlinops._autodiff.DifferentiationModes` as ``modes``.
+
+        Returns:
+            ``mp``, whose modes took over those of the operator this one was
+            copied from, if any.
+        """
+        measured = self.__dict__.pop("_measured_modes", None)
+        if measured is not None:
+            mp.modes.adopt(measured)
+        return mp
+
     def __setstate__(self, state: dict):
         """Restore a copied or unpickled state, with the lock of its model.
 

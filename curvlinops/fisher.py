@@ -343,6 +343,7 @@ def make_batch_fmc_matrix_product(
         state = None if generator is None else generator.get_state()
         return product(X, y, unpack_columns(args), mc_samples, generator, state)
 
+    batch_fmc_matrix_product.modes = product.modes
     return batch_fmc_matrix_product
 
 

@@ -44,7 +44,7 @@ class _JacobianSandwichLinearOperator(CurvatureLinearOperator):
         Returns:
             The function built by the subclass's ``make_batch_*`` builder.
         """
-        return self._make_mp()
+        return self._with_measurements(self._make_mp())
 
     def _make_mp(self) -> Callable[..., tuple[Tensor, ...]]:
         """Build the per-batch product.
@@ -98,7 +98,9 @@ def _make_batch_sandwich_product(
 
     Returns:
         The product function; the matrix ``M`` is a list of tensors
-        ``[*param.shape, K]`` and so is the result.
+        ``[*param.shape, K]`` and so is the result. Its attribute ``modes`` holds
+        the differentiation modes it remembers (the working mode and the column
+        policy, see :class:`~curvlinops._autodiff.DifferentiationModes`).
     """
     model_func, params = bind_params(model_func, params)
     params = list(params)
@@ -115,7 +117,7 @@ def _make_batch_sandwich_product(
             output, JM = jvp(X, M)
             check_output_and_labels(loss_func, output, y)
             SJM = output_matmat(output.detach(), y, JM, *extra)
-            return vjp([output], params, [SJM], retain_graph=False)
+            return vjp([output], params, [SJM], False, jacobian.columns)
 
         result = jacobian.run(compute)
         return tuple(
@@ -123,6 +125,7 @@ def _make_batch_sandwich_product(
             for r, b in zip(result, blocks)
         )
 
+    product.modes = jacobian.modes
     return product
 
 
@@ -228,6 +231,7 @@ def make_batch_ggn_matrix_product(
     def batch_ggn_matrix_product(X, y, *M) -> tuple[Tensor, ...]:
         return product(X, y, unpack_columns(M))
 
+    batch_ggn_matrix_product.modes = product.modes
     return batch_ggn_matrix_product
 
 

@@ -224,6 +224,7 @@ def make_batch_ef_matrix_product(
     def batch_ef_matrix_product(X, y, *M) -> tuple[Tensor, ...]:
         return product(X, y, unpack_columns(M))
 
+    batch_ef_matrix_product.modes = product.modes
     return batch_ef_matrix_product
 
 

@@ -70,8 +70,10 @@ class HessianLinearOperator(CurvatureLinearOperator):
         Returns:
             ``mp(X, y, *M) -> tuple`` (see the builder).
         """
-        return make_batch_hessian_matrix_product(
-            self._model_func, self._loss_func, self._params, self._block_sizes
+        return self._with_measurements(
+            make_batch_hessian_matrix_product(
+                self._model_func, self._loss_func, self._params, self._block_sizes
+            )
         )
 
     def _matmat_batch(
@@ -151,8 +153,10 @@ def make_batch_hessian_matrix_product(
             output = model_func(X)
             if isinstance(loss_func, SUPPORTED_LOSSES):
                 check_output_and_labels(loss_func, output, y)
-            return hvp(loss_func(output, y), param_blocks, M_blocks)
+            loss = loss_func(output, y)
+            return hvp(loss, param_blocks, M_blocks, modes.columns)
 
         return tuple(r.movedim(0, -1) for r in modes(compute))
 
+    batch_hessian_matrix_product.modes = modes  # what it remembers (operators, tests)
     return batch_hessian_matrix_product

@@ -235,7 +235,9 @@ class JacobianLinearOperator(_ModelJacobianLinearOperator):
             ``mp(X, *M) -> [B, *output.shape[1:], K]``.
         """
         check = partial(_check_output, stacked=self._out_shape[0])
-        return _make_batch_jvp(self._model_func, self._params, check)
+        return self._with_measurements(
+            _make_batch_jvp(self._model_func, self._params, check)
+        )
 
     def _get_out_shape(self) -> list[Size]:
         """Return the range's format: the outputs stacked over all data.
@@ -326,7 +328,9 @@ class TransposedJacobianLinearOperator(_ModelJacobianLinearOperator):
             :func:`make_batch_transposed_jacobian_matrix_product`).
         """
         check = partial(_check_output, stacked=self._in_shape[0])
-        return _make_batch_vjp(self._model_func, self._params, check)
+        return self._with_measurements(
+            _make_batch_vjp(self._model_func, self._params, check)
+        )
 
     def _get_in_shape(self) -> list[Size]:
         """Return the domain's format: the outputs stacked over all data.
@@ -475,7 +479,10 @@ def _make_batch_jvp(
             shape). ``None``: no check.
 
     Returns:
-        ``mp(X, *M) -> Tensor`` (see :func:`make_batch_jacobian_matrix_product`).
+        ``mp(X, *M) -> Tensor`` (see :func:`make_batch_jacobian_matrix_product`),
+        with the differentiation modes it remembers (the working mode and the
+        column policy, see :class:`~curvlinops._autodiff.DifferentiationModes`)
+        as its attribute ``modes``.
     """
     model_func, params = bind_params(model_func, params)
     jacobian = ModelJacobian(model_func, list(params), forward_mode=True)
@@ -492,6 +499,7 @@ def _make_batch_jvp(
 
         return jacobian.run(compute).detach().movedim(0, -1)
 
+    batch_jacobian_matrix_product.modes = jacobian.modes
     return batch_jacobian_matrix_product
 
 
@@ -545,7 +553,8 @@ def _make_batch_vjp(
 
     Returns:
         ``mp(X, M) -> tuple`` (see
-        :func:`make_batch_transposed_jacobian_matrix_product`).
+        :func:`make_batch_transposed_jacobian_matrix_product`), with the
+        differentiation modes it remembers as its attribute ``modes``.
     """
     model_func, params = bind_params(model_func, params)
     params = list(params)
@@ -560,8 +569,9 @@ def _make_batch_vjp(
             output = model_func(X)
             if check_output is not None:
                 check_output(output)
-            return vjp([output], params, [V], retain_graph=False)
+            return vjp([output], params, [V], False, jacobian.columns)
 
         return tuple(r.movedim(0, -1) for r in jacobian.run(compute))
 
+    batch_transposed_jacobian_matrix_product.modes = jacobian.modes
     return batch_transposed_jacobian_matrix_product

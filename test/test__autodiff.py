@@ -1,5 +1,7 @@
 """Tests for curvlinops._autodiff: Jacobian products in every mode agree."""
 
+from functools import cache
+
 import pytest
 import torch
 from torch import float64, manual_seed, rand, randn
@@ -15,11 +17,21 @@ from torch.nn import (
 )
 from torch.nn.functional import linear
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
+from curvlinops import (
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+    TransposedJacobianLinearOperator,
+)
 from curvlinops._autodiff import fast_rule_layers, jvp
+from curvlinops.examples.functorch import (
+    functorch_ggn,
+    functorch_hessian,
+    functorch_jacobian,
+)
 from curvlinops.utils import make_functional_model_and_loss
 from test.cases import Case
-from test.utils import assert_close
+from test.utils import assert_close, random_columns
 
 
 def _model():
@@ -115,3 +127,49 @@ def test_products_compile_without_graph_breaks(architecture, operator):
         compiled = torch.compile(lambda v: op @ v, backend="aot_eager")(v)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert_close(compiled, op @ v)
+
+
+@cache
+def _cnn_dense(name: str) -> torch.Tensor:
+    """Dense matrix of an operator on the CNN case (computed once)."""
+    model, loss_func, params, data = Case("cnn", "ce").make()
+    if name == "HessianLinearOperator":
+        return functorch_hessian(model, loss_func, params, data)
+    if name == "GGNLinearOperator":
+        return functorch_ggn(model, loss_func, params, data)
+    J = functorch_jacobian(model, params, data)
+    return J if name == "JacobianLinearOperator" else J.T
+
+
+def _column_policy(op):
+    return op._mp.modes.columns  # of the per-batch product
+
+
+@pytest.mark.parametrize("force", ["batched", "loop", None])
+@pytest.mark.parametrize(
+    "operator",
+    [
+        HessianLinearOperator,
+        GGNLinearOperator,
+        JacobianLinearOperator,
+        TransposedJacobianLinearOperator,
+    ],
+)
+def test_columns_batched_or_looped_match_dense(operator, force):
+    """Each way of treating columns gives the dense reference's products."""
+    model, loss_func, params, data = Case("cnn", "ce").make()
+    if operator in (JacobianLinearOperator, TransposedJacobianLinearOperator):
+        op = operator(model, params, data, check_deterministic=False)
+    else:
+        op = operator(model, loss_func, params, data, check_deterministic=False)
+    dense = _cnn_dense(operator.__name__)
+    policy = _column_policy(op)
+    policy.force = force
+    M = random_columns(op.shape[1], 3, op)
+    for _ in range(3):  # warm-up and two measurements, unless forced
+        assert_close(op @ M, dense @ M)
+    if force is None:  # measured per kind of pass, for 3 columns
+        assert {num_cols for _, num_cols in policy._votes} == {3}
+        assert all(len(votes) == 3 for votes in policy._votes.values())
+    else:
+        assert all(votes == [] for votes in policy._votes.values())
