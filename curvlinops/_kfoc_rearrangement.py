@@ -57,19 +57,22 @@ class RearrangedTerms:
         rows: Whether the rows (``True``) or the per-datum gradients are kept.
     """
 
-    def __init__(self, a: Tensor, g: Tensor):
+    def __init__(self, a: Tensor, g: Tensor, rows: bool | None = None):
         """Keep the mini-batch's rows or form its per-datum gradients.
 
         Args:
             a: Input rows ``[N, P, D_in]``, or ``[N, groups, P, D_in]`` for a
                 grouped convolution (output channels split evenly into groups).
             g: Output-gradient rows ``[K, N, P, D_out]``.
+            rows: Keep the rows (``True``) or the gradients (``False``); ``None``
+                (default) chooses the cheaper. Grouped convolutions keep gradients.
         """
         K, N, P, D_out = g.shape
         D_in = a.shape[-1]
-        row_cost = K * (P * D_out**2 + P**2 * D_out) + P * D_in**2 + P**2 * D_in
-        gradient_cost = K * D_out * D_in * (D_out + D_in)
-        self.rows = a.ndim == 3 and row_cost <= gradient_cost
+        if rows is None:
+            row_cost = K * (P * D_out**2 + P**2 * D_out) + P * D_in**2 + P**2 * D_in
+            rows = row_cost <= K * D_out * D_in * (D_out + D_in)
+        self.rows = a.ndim == 3 and rows
         if self.rows:
             self._a, self._g = a.contiguous(), g.contiguous()
         else:
@@ -149,7 +152,7 @@ def power_iteration(
     first: dict[str, tuple[Tensor, Tensor]],
     tol: float,
     max_iter: int,
-) -> dict[str, tuple[Tensor, Tensor]]:
+) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
     r"""Find the top singular pairs of rearranged blocks by alternating products.
 
     Starting from :math:`\mathbf{v}_0` (PSD), it alternates :math:`\mathbf{u}
@@ -174,15 +177,15 @@ def power_iteration(
             :math:`\mathcal{R}^\top` and one with :math:`\mathcal{R}`).
 
     Returns:
-        Per block, the factors :math:`(\mathbf{S}_1, \mathbf{S}_2)`.
+        Per block, the factors :math:`(\mathbf{S}_1, \mathbf{S}_2)`; and the
+        number of iterations run.
     """
     v = {key: v0 for key, (v0, _) in first.items()}
     Rv = {key: _symmetrized(Rv0) for key, (_, Rv0) in first.items()}
     u = {key: Rv[key] / matrix_norm(Rv[key]) for key in Rv if Rv[key].any()}
-    active, changes = set(u), {}
-    for _ in range(max_iter):
-        if not active:
-            break
+    active, changes, iterations = set(u), {}, 0
+    while active and iterations < max_iter:
+        iterations += 1
         RTu = products({key: u[key] for key in active}, True)
         for key, value in RTu.items():
             v[key] = _normalized(value)
@@ -202,7 +205,7 @@ def power_iteration(
             RuntimeWarning,
             stacklevel=4,
         )
-    return {key: _split(Rv[key], v[key]) for key in first}
+    return {key: _split(Rv[key], v[key]) for key in first}, iterations
 
 
 def _symmetrized(X: Tensor) -> Tensor:
