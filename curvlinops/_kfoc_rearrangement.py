@@ -38,7 +38,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-from torch import Tensor, eye
+from torch import Tensor
 from torch.linalg import matrix_norm
 
 from curvlinops._ekfac_correction import per_datum_gradients
@@ -88,19 +88,22 @@ class RearrangedTerms:
         kept = [self._a, self._g] if self.rows else [self._J]
         return sum(t.numel() * t.element_size() for t in kept)
 
-    def matmat(self, X: Tensor) -> Tensor:
+    def matmat(self, X: Tensor | None) -> Tensor:
         r"""Multiply the share of :math:`\mathcal{R}(\mathbf{B})` onto a matrix.
 
         Args:
-            X: :math:`\mathbf{X}`, ``[D_in, D_in]``.
+            X: :math:`\mathbf{X}`, ``[D_in, D_in]``; ``None`` for the identity
+                (then no product with :math:`\mathbf{X}` is formed).
 
         Returns:
             :math:`\sum_m \mathbf{J}_m \mathbf{X} \mathbf{J}_m^\top`, ``[D_out,
             D_out]``.
         """
         if not self.rows:
-            return _contract(self._J.transpose(1, 2), (self._J @ X).transpose(1, 2))
-        inner = self._a @ X @ self._a.mT  # [N, P, P]
+            JX = self._J if X is None else self._J @ X
+            return _contract(self._J.transpose(1, 2), JX.transpose(1, 2))
+        aX = self._a if X is None else self._a @ X
+        inner = aX @ self._a.mT  # [N, P, P]
         return _contract(self._g, inner @ self._g)
 
     def rmatmat(self, Y: Tensor) -> Tensor:
@@ -249,16 +252,3 @@ def _split(Rv: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if root == 0:
         return Rv.clone(), v * 0
     return Rv / root, v * root
-
-
-def identity_start(dim: int, like: Tensor) -> Tensor:
-    r"""Return the normalized identity, the start of the power iteration.
-
-    Args:
-        dim: Its size.
-        like: A tensor with the device and dtype to use.
-
-    Returns:
-        :math:`\mathbf{I} / \sqrt{D}`, ``[dim, dim]``.
-    """
-    return eye(dim, device=like.device, dtype=like.dtype) / dim**0.5

@@ -17,7 +17,6 @@ from curvlinops._kfac_base import _KFACBase
 from curvlinops._kfoc_rearrangement import (
     RearrangedTerms,
     bias_block,
-    identity_start,
     power_iteration,
 )
 from curvlinops.kfac import _kronecker_matmat
@@ -314,18 +313,15 @@ class KFOCLinearOperator(_KFACBase):
         self._data_pass(on_input, on_output_grad, per_datum=True)
 
     def _recording_pass(self) -> tuple[dict, dict, dict | None]:
-        """Record the rearranged blocks' shares and the first product in one pass.
+        r"""Record the rearranged blocks' shares and the first product in one pass.
 
         Returns:
-            Per layer with a weight block, the start and its product with the
-            rearranged block; per layer with a bias block, that block; and the
-            recorded shares per layer (``None`` if they exceed the budget).
+            Per layer with a weight block, the start :math:`\mathbf{I} /
+            \sqrt{D_\text{in}}` and its product with the rearranged block; per
+            layer with a bias block, that block; and the recorded shares per layer
+            (``None`` if they exceed ``max_cache_bytes`` on any rank).
         """
         dims = self._weight_dims()
-        starts = {
-            layer: identity_start(d_in, self._zeros(()))
-            for layer, (_, d_in) in dims.items()
-        }
         products = {
             layer: self._zeros(d_out, d_out) for layer, (d_out, _) in dims.items()
         }
@@ -340,23 +336,24 @@ class KFOCLinearOperator(_KFACBase):
             nonlocal cache, size
             if layer in biases:
                 biases[layer].add_(bias_block(g))
-            if layer not in dims:
-                return
-            terms = RearrangedTerms(a, g)
-            products[layer].add_(terms.matmat(starts[layer]))
-            size += terms.nbytes
-            if cache is not None and size <= self._max_cache_bytes:
-                cache[layer].append(terms)
-            else:
-                cache = None
+            if layer in dims:
+                terms = RearrangedTerms(a, g)
+                products[layer].add_(terms.matmat(None))  # the identity's
+                size += terms.nbytes
+                if cache is not None and size <= self._max_cache_bytes:
+                    cache[layer].append(terms)
+                else:
+                    cache = None
 
         self._per_datum_pass(on_rows)
         self._sum_over_ranks([products, biases])
-        any_dropped = sum_over_ranks(
-            float(cache is None), self._process_group, self.device
-        )
-        first = {layer: (starts[layer], products[layer]) for layer in dims}
-        return first, biases, None if any_dropped else cache
+        dropped = sum_over_ranks(float(cache is None), self._process_group, self.device)
+        first = {}
+        for layer, (_, d_in) in dims.items():
+            scale = d_in**-0.5
+            start = eye(d_in, device=self.device, dtype=self.dtype) * scale
+            first[layer] = (start, products[layer] * scale)
+        return first, biases, None if dropped else cache
 
     def _products(self, cache: dict[str, list[RearrangedTerms]] | None) -> Callable:
         """Build the products with the rearranged blocks (and their transposes).

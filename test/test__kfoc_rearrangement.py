@@ -1,13 +1,12 @@
 """Tests for curvlinops._kfoc_rearrangement: products and power iteration."""
 
 import pytest
-from torch import Generator, einsum, float64, kron, randn, zeros
+from torch import Generator, einsum, eye, float64, kron, randn, zeros
 from torch.linalg import matrix_norm
 
 from curvlinops._kfoc_rearrangement import (
     RearrangedTerms,
     bias_block,
-    identity_start,
     power_iteration,
 )
 from test.kfac_references import optimal_kronecker
@@ -47,6 +46,7 @@ def test_products_are_sums_over_per_datum_gradients(rows, groups):
         assert terms.rows == (rows and groups == 1)
     X, Y = _symmetric(D_IN, 1), _symmetric(D_OUT, 2)
     assert_close(terms.matmat(X), einsum("moi,ij,mpj->op", J, X, J))
+    assert_close(terms.matmat(None), einsum("moi,mpi->op", J, J))
     assert_close(terms.rmatmat(Y), einsum("moi,op,mpj->ij", J, Y, J))
     assert terms.nbytes == 8 * ((a.numel() + g.numel()) if terms.rows else J.numel())
 
@@ -78,7 +78,7 @@ def test_power_iteration_finds_the_optimal_kronecker_product():
     J = _gradients(a, g)
     block = einsum("moi,mpj->oipj", J, J).reshape(D_OUT * D_IN, -1)
     products = _explicit_products(J)
-    v0 = identity_start(D_IN, J)
+    v0 = eye(D_IN, dtype=float64) / D_IN**0.5
     first = {"layer": (v0, products({"layer": v0}, False)["layer"])}
     factors, iterations = power_iteration(products, first, 1e-13, 500)
     S1, S2 = factors["layer"]
@@ -88,7 +88,7 @@ def test_power_iteration_finds_the_optimal_kronecker_product():
 
 
 def test_power_iteration_gives_zero_factors_for_zero_blocks():
-    v0 = identity_start(D_IN, zeros((), dtype=float64))
+    v0 = eye(D_IN, dtype=float64) / D_IN**0.5
     first = {"layer": (v0, zeros(D_OUT, D_OUT, dtype=float64))}
     factors, iterations = power_iteration(_explicit_products(None), first, 1e-8, 10)
     S1, S2 = factors["layer"]
