@@ -49,11 +49,13 @@ class KFOCLinearOperator(_KFOCPassMixin, _KFACBase):
         \lVert \mathbf{B} - \mathbf{S}_1 \otimes \mathbf{S}_2 \rVert_F .
 
     The vectors :math:`k` are those of KFAC's ``fisher_type``, with the loss's
-    scaling: ``'type-2'`` backpropagates the columns of the loss Hessian's
-    symmetric square root, each term's separately (:math:`TC` vectors for
-    :math:`T` loss terms of :math:`C` outputs per datum), so that :math:`\mathbf{B}`
-    is the exact GGN block; ``'mc'`` backpropagates ``mc_samples`` gradients at
-    labels drawn from the model (stacked over a datum's terms), whose
+    scaling: ``'type-2'`` backpropagates the columns of KFAC's square roots
+    :math:`\mathbf{S}_t \mathbf{S}_t^\top = \nabla^2_{\mathbf{f}_t} \ell_t` of the
+    loss terms' Hessians (any such factor gives the same :math:`\mathbf{B}`), each
+    term's separately (:math:`TC` vectors for :math:`T` loss terms of :math:`C`
+    outputs per datum), so that :math:`\mathbf{B}` is the exact GGN block;
+    ``'mc'`` backpropagates ``mc_samples`` gradients at labels drawn from the
+    model (stacked over a datum's terms), whose
     :math:`\mathbf{B}` is an unbiased estimate of it (the Fisher block). Scaling
     follows ``loss_func.reduction`` as in KFAC.
 
@@ -65,7 +67,8 @@ class KFOCLinearOperator(_KFOCPassMixin, _KFACBase):
     \mathbf{J}_{n,k}` (`Van Loan & Pitsianis, 1993
     <https://doi.org/10.1007/978-94-015-8196-7_17>`_), with the error
     :math:`\lVert \mathbf{B} - \mathbf{S}_1 \otimes \mathbf{S}_2 \rVert_F^2 =
-    \lVert \mathbf{B} \rVert_F^2 - \sigma^2`, at most KFAC's. Power iteration finds
+    \lVert \mathbf{B} \rVert_F^2 - \sigma^2`, no larger than that of any other
+    Kronecker product (KFAC's included). Power iteration finds
     it without forming the block, from the products
 
     .. math::
