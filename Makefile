@@ -67,6 +67,7 @@ docs-check: docs
 bench: install
 	$(PYTHON) benchmarks/run.py
 	$(PYTHON) benchmarks/ggn_diagonal.py
+	$(PYTHON) benchmarks/kfoc.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py
 	$(PYTHON) benchmarks/compile.py
