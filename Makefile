@@ -68,6 +68,7 @@ bench: install
 	$(PYTHON) benchmarks/run.py
 	$(PYTHON) benchmarks/ggn_diagonal.py
 	$(PYTHON) benchmarks/discovery.py
+	$(PYTHON) benchmarks/kfoc.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py
 	$(PYTHON) benchmarks/compile.py
