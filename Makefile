@@ -70,6 +70,7 @@ bench: install
 	$(PYTHON) benchmarks/ggn_diagonal.py
 	$(PYTHON) benchmarks/ekfac_precompute.py
 	$(PYTHON) benchmarks/discovery.py
+	$(PYTHON) benchmarks/kfoc.py
 	$(PYTHON) benchmarks/vivit.py
 	$(PYTHON) benchmarks/distributed.py
 	$(PYTHON) benchmarks/compile.py

@@ -17,6 +17,7 @@ from curvlinops.inverse import (
 )
 from curvlinops.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
 from curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from curvlinops.kfoc import KFOCLinearOperator
 from curvlinops.norm import hutchinson_squared_fro
 from curvlinops.papyan2020traces import (
     LanczosApproximateLogSpectrumCached,
@@ -54,6 +55,7 @@ __all__ = [
     # Kronecker-factored approximations
     "KFACLinearOperator",
     "EKFACLinearOperator",
+    "KFOCLinearOperator",
     "FisherType",
     "KFACType",
     # Structured operators with closed-form algebra

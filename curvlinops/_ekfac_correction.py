@@ -252,14 +252,30 @@ def _squared_rotated_gradients(
     Returns:
         ``[D_out, D_in]``.
     """
-    if a.ndim == 4:  # each group's output channels see only its patches
-        g = g.unflatten(-1, (a.shape[1], -1))
-        gradients = einsum("knpgc,ngpi->kngci", g, a).flatten(2, 3)
-    else:
-        gradients = einsum("knpo,npi->knoi", g, a)
-    rotated = QG.T @ gradients
+    rotated = QG.T @ per_datum_gradients(g, a)
     rotated = rotated if QA is None else rotated @ QA
     return rotated.square_().sum((0, 1))
+
+
+def per_datum_gradients(g: Tensor, a: Tensor) -> Tensor:
+    r"""Form the per-datum weight gradients of a layer.
+
+    That is :math:`\sum_p \mathbf{g}_{k,n,p} \mathbf{a}_{n,p}^\top` for every
+    datum :math:`n` and backpropagated vector :math:`k`.
+
+    Args:
+        g: Output gradients ``[K, N, P, D_out]``.
+        a: Inputs ``[N, P, D_in]``, or ``[N, groups, P, D_in]`` for a grouped
+            convolution, whose output channels (split evenly into the groups) see
+            only their group's inputs.
+
+    Returns:
+        The gradients ``[K, N, D_out, D_in]``.
+    """
+    if a.ndim == 4:
+        g = g.unflatten(-1, (a.shape[1], -1))
+        return einsum("knpgc,ngpi->kngci", g, a).flatten(2, 3)
+    return einsum("knpo,npi->knoi", g, a)
 
 
 def bias_corrected_eigenvalues(g: Tensor, QG: Tensor) -> Tensor:

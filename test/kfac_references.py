@@ -1,4 +1,4 @@
-"""Dense references and exact-case models for the KFAC, EKFAC and inverse tests.
+"""Dense references and exact-case models for the KFAC, EKFAC, KFOC, inverse tests.
 
 The dense KFAC/EKFAC matrices are assembled from the operators' factors with
 explicit index bookkeeping (independent of the canonical converters and products),
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, arange, cat, float64, kron, manual_seed, rand, randn, zeros
 from torch.func import jacrev
+from torch.linalg import svd
 from torch.nn import (
     BCEWithLogitsLoss,
     Conv2d,
@@ -80,6 +81,27 @@ def ekfac_dense(op) -> Tensor:
         eigenvalues = op._corrected_eigenvalues[(layer, kind)].flatten()
         _place(dense, idx, Q @ eigenvalues.diag() @ Q.T)
     return dense
+
+
+def kfoc_dense(op) -> Tensor:
+    """Dense KFOC matrix built from the operator's Kronecker factors."""
+    dense = zeros(op.shape, dtype=op.dtype)
+    for layer, kind, idx in block_indices(op):
+        S1, S2 = op.kronecker_factors[layer, kind]
+        _place(dense, idx, S1 if S2 is None else kron(S1, S2))
+    return dense
+
+
+def optimal_kronecker(block: Tensor, d_out: int, d_in: int) -> Tensor:
+    """The Frobenius-optimal Kronecker product, from an SVD of the rearranged block.
+
+    The block is ``[d_out * d_in, d_out * d_in]`` in row-major ``(i, j)`` order; its
+    rearrangement has rows ``(i, k)`` and columns ``(j, l)`` (Van Loan-Pitsianis).
+    """
+    shape = (d_out, d_in, d_out, d_in)
+    rearranged = block.reshape(shape).permute(0, 2, 1, 3).reshape(d_out**2, d_in**2)
+    U, S, Vh = svd(rearranged)
+    return S[0] * kron(U[:, 0].reshape(d_out, d_out), Vh[0].reshape(d_in, d_in))
 
 
 def restrict_to_blocks(dense: Tensor, op) -> Tensor:

@@ -31,6 +31,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     KFACLinearOperator,
+    KFOCLinearOperator,
 )
 from curvlinops.experimental import ActivationHessianLinearOperator
 from test.cases import Case
@@ -53,6 +54,11 @@ EXACT = {
     "ef": (EFLinearOperator, {}),
     "kfac": (KFACLinearOperator, {"fisher_type": "type-2"}),
     "ekfac": (EKFACLinearOperator, {"fisher_type": "empirical"}),
+    "kfoc": (KFOCLinearOperator, {"fisher_type": "type-2", "tol": 1e-12}),
+    "kfoc_passes": (  # an empty shard records nothing but must pass with the others
+        KFOCLinearOperator,
+        {"fisher_type": "type-2", "tol": 1e-12, "max_cache_bytes": 0},
+    ),
 }
 # operators that sample labels, with a seed
 SAMPLED = {

@@ -36,6 +36,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     KFACLinearOperator,
+    KFOCLinearOperator,
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
     PyTorchLinearOperator,
@@ -471,6 +472,10 @@ COPYABLE = {
         damping=1e-2
     ),
     "ekfac_inverse": lambda m, f, p, d: EKFACLinearOperator(m, f, p, d).inverse(
+        damping=1e-2
+    ),
+    "kfoc": lambda m, f, p, d: KFOCLinearOperator(m, f, p, d),
+    "kfoc_inverse": lambda m, f, p, d: KFOCLinearOperator(m, f, p, d).inverse(
         damping=1e-2
     ),
     "activation_hessian": lambda m, f, p, d: ActivationHessianLinearOperator(

@@ -46,6 +46,7 @@ from curvlinops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     KFACLinearOperator,
+    KFOCLinearOperator,
     LanczosApproximateLogSpectrumCached,
     LanczosApproximateSpectrumCached,
     TransposedJacobianLinearOperator,
@@ -72,6 +73,7 @@ LOSS_OPERATORS = {
     "mc_fisher": FisherMCLinearOperator,
     "kfac": KFACLinearOperator,
     "ekfac": EKFACLinearOperator,
+    "kfoc": KFOCLinearOperator,
 }
 JACOBIANS = {
     "jacobian": JacobianLinearOperator,
@@ -298,7 +300,7 @@ def test_unused_parameters_get_zero_blocks(name: str):
     compare_matmat(LOSS_OPERATORS[name](*problem), expected)
 
 
-@pytest.mark.parametrize("name", ["mc_fisher", "kfac", "ekfac"])
+@pytest.mark.parametrize("name", ["mc_fisher", "kfac", "ekfac", "kfoc"])
 def test_unused_parameters_of_sampled_and_kronecker_operators(name: str):
     """The used block equals the operator on the used parameters; the rest is 0."""
     model, loss_func, params, data = _unused_problem()
@@ -360,7 +362,8 @@ def test_half_precision_curvature_operator_exports_to_scipy():
 def test_float64_labels_with_a_float32_model(name: str, loss: str):
     """Like the loss itself, the operators accept wider labels (promoted, cast back)."""
     model, loss_func, params, data = Case("mlp", loss).make()
-    kwargs = {"fisher_type": "empirical"} if name in {"kfac", "ekfac"} else {}
+    fisher_types = {"kfac": "empirical", "ekfac": "empirical", "kfoc": "type-2"}
+    kwargs = {"fisher_type": fisher_types[name]} if name in fisher_types else {}
     reference = _columns(_build(name, model, loss_func, params, data, **kwargs))
     model = model.float()
     data32 = [(X.float(), y) for X, y in data]  # float64 labels

@@ -38,6 +38,17 @@ def test_version_has_one_source():
     assert all(part.isdigit() for part in (major, minor, patch))
 
 
+def test_changelog_lists_the_current_version():
+    """``CHANGELOG.md`` keeps an *Unreleased* section and one for this version."""
+    headings = [
+        line.removeprefix("## ").split(" - ")[0]
+        for line in (ROOT / "CHANGELOG.md").read_text().splitlines()
+        if line.startswith("## ")
+    ]
+    assert headings[0] == "[Unreleased]"
+    assert f"[{curvlinops.__version__}]" in headings
+
+
 def test_metadata_names_no_foreign_project():
     """No URL or author of another project (such as the original curvlinops)."""
     text = (ROOT / "pyproject.toml").read_text()
