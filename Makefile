@@ -4,10 +4,11 @@
 # torchvision, and an unpinned resolution would replace torch with a CUDA build.
 
 TORCH ?= torch==2.13.0
-# The tests also run laplace-torch, a client of curvlinops 3.0.1, on this package. It
-# requires curvlinops-for-pytorch, whose `curvlinops` directory would overwrite ours,
-# so it is installed without dependencies, then its other ones by name (the rest of
-# its requirements comes with this package), torch pinned again.
+# The tests and the tutorial example_laplace.py also run laplace-torch, a client of
+# curvlinops 3.0.1, on this package. It requires curvlinops-for-pytorch, whose
+# `curvlinops` directory would overwrite ours, so it is installed without
+# dependencies, then its other ones by name (the rest of its requirements comes with
+# this package), torch pinned again.
 LAPLACE := laplace-torch==0.3
 LAPLACE_DEPS := asdfghjkl==0.1a4 opt-einsum torchmetrics
 ifdef VIRTUAL_ENV
@@ -57,7 +58,8 @@ format: install-lint
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
 
-docs: install-docs
+# `install` brings laplace-torch for the tutorial example_laplace.py
+docs: install install-docs
 	$(PYTHON) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 # the browser test on the complete build: formulas, tutorial output, thumbnails

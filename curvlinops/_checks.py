@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, MutableMapping
 from operator import index
 
-from torch import Generator, Tensor, finfo, float64, randn
+from torch import Generator, Tensor, finfo, float64, promote_types, randn
+from torch import device as torch_device
+from torch import dtype as torch_dtype
 
 from curvlinops._losses import check_loss_options
 from curvlinops.utils import assert_divisible_by
@@ -342,6 +344,41 @@ def check_input_dtype(X: Tensor, dtype):
             f"Inputs X have dtype {X.dtype}, but the parameters have dtype {dtype}. "
             f"Cast the data (or the model) so that both agree, e.g. X.to({dtype})."
         )
+
+
+def check_operand(X: Tensor, device: torch_device, dtype: torch_dtype) -> Tensor:
+    """Verify a tensor an operator multiplies onto; cast it up if that is lossless.
+
+    A floating point tensor whose dtype promotes to the operator's dtype without
+    loss (``torch.promote_types(X.dtype, dtype) == dtype``, e.g. float32 for a
+    float64 operator) is cast to ``dtype``, so the product comes back in the
+    operator's dtype. laplace-torch relies on this: it multiplies the operators of
+    float64 models onto ``torch.eye`` of the default dtype (float32). Lossy casts
+    (float64 onto a float32 operator) are the caller's decision and are rejected,
+    as are tensors that are not floating point.
+
+    Args:
+        X: Tensor to multiply onto.
+        device: The operator's device.
+        dtype: The operator's dtype.
+
+    Returns:
+        ``X`` in ``dtype`` (``X`` itself if it has that dtype already).
+
+    Raises:
+        ValueError: If ``X`` lives on another device, or its dtype is not floating
+            point or does not convert to ``dtype`` without loss.
+    """
+    if X.device != device:
+        raise ValueError(f"Expected device {device}, got {X.device}.")
+    if X.dtype == dtype:
+        return X
+    if not X.is_floating_point() or promote_types(X.dtype, dtype) != dtype:
+        raise ValueError(
+            f"Expected dtype {dtype} (or a floating point dtype that converts to it "
+            f"without loss), got {X.dtype}. Cast the input, e.g. X.to({dtype})."
+        )
+    return X.to(dtype)
 
 
 def check_params_in_model(model, params: list[Tensor]):

@@ -34,6 +34,7 @@ from curvlinops._losses import (
     loss_terms,
     output_rows,
     sample_labels,
+    scale_by_label_mass,
     term_gradients,
 )
 from curvlinops.kfac_utils import (
@@ -353,10 +354,11 @@ def backpropagated_vectors(
     output_terms, y_terms = loss_terms(loss_func, output, y)
     f = output_terms.detach()
     if fisher_type == FisherType.TYPE2:
-        return output_terms, hessian_sqrt(loss_func, f).permute(2, 0, 1)
+        return output_terms, hessian_sqrt(loss_func, f, y_terms).permute(2, 0, 1)
     if fisher_type == FisherType.MC:
         labels = sample_labels(loss_func, f, mc_samples, generator)
-        return output_terms, term_gradients(loss_func, f, labels)
+        gradients = term_gradients(loss_func, f, labels)
+        return output_terms, scale_by_label_mass(loss_func, gradients, y_terms)
     return output_terms, term_gradients(loss_func, f, y_terms).unsqueeze(0)
 
 

@@ -16,6 +16,17 @@ reduction factor :math:`R` of :func:`reduction_factor` (:math:`1` for
 sample labels from the model's predictive distribution (:func:`sample_labels`),
 differentiate terms (:func:`term_gradients`) and factorize their Hessians
 (:func:`hessian_sqrt`), as the Fisher, empirical Fisher and KFAC need.
+
+Cross-entropy with class probabilities :math:`\mathbf{y}_t` as labels has the term
+:math:`\ell_t = -\sum_c y_{t,c} \log \mathrm{softmax}(\mathbf{f}_t)_c = m_t\,
+\ell_t(\mathbf{f}_t, \mathbf{y}_t / m_t)` with the *label mass*
+:math:`m_t = \sum_c y_{t,c}`, which need not be one. Its Hessian
+:math:`m_t (\mathrm{diag}(\mathbf{p}_t) - \mathbf{p}_t \mathbf{p}_t^\top)` scales
+with the mass (:func:`label_mass`). The Monte-Carlo Fisher treats the mass as it
+treats the reduction factor, as a weight of the term: labels are drawn from
+:math:`\mathrm{Cat}(\mathbf{p}_t)` and their gradients scaled by
+:math:`\sqrt{m_t}`, so that the sampled outer products estimate the Hessian
+(:func:`scale_by_label_mass`). Square roots and samples need :math:`m_t \ge 0`.
 """
 
 from __future__ import annotations
@@ -384,19 +395,24 @@ def sample_labels(
     return probs.bernoulli(generator=generator)
 
 
-def hessian_sqrt(loss_func, output_terms: Tensor) -> Tensor:
+def hessian_sqrt(
+    loss_func, output_terms: Tensor, y_terms: Tensor | None = None
+) -> Tensor:
     r"""Factorize each term's Hessian into a square root :math:`\mathbf{S}_t`.
 
     The factorization is :math:`\nabla^2_{\mathbf{f}_t}\ell_t = \mathbf{S}_t
     \mathbf{S}_t^\top`. The factors are :math:`\sqrt{2}\mathbf{I}` (square loss),
-    :math:`\mathrm{diag}(\sqrt{\mathbf{p}}) - \mathbf{p}\sqrt{\mathbf{p}}^\top` with
-    :math:`\mathbf{p} = \mathrm{softmax}(\mathbf{f}_t)` (cross-entropy; it uses
-    :math:`\sum_c p_c = 1`), and :math:`\mathrm{diag}(\sqrt{\mathbf{p}(1-\mathbf{p})})`
+    :math:`\sqrt{m_t}\,(\mathrm{diag}(\sqrt{\mathbf{p}}) - \mathbf{p}
+    \sqrt{\mathbf{p}}^\top)` with :math:`\mathbf{p} = \mathrm{softmax}(\mathbf{f}_t)`
+    (cross-entropy; it uses :math:`\sum_c p_c = 1`; :math:`m_t` is the label mass,
+    one for class indices), and :math:`\mathrm{diag}(\sqrt{\mathbf{p}(1-\mathbf{p})})`
     with :math:`\mathbf{p} = \sigma(\mathbf{f}_t)` (BCE).
 
     Args:
         loss_func: The loss function.
         output_terms: Outputs in rows, ``[T, C]``.
+        y_terms: Labels in rows (see :func:`loss_terms`); only cross-entropy's
+            class probabilities matter (their mass). ``None``: mass one.
 
     Returns:
         Square roots ``[T, C, C]``; the last axis indexes the factor's columns.
@@ -409,9 +425,65 @@ def hessian_sqrt(loss_func, output_terms: Tensor) -> Tensor:
     if isinstance(loss_func, CrossEntropyLoss):
         p = output_terms.softmax(-1)
         sqrt_p = p.sqrt()
-        return sqrt_p.unsqueeze(-1) * identity - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        S = sqrt_p.unsqueeze(-1) * identity - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        S = scale_by_label_mass(loss_func, S.movedim(0, -2), y_terms)  # [C, T, C]
+        return S.movedim(-2, 0)
     p = sigmoid(output_terms)
     return (p * (1 - p)).sqrt().unsqueeze(-1) * identity
+
+
+def label_mass(loss_func, y_terms: Tensor | None) -> Tensor | None:
+    r"""Return the mass :math:`m_t = \sum_c y_{t,c}` of cross-entropy's soft labels.
+
+    The Hessian of a cross-entropy term scales with the mass of its label.
+
+    Args:
+        loss_func: The loss function.
+        y_terms: Labels in rows (see :func:`loss_terms`), or ``None``.
+
+    Returns:
+        Masses ``[T]`` for cross-entropy with (floating point) class probabilities;
+        ``None`` otherwise (the mass is one).
+    """
+    if (
+        not isinstance(loss_func, CrossEntropyLoss)
+        or y_terms is None
+        or not y_terms.is_floating_point()
+    ):
+        return None
+    return y_terms.sum(-1)
+
+
+def scale_by_label_mass(loss_func, x: Tensor, y_terms: Tensor | None) -> Tensor:
+    r"""Scale per-term vectors by :math:`\sqrt{m_t}`, the root of the label mass.
+
+    Square roots of cross-entropy's Hessians and gradients at sampled labels carry
+    this factor so that their outer products scale with the mass, as the Hessian
+    does.
+
+    Args:
+        loss_func: The loss function.
+        x: Vectors ``[*, T, C]`` (leading axes, e.g. samples or columns).
+        y_terms: Labels in rows (see :func:`loss_terms`), or ``None``.
+
+    Returns:
+        ``x`` scaled per term; unchanged unless cross-entropy gets class
+        probabilities.
+
+    Raises:
+        ValueError: If a term's class probabilities have negative mass: its
+            Hessian is negative semi-definite and has no real square root.
+    """
+    mass = label_mass(loss_func, y_terms)
+    if mass is None:
+        return x
+    if bool((mass < 0).any()):
+        raise ValueError(
+            "CrossEntropyLoss's class probabilities must have non-negative mass "
+            "(sum over classes) for square roots of its Hessian and for sampled "
+            f"labels; got a mass of {mass.min().item():.3g}."
+        )
+    return x * mass.sqrt().to(x.dtype).unsqueeze(-1)
 
 
 def hessian_matmat(
@@ -424,14 +496,16 @@ def hessian_matmat(
     (cross-entropy) and :math:`\frac{1}{R}\mathrm{diag}(\mathbf{p} \odot (1 -
     \mathbf{p}))` (BCE), which are much cheaper than differentiating the loss twice.
     Cross-entropy terms labeled ``ignore_index`` have zero Hessian and do not count
-    in :math:`R`.
+    in :math:`R`; terms labeled with class probabilities of mass :math:`m_t` have
+    :math:`m_t` times the Hessian.
 
     Args:
         loss_func: The loss function.
         output: Model output on the mini-batch (``[B, C, *]`` for cross-entropy,
             else ``[B, *, C]``).
         M: Columns ``[K, *output.shape]``.
-        y: Mini-batch labels; only cross-entropy's ignored labels matter.
+        y: Mini-batch labels; only cross-entropy's ignored labels and the mass of
+            its class probabilities matter. ``None``: neither.
 
     Returns:
         The product, ``[K, *output.shape]``.
@@ -453,4 +527,7 @@ def hessian_matmat(
     if ignored is not None:  # [B, *] -> [B, 1, *]
         p = p.masked_fill(ignored.unsqueeze(1), 0.0)
     pM = p * M
-    return scale * (pM - p * pM.sum(2, keepdim=True))
+    HM = pM - p * pM.sum(2, keepdim=True)
+    if y is not None and y.is_floating_point():  # class probabilities of any mass
+        scale = scale * y.sum(1, keepdim=True).to(HM.dtype)
+    return scale * HM

@@ -46,6 +46,7 @@ from curvlinops._checks import (
     check_data,
     check_input_dtype,
     check_integer,
+    check_operand,
     check_params,
     check_params_in_model,
     check_reduction,
@@ -223,10 +224,13 @@ class PyTorchLinearOperator:
         Args:
             X: A torch or NumPy vector ``[N]`` or matrix ``[N, K]``, a tensor list
                 with the shapes of ``in_shape`` (each optionally with a trailing
-                column axis), or another :class:`PyTorchLinearOperator`.
+                column axis), or another :class:`PyTorchLinearOperator`. Tensors
+                of a floating point dtype that converts to the operator's dtype
+                without loss (e.g. float32 onto a float64 operator) are cast up.
 
         Returns:
-            ``A @ X`` in the format of ``X``; a lazy chain if ``X`` is an operator.
+            ``A @ X`` in the format of ``X`` and the operator's dtype; a lazy chain
+            if ``X`` is an operator.
 
         Raises:
             TypeError: If ``X`` has an unsupported type.
@@ -291,7 +295,7 @@ class PyTorchLinearOperator:
         Raises:
             ValueError: If shape, device, or dtype of ``X`` do not fit.
         """
-        self._check_device_and_dtype(X)
+        X = check_operand(X, self.device, self.dtype)
         if X.ndim not in {1, 2} or X.shape[0] != self.shape[1]:
             raise ValueError(
                 f"Expected a vector of shape [{self.shape[1]}] or matrix of shape "
@@ -328,7 +332,7 @@ class PyTorchLinearOperator:
                     f"index {idx}. Convert the entries with torch.as_tensor, or pass "
                     "a NumPy vector or matrix instead of a list."
                 )
-            self._check_device_and_dtype(x)
+        X = [check_operand(x, self.device, self.dtype) for x in X]
         if all(x.shape == s for x, s in zip(X, self._in_shape)):
             return [r.squeeze(-1) for r in self._matmat([x.unsqueeze(-1) for x in X])]
         num_cols = {x.shape[-1] for x in X if x.ndim > 0}
@@ -343,20 +347,6 @@ class PyTorchLinearOperator:
             f"optionally with a shared trailing column axis, got "
             f"{[list(x.shape) for x in X]}."
         )
-
-    def _check_device_and_dtype(self, X: Tensor):
-        """Verify that a tensor lives on the operator's device and has its dtype.
-
-        Args:
-            X: Tensor to check.
-
-        Raises:
-            ValueError: If device or dtype differ.
-        """
-        if X.dtype != self.dtype:
-            raise ValueError(f"Expected dtype {self.dtype}, got {X.dtype}.")
-        if X.device != self.device:
-            raise ValueError(f"Expected device {self.device}, got {X.device}.")
 
     # Algebra
 

@@ -17,6 +17,7 @@ from curvlinops._losses import (
     label_rows,
     output_rows,
     sample_labels,
+    scale_by_label_mass,
     terms_to_output,
 )
 from curvlinops.ggn import _JacobianSandwichLinearOperator, _make_batch_sandwich_product
@@ -61,7 +62,12 @@ class FisherMCLinearOperator(_JacobianSandwichLinearOperator):
     labeled ``ignore_index`` are left out). For the supported losses (``MSELoss``,
     ``CrossEntropyLoss``, ``BCEWithLogitsLoss``, without weights or label
     smoothing) the exact Fisher equals the generalized Gauss-Newton matrix, to
-    which the estimate converges as :math:`M` grows.
+    which the estimate converges as :math:`M` grows. Cross-entropy labels that are
+    class probabilities of mass :math:`m_n = \sum_c y_{n,c} \ne 1` make the loss
+    :math:`m_n` times that of normalized probabilities; like :math:`c`, this
+    weight scales the term's Fisher (the gradients at sampled class indices are
+    scaled by :math:`\sqrt{m_n}`), so the estimate still converges to the GGN.
+    Masses must not be negative.
 
     One operator is *one* deterministic sample of the estimator: a generator seeded
     with ``seed`` at the start of every product draws the labels batch by batch, so
@@ -240,7 +246,11 @@ def make_grad_output_sampler(
     output. Then :math:`\mathbb{E}[\mathbf{g}_t \mathbf{g}_t^\top] =
     \nabla^2_{\mathbf{f}_t} \ell_t / R`: the outer products of the sampled gradients
     of each term estimate the loss's Hessian w.r.t. that term's output (the Fisher
-    in output space). Cross-entropy terms labeled ``ignore_index`` get zero.
+    in output space). Cross-entropy terms labeled ``ignore_index`` get zero; terms
+    labeled with class probabilities of mass :math:`m_t = \sum_c y_{t,c}` (whose
+    Hessian is :math:`m_t` times that of a class index) draw class indices and
+    scale their gradients by :math:`\sqrt{m_t}`, as the reduction factor scales
+    them, so the estimate stays that of the Hessian.
 
     Args:
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
@@ -248,9 +258,9 @@ def make_grad_output_sampler(
     Returns:
         ``sample(output, num_samples, y, generator) -> [num_samples, *output.shape]``
         for a model output (``[B, C, *]`` for cross-entropy, else ``[B, *, C]``),
-        the number of samples per term, the true labels (only for their layout and
-        ignored terms; may be ``None``) and a random number generator (or
-        ``None`` for PyTorch's global one).
+        the number of samples per term, the true labels (only for their layout,
+        ignored terms and the mass of class probabilities; may be ``None``) and
+        a random number generator (or ``None`` for PyTorch's global one).
 
     Raises:
         NotImplementedError: If the loss function is not supported.
@@ -278,6 +288,7 @@ def make_grad_output_sampler(
         y_terms = None if y is None else label_rows(loss_func, y)
         labels = sample_labels(loss_func, output_terms, num_samples, generator)
         gradients = scaled_term_gradients(loss_func, output_terms, labels, y_terms)
+        gradients = scale_by_label_mass(loss_func, gradients, y_terms)
         return terms_to_output(loss_func, gradients, output.shape)
 
     return sample_grad_output

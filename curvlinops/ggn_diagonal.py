@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from math import sqrt
 
 from torch import Generator, Tensor, einsum, eye
-from torch.nn import CrossEntropyLoss, Module
+from torch.nn import Module
 
 from curvlinops._checks import check_integer, check_supported_loss
 from curvlinops._determinism import DETERMINISM_ATOL, DETERMINISM_RTOL
@@ -309,12 +309,10 @@ def exact_sqrt_columns(loss_func, output: Tensor, y: Tensor) -> Tensor:
     """
     output_terms, y_terms = loss_terms(loss_func, output, y)
     ignored = ignored_terms(loss_func, y_terms)
-    S = hessian_sqrt(loss_func, output_terms)  # [B * T, C, C]
+    S = hessian_sqrt(loss_func, output_terms, y_terms)  # [B * T, C, C]
     scale = reduction_factor(loss_func, output_terms, ignored) ** -0.5
     if ignored is not None:
         S = S.masked_fill(ignored[:, None, None], 0.0)
-    if isinstance(loss_func, CrossEntropyLoss) and y_terms.is_floating_point():
-        S = S * y_terms.sum(-1).sqrt()[:, None, None]
     num_terms, num_outputs = output_terms.shape
     per_datum = num_terms // len(output)
     S = S.reshape(len(output), per_datum, num_outputs, num_outputs) * scale

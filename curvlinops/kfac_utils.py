@@ -28,7 +28,6 @@ from einconv.utils import get_conv_paddings
 from torch import Size, Tensor, cat, einsum, serialization
 from torch import device as torch_device
 from torch import dtype as torch_dtype
-from torch.nn import CrossEntropyLoss
 from torch.nn.functional import pad
 from torch.nn.modules.utils import _pair
 
@@ -194,11 +193,8 @@ def loss_hessian_matrix_sqrt(
     check_output_and_labels(loss_func, output, target)
     check_no_ignored_labels(loss_func, target, "loss_hessian_matrix_sqrt")
     output_terms, target_terms = loss_terms(loss_func, output, target)
-    S = hessian_sqrt(loss_func, output_terms)[0]
-    S = S / sqrt(reduction_factor(loss_func, output_terms))
-    if isinstance(loss_func, CrossEntropyLoss) and target.is_floating_point():
-        S = S * target_terms.sum().sqrt()  # the Hessian scales with the label mass
-    return S
+    S = hessian_sqrt(loss_func, output_terms, target_terms)[0]
+    return S / sqrt(reduction_factor(loss_func, output_terms))
 
 
 def _average_channel_groups(x: Tensor, groups: int) -> Tensor:

@@ -16,6 +16,7 @@ TUTORIALS = [
     "example_spectral_density.py",
     "example_submatrices.py",
     "example_vivit.py",
+    "example_laplace.py",
     "example_dict_inputs.py",
     "example_distributed.py",
 ]

@@ -10,6 +10,7 @@ sys.path.insert(0, str(HERE))
 
 from _inventories import write_inventories  # noqa: E402
 from _mathjax import ENTRY_POINT, ensure_mathjax  # noqa: E402
+from _torchvision import import_torchvision_for_laplace  # noqa: E402
 
 import curvlinops  # noqa: E402
 
@@ -77,6 +78,7 @@ mathjax_path = ENTRY_POINT
 
 # Tutorials: run every docs/examples/example_*.py and render its figures.
 os.environ.setdefault("CURVLINOPS_DOCS_BUILD", "1")
+import_torchvision_for_laplace()  # example_laplace.py imports laplace-torch
 sphinx_gallery_conf = {
     "examples_dirs": "examples",
     "gallery_dirs": "auto_examples",

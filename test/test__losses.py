@@ -9,9 +9,11 @@ from curvlinops._losses import (
     check_output_and_labels,
     hessian_matmat,
     hessian_sqrt,
+    label_mass,
     loss_terms,
     reduction_factor,
     sample_labels,
+    scale_by_label_mass,
     term_gradients,
     terms_to_output,
 )
@@ -84,11 +86,18 @@ def test_term_gradients_match_autograd(loss):
     assert_close(term_gradients(loss_func, f, y_t), expected)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+def _class_probabilities(output):
+    """Class probabilities whose mass (sum over classes) differs per term, in (0, 4)."""
+    return 4 * rand(output.shape, dtype=float64) / output.shape[1]
+
+
+@pytest.mark.parametrize("loss", [*LOSSES, "ce-probabilities"])
 def test_hessian_sqrt_factorizes_term_hessians(loss):
-    loss_func, output, y = _problem(loss)
+    loss_func, output, y = _problem(loss.split("-")[0])
+    if loss == "ce-probabilities":  # the Hessian scales with the label mass
+        y = _class_probabilities(output)
     f, y_t = loss_terms(loss_func, output, y)
-    S = hessian_sqrt(loss_func, f)
+    S = hessian_sqrt(loss_func, f, y_t)
 
     def term_loss(f_t, label):
         return loss_func(f_t.unsqueeze(0), label.unsqueeze(0))
@@ -110,6 +119,33 @@ def test_sampled_gradients_have_the_hessian_as_covariance(loss):
     assert_close(fisher, S @ S.transpose(-1, -2), rtol=0, atol=3e-2)
 
 
+def test_sampled_gradients_of_class_probabilities_scale_with_their_mass():
+    """Gradients at sampled labels, times sqrt(mass), estimate the term Hessian."""
+    loss_func, output, _ = _problem("ce")
+    y = _class_probabilities(output)
+    f, y_t = loss_terms(loss_func, output, y)
+    samples = sample_labels(loss_func, f, 200_000, Generator().manual_seed(0))
+    g = scale_by_label_mass(loss_func, term_gradients(loss_func, f, samples), y_t)
+    fisher = (g.unsqueeze(-1) * g.unsqueeze(-2)).mean(0)
+    S = hessian_sqrt(loss_func, f, y_t)
+    assert_close(fisher, S @ S.transpose(-1, -2), rtol=0, atol=3e-2)
+    assert (label_mass(loss_func, y_t) - y_t.sum(1)).abs().max() == 0
+    assert label_mass(loss_func, loss_terms(*_problem("ce"))[1]) is None
+
+
+def test_class_probabilities_of_negative_mass_have_no_square_root():
+    loss_func, output, _ = _problem("ce")
+    y = _class_probabilities(output)
+    y[1, :, 0] -= 2.0  # the Hessian of this term is negative semi-definite
+    f, y_t = loss_terms(loss_func, output, y)
+    with pytest.raises(ValueError, match="non-negative mass"):
+        hessian_sqrt(loss_func, f, y_t)
+    M = randn(1, *output.shape, dtype=float64)  # the product is exact for any mass
+    H = hessian(lambda out: loss_func(out, y))(output).reshape(output.numel(), -1)
+    expected = (H @ M.flatten()).reshape(M.shape)
+    assert_close(hessian_matmat(loss_func, output, M, y), expected)
+
+
 def test_sampling_is_reproducible_with_a_seeded_generator():
     loss_func, output, y = _problem("ce")
     f, _ = loss_terms(loss_func, output, y)
@@ -117,12 +153,14 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
     assert (draw() == draw()).all()
 
 
-@pytest.mark.parametrize("loss", [*LOSSES, "ce-ignore_index"])
+@pytest.mark.parametrize("loss", [*LOSSES, "ce-ignore_index", "ce-probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_hessian_matmat_matches_autograd(loss, reduction):
     loss_func, output, y = _problem(loss.split("-")[0], reduction)
     if loss == "ce-ignore_index":  # cross-entropy leaves out these terms
         y = y.index_fill(1, tensor([0]), loss_func.ignore_index)
+    if loss == "ce-probabilities":  # [B, C, S] labels of mass != 1
+        y = _class_probabilities(output)
     M = randn(2, *output.shape, dtype=float64)
     H = hessian(lambda out: loss_func(out, y))(output)  # [*out, *out]
     expected = (H.reshape(output.numel(), -1) @ M.reshape(2, -1).T).T

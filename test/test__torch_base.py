@@ -5,15 +5,17 @@ from copy import deepcopy
 
 import numpy
 import pytest
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import aslinearoperator, eigsh
 from torch import (
     Tensor,
     allclose,
     cat,
+    complex128,
     equal,
     eye,
     float32,
     float64,
+    int64,
     manual_seed,
     no_grad,
     rand,
@@ -35,6 +37,7 @@ from curvlinops import (
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACInverseLinearOperator,
     KFACLinearOperator,
     KFOCLinearOperator,
     LSMRInverseLinearOperator,
@@ -177,8 +180,14 @@ def test_matmul_rejects_bad_inputs():
     op = TensorLinearOperator(_dense(3, 2))
     with pytest.raises(ValueError, match=r"Expected a vector of shape \[2\]"):
         op @ zeros(3, dtype=float64)
+    with pytest.raises(ValueError, match="Expected dtype torch.float32"):
+        TensorLinearOperator(_dense(3, 2).float()) @ zeros(2, dtype=float64)
     with pytest.raises(ValueError, match="Expected dtype torch.float64"):
-        op @ zeros(2, dtype=float32)
+        op @ zeros(2, dtype=int64)
+    with pytest.raises(ValueError, match="Expected dtype torch.float64"):
+        op @ [zeros(2, dtype=complex128)]
+    with pytest.raises(ValueError, match="Expected device cpu"):
+        op @ zeros(2, dtype=float64, device="meta")
     with pytest.raises(ValueError, match="Expected 1 tensors"):
         op @ [zeros(2, dtype=float64), zeros(2, dtype=float64)]
     with pytest.raises(ValueError, match="shapes"):
@@ -187,6 +196,42 @@ def test_matmul_rejects_bad_inputs():
         op @ "a string"
     with pytest.raises(ValueError, match=r"Expected a vector of shape \[3\]"):
         zeros(2, dtype=float64) @ op
+
+
+def _upcast_operators() -> dict:
+    """One float64 operator of every kind: curvature, KFAC, inverses, structured."""
+    model, loss_func, params, data = Case("mlp", "mse").make()
+    kfac = KFACLinearOperator(model, loss_func, params, data)
+    spd = _dense(4, 4) @ _dense(4, 4).T + eye(4, dtype=float64)
+    return {
+        "hessian": HessianLinearOperator(model, loss_func, params, data),
+        "ggn": GGNLinearOperator(model, loss_func, params, data),
+        "ef": EFLinearOperator(model, loss_func, params, data),
+        "jacobian": JacobianLinearOperator(model, params, data),
+        "kfac": kfac,
+        "ekfac": EKFACLinearOperator(model, loss_func, params, data),
+        "kfac_inverse": KFACInverseLinearOperator(kfac, damping=1e-2),
+        "cg_inverse_of_scipy": CGInverseLinearOperator(aslinearoperator(spd.numpy())),
+        "diagonal": DiagonalLinearOperator(rand(5, dtype=float64)),
+        "sum": TensorLinearOperator(spd) + 2 * TensorLinearOperator(spd),
+    }
+
+
+def test_lossless_dtypes_are_cast_up_by_every_operator_kind():
+    """laplace-torch multiplies float64 operators onto ``torch.eye`` in float32."""
+    for name, op in _upcast_operators().items():
+        M = rand(op.shape[1], 2, dtype=float64).float()  # exact in both dtypes
+        expected = op @ M.double()
+        for X, result in [(M, op @ M), (M[:, 0], op @ M[:, 0])]:
+            assert result.dtype == float64, name
+            assert_close(result, expected if X.ndim == 2 else expected[:, 0])
+    op = _ListFormatMatrix(_dense(5, 5), [(2, 2), (1,)], [(5,)])
+    M = rand(5, 3, dtype=float64).float()
+    result = op @ [M[:4].reshape(2, 2, 3), M[4:]]
+    assert result[0].dtype == float64
+    assert_close(result[0], _dense(5, 5) @ M.double())
+    half = TensorLinearOperator(_dense(3, 3).float())
+    assert_close(half @ M[:3].half(), half.tensor @ M[:3].half().float())
 
 
 def test_numpy_input_is_converted_to_operator_dtype():

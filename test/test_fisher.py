@@ -7,6 +7,7 @@ from torch import (
     float64,
     manual_seed,
     no_grad,
+    rand,
     randint,
     randn,
     tensor,
@@ -179,7 +180,7 @@ def test_batch_fmc_matrix_product_matches_reference(case: Case):
     assert_close(again, first)
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "ce_probabilities", "bce"])
 def test_grad_output_sampler_estimates_the_loss_hessian(loss: str):
     """The sampled output gradients' outer products average to the loss Hessian.
 
@@ -192,10 +193,11 @@ def test_grad_output_sampler_estimates_the_loss_hessian(loss: str):
     y = {
         "mse": randn(2, 3, 2, dtype=float64),
         "ce": randint(0, 3, (2, 2)),
+        "ce_probabilities": 2 * rand(2, 3, 2, dtype=float64),  # mass != 1
         "bce": randint(0, 2, (2, 3, 2)).to(float64),
     }[loss]
     loss_func = {"mse": MSELoss, "ce": CrossEntropyLoss, "bce": BCEWithLogitsLoss}[
-        loss
+        loss.split("_")[0]
     ](reduction="mean")
     sample = make_grad_output_sampler(loss_func)
     num_samples = 40_000

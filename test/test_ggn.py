@@ -32,6 +32,15 @@ def test_ggn_matches_functorch(case: Case):
     compare_matmat(G, G_dense)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ggn_of_class_probabilities_of_any_mass(reduction: str):
+    """Cross-entropy's Hessian scales with the label mass of every position."""
+    model, loss_func, params, data = Case("sequence", "ce", reduction).make()
+    data = [(X, 4 * rand(model(X).shape, dtype=float64) / 3) for X, _ in data]
+    G = GGNLinearOperator(model, loss_func, params, data)
+    compare_matmat(G, functorch_ggn(model, loss_func, params, data))
+
+
 def test_ggn_of_plain_callable_model():
     """A model that is a plain function (no Module) uses reverse mode only."""
     model, loss_func, params, data = Case("mlp", "ce").make()

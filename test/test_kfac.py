@@ -82,12 +82,14 @@ def test_batch_average_scales_by_inverse_terms_per_example():
     assert_close(kfac_dense(K_batch), kfac_dense(K_terms) / 3)
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce", "bce"])
+@pytest.mark.parametrize("loss", ["mse", "ce", "ce_probabilities", "bce"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 def test_kfac_is_exact_on_one_datum(loss, fisher_type):
     """Without weight sharing, one datum makes every layer block rank-one Kronecker."""
-    model, loss_func, params, data = Case("mlp", loss).make()
+    model, loss_func, params, data = Case("mlp", loss.split("_")[0]).make()
     data = [(data[0][0][:1], data[0][1][:1])]
+    if loss == "ce_probabilities":  # the Hessian scales with the label mass
+        data = [(data[0][0], 3 * rand(model(data[0][0]).shape, dtype=float64))]
     K = _kfac(model, loss_func, params, data, fisher_type=fisher_type)
     reference = functorch_ggn if fisher_type == "type-2" else functorch_ef
     compare_matmat(K, restrict_to_blocks(reference(model, loss_func, params, data), K))
@@ -138,6 +140,17 @@ def test_mc_converges_to_type2():
     errors = [error(n) for n in (1, 100, 10_000)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.03
+
+
+def test_mc_of_class_probabilities_approaches_the_ggn_on_one_datum():
+    """Gradients at sampled labels carry the root of the label mass."""
+    model, loss_func, params, data = Case("mlp", "ce", "sum").make()
+    X = data[0][0][:1]
+    data = [(X, 3 * rand(model(X).shape, dtype=float64))]  # mass about 4.5
+    K = _kfac(model, loss_func, params, data, fisher_type="mc", mc_samples=20_000)
+    exact = restrict_to_blocks(functorch_ggn(model, loss_func, params, data), K)
+    error = matrix_norm(kfac_dense(K) - exact) / matrix_norm(exact)
+    assert error < 0.03  # 0.87 without the mass
 
 
 def test_mc_seed_determines_the_approximation():

@@ -9,19 +9,27 @@ runs it for the documentation, which shows the value of a block's last line if
 that line is an expression. Such a value must be worth reading: a default repr
 like ``<matplotlib.colorbar.Colorbar object at 0x...>`` fails the test. Every
 tutorial draws a figure: the first one is its thumbnail in the gallery.
+
+A tutorial that imports an optional package (laplace-torch) is skipped, with the
+reason, where that package is not installed.
 """
 
 import ast
 import re
+from importlib.util import find_spec
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
+from test.utils import load_docs_module
+
 TUTORIALS = sorted(
     (Path(__file__).parents[1] / "docs" / "examples").glob("example_*.py")
 )
+# Optional packages that tutorials may import, and how to get them.
+OPTIONAL = {"laplace": "laplace-torch (`make install` installs it)"}
 BLOCK_START = re.compile(r"^# %%", re.M)
 DEFAULT_REPR = re.compile(r"object at 0x[0-9a-fA-F]+")
 
@@ -49,8 +57,30 @@ def run_block(block: ast.Module, namespace: dict, path: Path):
     return eval(compile(ast.Expression(last.value), str(path), "eval"), namespace)
 
 
+def imported_packages(path: Path) -> set[str]:
+    """Return the top-level packages that a tutorial imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def require_optional_packages(path: Path):
+    """Skip a tutorial whose optional packages are missing; prepare laplace-torch."""
+    optional = sorted(imported_packages(path) & OPTIONAL.keys())
+    missing = [OPTIONAL[name] for name in optional if find_spec(name) is None]
+    if missing:
+        pytest.skip(f"{path.name} needs {', '.join(missing)}")
+    if "laplace" in optional:  # it imports torchvision, see docs/_torchvision.py
+        load_docs_module("_torchvision").import_torchvision_for_laplace()
+
+
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path: Path, monkeypatch, tmp_path):
+    require_optional_packages(path)
     matplotlib.use("Agg")
     monkeypatch.setenv("CURVLINOPS_FAST_TUTORIALS", "1")
     monkeypatch.chdir(tmp_path)

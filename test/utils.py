@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
+from types import ModuleType
+
 import numpy
 from torch import Generator, Tensor, cat, float64, randn
 from torch.linalg import matrix_norm
@@ -139,3 +144,15 @@ def batched_columns(op):
     if modes is not None:
         modes.columns.force = "batched"
     return op
+
+
+def load_docs_module(name: str) -> ModuleType:
+    """Import a helper module of ``docs/`` (e.g. ``'_torchvision'``), once."""
+    key = f"curvlinops_docs_{name.lstrip('_')}"
+    if key not in sys.modules:
+        path = Path(__file__).parents[1] / "docs" / f"{name}.py"
+        spec = spec_from_file_location(key, path)
+        module = module_from_spec(spec)
+        sys.modules[key] = module  # keeps what the module defines alive
+        spec.loader.exec_module(module)
+    return sys.modules[key]

@@ -12,6 +12,9 @@ over the mini-batches :math:`\mathcal{B}` of ``data`` as a dense ``[D, D]`` tens
 with :math:`D` the total number of parameters (:func:`functorch_jacobian` gives the
 model's ``[NC, D]`` Jacobian instead). They cost :math:`\mathcal{O}(D^2)`
 memory, so they are meant for small models (tests, tutorials), not for production.
+:func:`functorch_hessian` differentiates twice with plain autograd instead, since
+:mod:`torch.func`'s second derivatives through normalization layers are wrong in
+PyTorch 2.13 (see there).
 Inputs ``X`` may be dict-like; then ``input_key`` names the entry whose leading axis
 is the batch axis. ``params`` may be a dictionary ``{name: tensor}`` with a
 functional ``model_func(params, X)``, as for the operators; the matrices then
@@ -26,11 +29,13 @@ from copy import copy
 from functools import wraps
 from math import isqrt
 
-from torch import Tensor, cat, zeros
+from torch import Tensor, cat, enable_grad, eye, zeros, zeros_like
+from torch.autograd import grad
 from torch.func import hessian, jacrev
 from torch.nn import CrossEntropyLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvlinops._execution import restored_running_stats
 from curvlinops._functional import FunctionalModel, bind_params, functional_form
 from curvlinops.utils import make_functional_model_and_loss
 
@@ -208,10 +213,17 @@ def functorch_hessian(
 ) -> Tensor:
     r"""Compute the Hessian :math:`\nabla^2_{\mathbf{\theta}} \mathcal{L}` densely.
 
-    Note: ``torch.func``'s second derivatives of ``batch_norm`` with batch
-    statistics (BatchNorm in train mode) disagree with finite differences in
-    PyTorch 2.13, while plain autograd agrees with them; use this reference with
-    BatchNorm in eval mode only.
+    Unlike the other references, it differentiates twice with plain autograd
+    (reverse-over-reverse, the backward passes of all rows batched with
+    ``is_grads_batched``), not with :mod:`torch.func`:
+    in PyTorch 2.13, ``torch.func.hessian`` (and ``jacrev(jacrev(...))``,
+    ``jacfwd(jacfwd(...))``) returns wrong, even non-symmetric Hessians through
+    ``layer_norm`` (its mixed derivatives w.r.t. the normalized input and the
+    scale are off; ``torch.func.grad`` composed with ``vmap`` is at fault, the
+    same transforms without ``vmap`` agree with autograd), and through
+    ``batch_norm`` with batch statistics. Plain autograd agrees with finite
+    differences for both. Running statistics of normalization layers in train
+    mode are left as they were.
 
     Args:
         model_func: The neural network (a ``torch.nn.Module``).
@@ -233,7 +245,14 @@ def functorch_hessian(
         torch.Size([4, 4])
     """
     risk, theta = _risk(model_func, loss_func, params, data, input_key)
-    return hessian(risk)(theta)
+    theta.requires_grad_(True)
+    with enable_grad(), restored_running_stats(model_func):
+        (gradient,) = grad(risk(theta), theta, create_graph=True)
+        if not gradient.requires_grad:  # the risk is linear in theta
+            return zeros(theta.numel(), theta.numel(), dtype=theta.dtype)
+        rows = eye(theta.numel(), dtype=theta.dtype, device=theta.device)
+        (H,) = grad(gradient, theta, rows, is_grads_batched=True, allow_unused=True)
+    return zeros_like(rows) if H is None else H.detach()
 
 
 @composite_attention

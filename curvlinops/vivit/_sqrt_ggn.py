@@ -31,7 +31,13 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.saved_quantities import SavedQuantities
 from torch import Tensor, nn
 
-from curvlinops._losses import check_no_ignored_labels
+from curvlinops._losses import (
+    check_no_ignored_labels,
+    label_rows,
+    output_rows,
+    scale_by_label_mass,
+    terms_to_output,
+)
 from curvlinops.vivit._backprop import FactorRule
 from curvlinops.vivit._layers import LAYERS, layer_extensions, unsupported_message
 
@@ -59,7 +65,10 @@ class _LossFactor(FactorRule):
 
         BackPACK normalizes by the full batch; with sub-sampling, the factor is
         rescaled by :math:`\sqrt{N / |\mathcal{S}|}` so that it factorizes the GGN of
-        the mean loss over the active samples :math:`\mathcal{S}`.
+        the mean loss over the active samples :math:`\mathcal{S}`. BackPACK's
+        cross-entropy factors assume labels of mass one; for class probabilities
+        of mass :math:`m_t` they are scaled by :math:`\sqrt{m_t}`, as the Hessian
+        scales with :math:`m_t`.
 
         Args:
             ext: The running extension.
@@ -83,7 +92,32 @@ class _LossFactor(FactorRule):
             )
         if subsampling is not None:
             factor = factor * sqrt(batch_size / len(subsampling))
+        return _scale_by_label_mass(module, factor, subsampling)
+
+
+def _scale_by_label_mass(
+    module: nn.Module, factor: Tensor, subsampling: list[int] | None
+) -> Tensor:
+    """Scale a cross-entropy factor by the root of its class probabilities' mass.
+
+    Args:
+        module: The loss function (with BackPACK's stored input and labels).
+        factor: The loss Hessian's factor ``[V, |S|, *output.shape[1:]]``.
+        subsampling: Indices of the active samples, ``None`` for all.
+
+    Returns:
+        The factor, scaled per loss term for cross-entropy with class
+        probabilities; unchanged otherwise.
+    """
+    y = module.input1
+    if not (isinstance(module, nn.CrossEntropyLoss) and y.is_floating_point()):
         return factor
+    y = y if subsampling is None else y[subsampling]
+    num_vectors, num_classes = factor.shape[0], factor.shape[2]
+    rows = output_rows(module, factor.flatten(end_dim=1))
+    rows = rows.reshape(num_vectors, -1, num_classes)
+    rows = scale_by_label_mass(module, rows, label_rows(module, y))
+    return terms_to_output(module, rows, factor.shape[1:])
 
 
 def _module_extensions() -> dict[type[nn.Module], FactorRule]:

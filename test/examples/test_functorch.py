@@ -4,10 +4,30 @@ They are checked against closed forms for a linear model ``f(x) = W x``.
 """
 
 import pytest
-from torch import einsum, eye, float64, manual_seed, rand, randint
+from torch import (
+    einsum,
+    eye,
+    float64,
+    manual_seed,
+    no_grad,
+    rand,
+    randint,
+    randn,
+    stack,
+)
+from torch.autograd import grad
 from torch.func import functional_call, hessian
-from torch.nn import CrossEntropyLoss, Linear, MSELoss, Sequential
+from torch.nn import (
+    BatchNorm1d,
+    CrossEntropyLoss,
+    LayerNorm,
+    Linear,
+    MSELoss,
+    Sequential,
+    Tanh,
+)
 from torch.nn.functional import one_hot
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from curvlinops.examples.functorch import (
     blocks_to_matrix,
@@ -63,6 +83,45 @@ def test_jacobian_rows_are_ordered_by_datum_then_output_entry():
     J = functorch_jacobian(model, [model.weight], data)
     expected = einsum("nsj,cd->nscdj", X, eye(C, dtype=float64))
     assert_close(J, expected.reshape(N * S * C, C * D_IN))
+
+
+def _normalized_model(norm: str) -> Sequential:
+    """A net with LayerNorm (scale, shift off 1 and 0) or train-mode BatchNorm."""
+    manual_seed(0)
+    layer = LayerNorm(4) if norm == "layernorm" else BatchNorm1d(4)
+    model = Sequential(Linear(3, 4), layer, Tanh(), Linear(4, 2)).to(float64)
+    with no_grad():
+        layer.weight.add_(0.3 * randn(4, dtype=float64))
+        layer.bias.add_(0.3 * randn(4, dtype=float64))
+    return model.train()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm_train"])
+def test_hessian_agrees_with_finite_differences_through_normalization(norm: str):
+    """torch.func's Hessians through layer_norm and batch_norm are wrong (torch 2.13).
+
+    The reference differentiates with plain autograd; central differences of the
+    autograd gradient confirm it (and running statistics stay as they were).
+    """
+    model = _normalized_model(norm)
+    X, y = rand(6, 3, dtype=float64), randint(0, 2, (6,))
+    params, loss_func = list(model.parameters()), CrossEntropyLoss()
+    buffers = [b.clone() for b in model.buffers()]
+    H = functorch_hessian(model, loss_func, params, [(X, y)])
+    assert all(b.equal(saved) for b, saved in zip(model.buffers(), buffers))
+
+    def gradient(theta):
+        with no_grad():
+            vector_to_parameters(theta, params)
+        return parameters_to_vector(grad(loss_func(model(X), y), params))
+
+    theta, eps = parameters_to_vector(params).detach(), 1e-6
+    columns = [
+        (gradient(theta + eps * e) - gradient(theta - eps * e)) / (2 * eps)
+        for e in eye(theta.numel(), dtype=float64)
+    ]
+    vector_to_parameters(theta, params)
+    assert_close(H, stack(columns), rtol=1e-7, atol=1e-8)
 
 
 def test_blocks_to_matrix_assembles_torch_func_hessians():

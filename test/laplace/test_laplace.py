@@ -224,16 +224,13 @@ def test_subnetwork(kind, likelihood):
     check_posterior(la, likelihood, H, model, params, x, y, x_test, subnet=subnet)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="dtype check, see docstring")
 def test_full_on_float64_model_with_float32_default_dtype():
-    """A float32 identity for a float64 model: our dtype check stops laplace.
+    """A float32 identity for a float64 model: our operators cast it up.
 
-    laplace materializes ``linop @ torch.eye(D)`` with the default dtype.
-
-    It casts the product to the model's dtype afterwards, so a float64 model under
-    torch's float32 default hands our operators a float32 identity, which they reject
-    (``ValueError: Expected dtype torch.float64``). Remove the mark once operators
-    accept (and convert) such inputs.
+    laplace materializes ``linop @ torch.eye(D)`` with the default dtype and casts
+    the product to the model's dtype afterwards, so a float64 model under torch's
+    float32 default hands our operators a float32 identity. It converts to float64
+    without loss, so the operators accept it and answer in float64.
     """
     model, loader, x, y, _ = problem("regression")
     with default_dtype(float32):

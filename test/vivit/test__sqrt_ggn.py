@@ -5,7 +5,7 @@ from math import sqrt
 import pytest
 from backpack import extend
 from backpack.extensions import SqrtGGNMC
-from torch import Tensor, float64, manual_seed, rand, randint
+from torch import Tensor, cat, float64, manual_seed, rand, randint
 from torch.nn import (
     ELU,
     SELU,
@@ -69,6 +69,18 @@ def test_factor_squares_to_ggn(case: Case, subsampling):
     num_classes = problem.model(problem.X).shape[1]
     num_samples = problem.X.shape[0] if subsampling is None else len(subsampling)
     assert V.shape[1] == num_classes * num_samples
+    assert_close(V @ V.T, full_ggn(problem, subsampling), atol=1e-12)
+
+
+@pytest.mark.parametrize("subsampling", SUBSAMPLINGS, ids=SUBSAMPLING_IDS)
+def test_factor_of_class_probabilities_scales_with_their_mass(subsampling):
+    """BackPACK's factors assume mass one; the Hessian scales with the label mass."""
+    model, loss_func, _, data = Case("mlp", "ce").make()
+    X = cat([X for X, _ in data])
+    y = 3 * rand(model(X).shape, dtype=float64) / 2  # mass about 2.25 per datum
+    problem = extended_problem(model, loss_func, X, y)
+    backward(problem, SqrtGGN("factor", subsampling=subsampling))
+    V = factor_matrix(problem.params, "factor")
     assert_close(V @ V.T, full_ggn(problem, subsampling), atol=1e-12)
 
 
