@@ -6,8 +6,10 @@ in one pass over the data (forward hooks collect the layers' inputs; one batched
 backward pass of the loss-specific vectors gives the gradients w.r.t. the layer
 outputs); saving and loading its state comes from :mod:`curvlinops._kfac_state`,
 the rest of curvlinops 3.x's interface from :mod:`curvlinops._kfac_interface`.
-Subclasses define what the factors are used for
-(:class:`curvlinops.KFACLinearOperator`, :class:`curvlinops.EKFACLinearOperator`).
+Subclasses turn the factors into a block-diagonal structured operator on the
+canonical blocks (``to_structured``), which gives the products and the closed forms
+(:mod:`curvlinops._kfac_structured`; :class:`curvlinops.KFACLinearOperator`,
+:class:`curvlinops.EKFACLinearOperator`, :class:`curvlinops.KFOCLinearOperator`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from curvlinops._kfac_pass import (
     terms_per_datum,
 )
 from curvlinops._kfac_state import _KFACStateMixin
+from curvlinops._kfac_structured import _KFACStructuredMixin
 from curvlinops._kfac_uses import LayerUses
 from curvlinops._losses import (
     SUPPORTED_LOSSES,
@@ -52,16 +55,22 @@ from curvlinops.kfac_utils import (
     KFACType,
     ToCanonicalLinearOperator,
 )
+from curvlinops.structured import BlockDiagonalLinearOperator
 from curvlinops.utils import allclose_report
 
 
-class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
+class _KFACBase(
+    _KFACInterfaceMixin, _KFACStructuredMixin, _KFACStateMixin, CurvatureLinearOperator
+):
     """Kronecker factors of the supported layers, computed in one pass over the data.
 
-    Subclasses implement ``_matmat`` and the matrix-function properties (cached
-    with ``_cached``, see :mod:`curvlinops._kfac_interface`), may extend
-    :meth:`compute_kronecker_factors`, and list further factors to save in
-    ``_EXTRA_STATE`` (see :class:`~curvlinops._kfac_state._KFACStateMixin`).
+    Subclasses implement ``to_structured`` (the operator as a
+    :class:`~curvlinops.BlockDiagonalLinearOperator` on the canonical blocks, in
+    block order), which gives ``_matmat`` and the matrix-function properties (see
+    :mod:`curvlinops._kfac_structured`), may extend
+    :meth:`compute_kronecker_factors` (publishing the results with
+    ``_publish_factors``), and list further factors to save in ``_EXTRA_STATE``
+    (see :class:`~curvlinops._kfac_state._KFACStateMixin`).
 
     Attributes:
         SELF_ADJOINT: ``True``.
@@ -211,6 +220,7 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         self._fisher_type = FisherType(self._fisher_type)
         self._kfac_approx = KFACType(self._kfac_approx)
         self._factors_ready = False
+        self._structured_form: BlockDiagonalLinearOperator | None = None
         self._input_covariances: dict[str, Tensor] = {}
         self._gradient_covariances: dict[str, Tensor] = {}
         self._seen_terms_per_datum: set[int] = set()
@@ -250,8 +260,7 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
         has succeeded: after an error or interrupt, the operator is as before.
         """
         A, G = self._accumulated_factors()
-        self._input_covariances, self._gradient_covariances = A, G
-        self._factors_ready = True
+        self._publish_factors(_input_covariances=A, _gradient_covariances=G)
 
     def _accumulated_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Compute the Kronecker factors with one pass over the data.
@@ -446,22 +455,6 @@ class _KFACBase(_KFACInterfaceMixin, _KFACStateMixin, CurvatureLinearOperator):
                 "only if you know what you are doing."
             )
         super()._check_deterministic()
-
-    def _blockwise(self, M: list[Tensor], block_matmats: list[Callable]):
-        """Apply one function per canonical block to a matrix in parameter format.
-
-        Args:
-            M: Tensors ``[*param.shape, K]`` in parameter order.
-            block_matmats: Functions mapping a block ``[block_size, K]`` to a block
-                of the same shape, in block order.
-
-        Returns:
-            The result in parameter format.
-        """
-        blocks = self._to_canonical._matmat(M)
-        return self._from_canonical._matmat(
-            [matmat(block) for matmat, block in zip(block_matmats, blocks)]
-        )
 
     def inverse(self, **kwargs):
         """Return the (damped) inverse as :class:`curvlinops.KFACInverseLinearOperator`.

@@ -2,14 +2,12 @@ r"""The part of KFAC's interface beyond products that curvlinops 3.x users rely 
 
 :class:`_KFACInterfaceMixin` gives KFAC-type operators the parameter mapping
 (``compute_parameter_mapping``, saved as ``_mapping``), label sampling
-(``draw_label``), the number of loss terms per datum seen in the data, and the cache
-behind the matrix-function properties ``trace``, ``det``, ``logdet`` and
-``frobenius_norm``, which is cleared whenever the factors change.
+(``draw_label``) and the number of loss terms per datum seen in the data; the
+matrix-function properties come from :mod:`curvlinops._kfac_structured`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import closing
 
 from torch import Generator, Tensor
@@ -22,11 +20,9 @@ from curvlinops._kfac_discovery import discover_mapping
 from curvlinops._kfac_pass import supported_layer_mapping
 from curvlinops._losses import loss_terms, sample_labels
 
-MATRIX_FUNCTIONS = ("trace", "det", "logdet", "frobenius_norm")
-
 
 class _KFACInterfaceMixin:
-    """Parameter mapping, label sampling and matrix-function cache of KFAC.
+    """Parameter mapping and label sampling of KFAC.
 
     The operator provides ``_loss_func``, ``_seed``, ``_process_group``, ``device``,
     ``_lock`` (reentrant), ``_num_per_example_loss_terms`` and
@@ -193,27 +189,3 @@ class _KFACInterfaceMixin:
         if isinstance(self._loss_func, CrossEntropyLoss):
             return labels.reshape(output.movedim(1, -1).shape[:-1])
         return labels.reshape(output.shape)
-
-    def _cached(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
-        """Return a cached matrix function, computing it if needed.
-
-        The caches are cleared whenever the factors change.
-
-        Args:
-            name: One of ``MATRIX_FUNCTIONS``.
-            compute: Computes the value from the factors.
-
-        Returns:
-            The value.
-        """
-        with self._lock:  # computed once, also if threads ask at the same time
-            value = getattr(self, f"_{name}", None)
-            if value is None:
-                value = compute()  # may compute the factors, which clears the caches
-                setattr(self, f"_{name}", value)
-            return value
-
-    def _forget_matrix_functions(self):
-        """Clear the cached matrix functions."""
-        for name in MATRIX_FUNCTIONS:
-            setattr(self, f"_{name}", None)

@@ -5,7 +5,6 @@ Public as :class:`curvlinops.inverse.KFACInverseLinearOperator`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from math import sqrt
 from threading import RLock
 from typing import Any, TypeVar
@@ -16,7 +15,12 @@ from torch.linalg import cholesky_ex, eigh
 from curvlinops._kfac_validation import check_state_keys, inverted_factors_fit
 from curvlinops._torch_base import PyTorchLinearOperator
 from curvlinops.ekfac import EKFACLinearOperator
-from curvlinops.kfac import KFACLinearOperator, _eigenbasis_matmat, _kronecker_matmat
+from curvlinops.kfac import KFACLinearOperator
+from curvlinops.structured import (
+    BlockDiagonalLinearOperator,
+    EighDecomposedLinearOperator,
+    KroneckerProductLinearOperator,
+)
 
 _OPTIONS = (
     "damping",
@@ -78,8 +82,8 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
     """
 
     SELF_ADJOINT: bool = True
-    # Rebuilt after copying: the lock and the functions applying the inverse.
-    _TRANSIENT = ("_lock", "_cached_matmats")
+    # Rebuilt after copying: the lock and the structured inverse.
+    _TRANSIENT = ("_lock", "_cached_structured")
 
     def __init__(
         self,
@@ -155,7 +159,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         self._use_heuristic_damping = use_heuristic_damping
         self._use_exact_damping = use_exact_damping
         self._cache, self._retry = cache, retry_double_precision
-        self._cached_matmats: list[Callable[[Tensor], Tensor]] | None = None
+        self._cached_structured: BlockDiagonalLinearOperator | None = None
         self._inverse_input_covariances: dict[str, Tensor] = {}
         self._inverse_gradient_covariances: dict[str, Tensor] = {}
 
@@ -209,11 +213,31 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         Returns:
             The product, tensors ``[*param.shape, K]``.
         """
+        return self._A._blockwise(X, self.to_structured().blocks)
+
+    def to_structured(self) -> BlockDiagonalLinearOperator:
+        r"""Return the inverse as a block-diagonal structured operator.
+
+        It acts on the canonical form, like ``A.to_structured()``: the inverse is
+        :math:`\mathbf{P}^\top \mathbf{B} \mathbf{P}` with the orthogonal
+        permutation :math:`\mathbf{P}` into it
+        (:class:`~curvlinops.kfac_utils.ToCanonicalLinearOperator`). Cached if
+        ``cache``.
+
+        Returns:
+            A :class:`~curvlinops.BlockDiagonalLinearOperator` with one block per
+            canonical block: the :class:`~curvlinops.KroneckerProductLinearOperator`
+            of the inverted damped factors (a matrix for a separate bias), or an
+            :class:`~curvlinops.EighDecomposedLinearOperator` for exact damping and
+            EKFAC.
+        """
         with self._lock:  # threads share the cached inverses
-            matmats = self._cached_matmats or self._inverse_block_matmats()
+            inverse = self._cached_structured or BlockDiagonalLinearOperator(
+                self._inverted_blocks()
+            )
             if self._cache:
-                self._cached_matmats = matmats
-        return self._A._blockwise(X, matmats)
+                self._cached_structured = inverse
+            return inverse
 
     def _damps_factors(self) -> bool:
         """Return whether the damping goes to KFAC's two factors.
@@ -223,16 +247,16 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         """
         return not (self._use_exact_damping or isinstance(self._A, EKFACLinearOperator))
 
-    def _inverse_block_matmats(self) -> list[Callable[[Tensor], Tensor]]:
-        """Invert every block and return the functions that apply the inverses.
+    def _inverted_blocks(self) -> list[PyTorchLinearOperator]:
+        """Invert every block.
 
         Returns:
-            One function per canonical block.
+            One operator per canonical block.
         """
         if isinstance(self._A, EKFACLinearOperator):
             return [
-                _eigen_inverse(QG, QA, E, self._damping)
-                for QA, QG, E in self._A._eigen_blocks()
+                _eigen_inverse(block.eigenvalues, block.eigenvectors, self._damping)
+                for block in self._A._structured().blocks
             ]
         if self._use_exact_damping:
             return [
@@ -240,16 +264,19 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
                 for A_factor, G in self._A._factor_pairs()
             ]
         A_inv, G_inv = self._kept_inverse_factors()
-        matmats = []
+        blocks = []
         for layer, kind in self._A._block_keys:
             left = G_inv[layer]
             if kind == "b" and self._use_heuristic_damping and layer in A_inv:
                 # the heuristic damped the weight's G; a bias block takes `damping`
                 G = self._A._gradient_covariances[layer]
                 left = self._damped_inverse(G, self._damping_G)
-            right = None if kind == "b" else A_inv[layer]
-            matmats.append(lambda m, L=left, R=right: _kronecker_matmat(m, L, R))
-        return matmats
+            blocks.append(
+                left
+                if kind == "b"
+                else KroneckerProductLinearOperator(left, A_inv[layer])
+            )
+        return blocks
 
     def _kept_inverse_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Return the cached or loaded inverted factors, else compute them.
@@ -395,7 +422,7 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         root = sqrt(self._damping)
         return max(pi * root, self._min_damping), max(root / pi, self._min_damping)
 
-    def _exact_inverse(self, A: Tensor | None, G: Tensor):
+    def _exact_inverse(self, A: Tensor | None, G: Tensor) -> PyTorchLinearOperator:
         """Invert a block's Kronecker product plus damping exactly.
 
         Args:
@@ -403,15 +430,17 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
             G: Gradient covariance.
 
         Returns:
-            Function that applies the block's inverse.
+            The block's inverse, through the factors' eigendecompositions (their
+            eigenvalues clipped at zero, as positive semi-definite matrices).
         """
         eigenvalues_G, QG = eigh(G)
         eigenvalues = eigenvalues_G.clamp(min=0)
-        QA = None
-        if A is not None:
-            eigenvalues_A, QA = eigh(A)
-            eigenvalues = eigenvalues.outer(eigenvalues_A.clamp(min=0))
-        return _eigen_inverse(QG, QA, eigenvalues, self._damping)
+        if A is None:
+            return _eigen_inverse(eigenvalues, QG, self._damping)
+        eigenvalues_A, QA = eigh(A)
+        eigenvalues = eigenvalues.outer(eigenvalues_A.clamp(min=0))
+        Q = KroneckerProductLinearOperator(QG, QA)
+        return _eigen_inverse(eigenvalues, Q, self._damping)
 
     def _damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
         """Invert a damped symmetric factor via its Cholesky decomposition.
@@ -442,17 +471,25 @@ class KFACInverseLinearOperator(PyTorchLinearOperator):
         )
 
 
-def _eigen_inverse(QG: Tensor, QA: Tensor | None, eigenvalues: Tensor, damping: float):
-    """Return the function that applies an eigen-decomposed block's damped inverse.
+def _eigen_inverse(
+    eigenvalues: Tensor,
+    eigenvectors: Tensor | KroneckerProductLinearOperator,
+    damping: float,
+) -> EighDecomposedLinearOperator:
+    """Return the damped inverse of an eigendecomposed block.
+
+    Unlike ``EighDecomposedLinearOperator.inverse``, a zero damped eigenvalue (for
+    ``damping=0``) gives an infinite inverse eigenvalue, not an error, as the
+    inverse always has.
 
     Args:
-        QG: Eigenvectors of the output side.
-        QA: Eigenvectors of the input side, or ``None`` for bias blocks.
         eigenvalues: Eigenvalues ``[D_G, D_A]`` (``[D_G]`` for bias blocks).
+        eigenvectors: ``Q_G ⊗ Q_A`` as Kronecker product (``Q_G`` for bias blocks).
         damping: Damping added to the eigenvalues.
 
     Returns:
-        Function that applies the block's inverse.
+        The block's inverse.
     """
-    inverse_eigenvalues = 1.0 / (eigenvalues + damping)
-    return lambda m: _eigenbasis_matmat(m, QG, QA, inverse_eigenvalues)
+    return EighDecomposedLinearOperator(
+        1.0 / (eigenvalues + damping), eigenvectors, check_orthonormal=False
+    )

@@ -33,8 +33,8 @@ from torch.nn import Module
 
 from curvlinops._checks import is_integer
 from curvlinops._functional import bind_params
-from curvlinops._kfac_interface import MATRIX_FUNCTIONS
 from curvlinops._kfac_pass import check_kfac_arguments
+from curvlinops._kfac_structured import MATRIX_FUNCTIONS
 from curvlinops._kfac_validation import (
     block_keys,
     check_factor,

@@ -14,10 +14,14 @@ from curvlinops._ekfac_correction import (
 )
 from curvlinops._execution import with_autograd
 from curvlinops._kfac_base import _KFACBase
-from curvlinops.kfac import _eigenbasis_matmat
 from curvlinops.kfac_utils import (
     FisherType,
     KFACType,  # noqa: F401 (importable here, as in 3.x)
+)
+from curvlinops.structured import (
+    BlockDiagonalLinearOperator,
+    EighDecomposedLinearOperator,
+    KroneckerProductLinearOperator,
 )
 
 
@@ -66,6 +70,10 @@ class EKFACLinearOperator(_KFACBase):
     for the corrected eigenvalues (with the same MC samples). ``'forward-only'`` is
     not supported. The operator is self-adjoint; its inverse is
     ``(Q_G ⊗ Q_A) diag(1 / (Λ + δ)) (Q_G ⊗ Q_A)ᵀ`` (:meth:`inverse`).
+    :meth:`to_structured` gives EKFAC as a
+    :class:`~curvlinops.BlockDiagonalLinearOperator` of
+    :class:`~curvlinops.EighDecomposedLinearOperator` blocks on the canonical form,
+    whose closed forms give ``trace``, ``det``, ``logdet`` and ``frobenius_norm``.
 
     The eigenbasis and eigenvalues are computed when first needed and cached; they
     go stale when the model's parameters (or the data) change. Refresh both with
@@ -146,12 +154,13 @@ class EKFACLinearOperator(_KFACBase):
         A, G = self._accumulated_factors()
         QA = {layer: eigh(C).eigenvectors for layer, C in A.items()}
         QG = {layer: eigh(C).eigenvectors for layer, C in G.items()}
-        eigenvalues = self._corrected_eigenvalues_pass(QA, QG)
-        self._input_covariances_eigenvectors = QA
-        self._gradient_covariances_eigenvectors = QG
-        self._corrected_eigenvalues = eigenvalues
-        self._input_covariances, self._gradient_covariances = A, G
-        self._factors_ready = True
+        self._publish_factors(
+            _corrected_eigenvalues=self._corrected_eigenvalues_pass(QA, QG),
+            _input_covariances_eigenvectors=QA,
+            _gradient_covariances_eigenvectors=QG,
+            _input_covariances=A,
+            _gradient_covariances=G,
+        )
 
     @with_autograd
     def compute_eigenvalue_correction(self):
@@ -163,9 +172,11 @@ class EKFACLinearOperator(_KFACBase):
         if not self._factors_ready:
             self.compute_kronecker_factors()
             return
-        self._corrected_eigenvalues = self._corrected_eigenvalues_pass(
-            self._input_covariances_eigenvectors,
-            self._gradient_covariances_eigenvectors,
+        self._publish_factors(
+            _corrected_eigenvalues=self._corrected_eigenvalues_pass(
+                self._input_covariances_eigenvectors,
+                self._gradient_covariances_eigenvectors,
+            )
         )
 
     def _corrected_eigenvalues_pass(
@@ -205,77 +216,46 @@ class EKFACLinearOperator(_KFACBase):
         self._sum_over_ranks([eigenvalues])
         return eigenvalues
 
-    def _eigen_blocks(self) -> list[tuple[Tensor | None, Tensor, Tensor]]:
-        """Return the eigenvectors and corrected eigenvalues of every block.
+    def to_structured(self) -> BlockDiagonalLinearOperator:
+        r"""Return EKFAC as a block-diagonal operator of eigendecompositions.
+
+        Its products, closed forms and ``inverse(damping)`` are those of EKFAC,
+        for which the operator is :math:`\mathbf{P}^\top \mathbf{B} \mathbf{P}`
+        with the orthogonal permutation :math:`\mathbf{P}` into the canonical form
+        (:class:`~curvlinops.kfac_utils.ToCanonicalLinearOperator`).
 
         Returns:
-            Tuples ``(Q_A, Q_G, Λ)`` in block order; ``Q_A`` is ``None`` for bias
-            blocks.
+            A :class:`~curvlinops.BlockDiagonalLinearOperator` with one
+            :class:`~curvlinops.EighDecomposedLinearOperator` per canonical block,
+            in block order: eigenvalues :math:`\mathbf{\Lambda}` ``[D_out,
+            D_in]`` with the eigenvectors :math:`\mathbf{Q}_\mathbf{G} \otimes
+            \mathbf{Q}_\mathbf{A}` (a
+            :class:`~curvlinops.KroneckerProductLinearOperator`) on a ``[D_out,
+            D_in]`` matrix (a weight flattened into rows, with the bias as last
+            column for joint blocks), or eigenvalues ``[D_out]`` with the matrix
+            :math:`\mathbf{Q}_\mathbf{G}` for a separate bias.
+
+        Example:
+            >>> from torch import eye, manual_seed, rand
+            >>> from torch.nn import Linear, MSELoss, Sequential
+            >>> _ = manual_seed(0)
+            >>> model = Sequential(Linear(3, 2), Linear(2, 2))
+            >>> params, data = list(model.parameters()), [(rand(8, 3), rand(8, 2))]
+            >>> E = EKFACLinearOperator(model, MSELoss(), params, data)
+            >>> B = E.to_structured()
+            >>> B.blocks[0].eigenvalues.shape  # first layer's weight
+            torch.Size([2, 3])
+            >>> P = E._to_canonical @ eye(E.shape[1])
+            >>> (P.T @ (B @ P)).allclose(E @ eye(E.shape[1]))
+            True
         """
         self._ensure_factors()
-        return [
-            (
-                None if kind == "b" else self._input_covariances_eigenvectors[layer],
-                self._gradient_covariances_eigenvectors[layer],
-                self._corrected_eigenvalues[(layer, kind)],
-            )
-            for layer, kind in self._block_keys
-        ]
-
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
-        """Multiply the block-diagonal EKFAC matrix onto a matrix.
-
-        Args:
-            M: Tensors ``[*param.shape, K]``.
-
-        Returns:
-            The product, tensors ``[*param.shape, K]``.
-        """
-        matmats = [
-            lambda m, QA=QA, QG=QG, E=E: _eigenbasis_matmat(m, QG, QA, E)
-            for QA, QG, E in self._eigen_blocks()
-        ]
-        return self._blockwise(M, matmats)
-
-    @property
-    def trace(self) -> Tensor:
-        """The trace, the sum of the corrected eigenvalues (cached).
-
-        Returns:
-            The trace, a scalar tensor.
-        """
-        return self._cached(
-            "trace", lambda: sum(E.sum() for _, _, E in self._eigen_blocks())
-        )
-
-    @property
-    def logdet(self) -> Tensor:
-        """The log-determinant, from the corrected eigenvalues (cached).
-
-        Returns:
-            The log-determinant; ``-inf`` if an eigenvalue is zero.
-        """
-        return self._cached(
-            "logdet", lambda: sum(E.log().sum() for _, _, E in self._eigen_blocks())
-        )
-
-    @property
-    def det(self) -> Tensor:
-        """The determinant, via :attr:`logdet` (cached).
-
-        Returns:
-            The determinant, a scalar tensor.
-        """
-        return self._cached("det", lambda: self.logdet.exp())
-
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, from the corrected eigenvalues (cached).
-
-        Returns:
-            The Frobenius norm, a scalar tensor.
-        """
-        return self._cached(
-            "frobenius_norm",
-            lambda: sum((E**2).sum() for _, _, E in self._eigen_blocks()).sqrt(),
-        )
+        blocks = []
+        for layer, kind in self._block_keys:
+            Q = self._gradient_covariances_eigenvectors[layer]
+            if kind != "b":
+                QA = self._input_covariances_eigenvectors[layer]
+                Q = KroneckerProductLinearOperator(Q, QA)
+            E = self._corrected_eigenvalues[(layer, kind)]
+            blocks.append(EighDecomposedLinearOperator(E, Q, check_orthonormal=False))
+        return BlockDiagonalLinearOperator(blocks)

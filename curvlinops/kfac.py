@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import TypeVar
 
 from torch import Tensor, inf
-from torch.linalg import matrix_norm, slogdet
+from torch.linalg import slogdet
 
 from curvlinops._kfac_base import _KFACBase
 from curvlinops.kfac_utils import FisherType, KFACType, MetaEnum
+from curvlinops.structured import (
+    BlockDiagonalLinearOperator,
+    KroneckerProductLinearOperator,
+)
 
 __all__ = ["KFACLinearOperator", "FisherType", "KFACType", "MetaEnum", "FactorType"]
 
@@ -148,7 +152,10 @@ class KFACLinearOperator(_KFACBase):
     assign=True)``), computing the factors raises an error that names the
     parameter: create a new operator. Products and the properties :attr:`trace`,
     :attr:`det`, :attr:`logdet` and :attr:`frobenius_norm` (cached) only use the
-    factors. :meth:`state_dict`, :meth:`load_state_dict` and
+    factors, through :meth:`to_structured`: KFAC as a
+    :class:`~curvlinops.BlockDiagonalLinearOperator` of
+    :class:`~curvlinops.KroneckerProductLinearOperator` blocks on the canonical
+    form. :meth:`state_dict`, :meth:`load_state_dict` and
     :meth:`from_state_dict` save and restore the operator in curvlinops 3.0.1's
     layout; a state that does not fit (another architecture, loss or layers)
     raises before operator or model change. ``_mapping`` maps the name of every
@@ -216,37 +223,46 @@ class KFACLinearOperator(_KFACBase):
                 for layer, role in self._block_keys
             ]
 
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
-        """Multiply the block-diagonal Kronecker matrix onto a matrix.
+    def to_structured(self) -> BlockDiagonalLinearOperator:
+        r"""Return KFAC as a block-diagonal operator of Kronecker products.
 
-        Args:
-            M: Tensors ``[*param.shape, K]``.
-
-        Returns:
-            The product, tensors ``[*param.shape, K]``.
-        """
-        matmats = [
-            lambda m, A=A, G=G: _kronecker_matmat(m, G, A)
-            for A, G in self._factor_pairs()
-        ]
-        return self._blockwise(M, matmats)
-
-    @property
-    def trace(self) -> Tensor:
-        r"""The trace, from the factors (cached until they change).
-
-        Per block, :math:`\mathrm{tr}(\mathbf{G} \otimes \mathbf{A}) =
-        \mathrm{tr}(\mathbf{G}) \mathrm{tr}(\mathbf{A})`.
+        Its products, ``trace``, ``frobenius_norm`` and ``inverse(damping)``
+        (exact damping, :math:`(\mathbf{G} \otimes \mathbf{A} + \delta
+        \mathbf{I})^{-1}`) are those of KFAC, for which the operator is
+        :math:`\mathbf{P}^\top \mathbf{B} \mathbf{P}` with the orthogonal
+        permutation :math:`\mathbf{P}` into the canonical form
+        (:class:`~curvlinops.kfac_utils.ToCanonicalLinearOperator`).
 
         Returns:
-            The trace, a scalar tensor.
+            A :class:`~curvlinops.BlockDiagonalLinearOperator` with one block per
+            canonical block, in block order: the
+            :class:`~curvlinops.KroneckerProductLinearOperator` :math:`\mathbf{G}
+            \otimes \mathbf{A}` on a ``[D_out, D_in]`` matrix (a weight flattened
+            into rows, with the bias as last column for joint blocks), or the
+            matrix :math:`\mathbf{G}` for a separate bias. The blocks hold the
+            cached factors (computed if needed).
+
+        Example:
+            >>> from torch import eye, manual_seed, rand
+            >>> from torch.nn import Linear, MSELoss, Sequential
+            >>> _ = manual_seed(0)
+            >>> model = Sequential(Linear(3, 2), Linear(2, 2))
+            >>> params, data = list(model.parameters()), [(rand(8, 3), rand(8, 2))]
+            >>> K = KFACLinearOperator(model, MSELoss(), params, data)
+            >>> B = K.to_structured()
+            >>> [type(block).__name__ for block in B.blocks[:2]]
+            ['KroneckerProductLinearOperator', 'TensorLinearOperator']
+            >>> P = K._to_canonical @ eye(K.shape[1])
+            >>> (P.T @ (B @ P)).allclose(K @ eye(K.shape[1]))
+            True
+            >>> bool(B.logdet.isclose(K.logdet))
+            True
         """
-        return self._cached(
-            "trace",
-            lambda: sum(
-                G.trace() * (1.0 if A is None else A.trace())
+        return BlockDiagonalLinearOperator(
+            [
+                G if A is None else KroneckerProductLinearOperator(G, A)
                 for A, G in self._factor_pairs()
-            ),
+            ]
         )
 
     @property
@@ -254,7 +270,9 @@ class KFACLinearOperator(_KFACBase):
         r"""The log-determinant, from the factors (cached until they change).
 
         Per block, :math:`\log\det(\mathbf{G} \otimes \mathbf{A}) = D_\mathbf{A}
-        \log\det \mathbf{G} + D_\mathbf{G} \log\det \mathbf{A}`.
+        \log\det \mathbf{G} + D_\mathbf{G} \log\det \mathbf{A}`, for
+        positive semi-definite factors (a factor with a non-positive determinant
+        counts as singular, whatever the sign that round-off gives it).
 
         Returns:
             The log-determinant; ``-inf`` if a factor is singular.
@@ -274,33 +292,6 @@ class KFACLinearOperator(_KFACBase):
             result = result + (1 if A is None else len(A)) * _logdet_psd(G)
         return result
 
-    @property
-    def det(self) -> Tensor:
-        """The determinant, via :attr:`logdet` (cached until the factors change).
-
-        Returns:
-            The determinant, a scalar tensor.
-        """
-        return self._cached("det", lambda: self.logdet.exp())
-
-    @property
-    def frobenius_norm(self) -> Tensor:
-        r"""The Frobenius norm, from the factors (cached until they change).
-
-        Per block, :math:`\|\mathbf{G} \otimes \mathbf{A}\|_F = \|\mathbf{G}\|_F
-        \|\mathbf{A}\|_F`.
-
-        Returns:
-            The Frobenius norm, a scalar tensor.
-        """
-        return self._cached(
-            "frobenius_norm",
-            lambda: sum(
-                matrix_norm(G) ** 2 * (1.0 if A is None else matrix_norm(A) ** 2)
-                for A, G in self._factor_pairs()
-            ).sqrt(),
-        )
-
 
 def _logdet_psd(matrix: Tensor) -> Tensor:
     """Compute the log-determinant of a positive semi-definite matrix.
@@ -313,47 +304,3 @@ def _logdet_psd(matrix: Tensor) -> Tensor:
     """
     sign, logabsdet = slogdet(matrix)
     return logabsdet if sign > 0 else logabsdet.new_tensor(-inf)
-
-
-def _kronecker_matmat(M: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
-    r"""Multiply :math:`\mathbf{L} \otimes \mathbf{R}` onto flattened matrices.
-
-    Args:
-        M: Columns ``[D_L * D_R, K]``, each a row-major flattened ``[D_L, D_R]``
-            matrix :math:`\mathbf{V}`.
-        left: :math:`\mathbf{L}`, ``[D_L, D_L]``.
-        right: :math:`\mathbf{R}`, ``[D_R, D_R]``, or ``None`` for ``D_R = 1``.
-
-    Returns:
-        The columns :math:`\mathbf{L} \mathbf{V} \mathbf{R}^\top`, ``[D_L * D_R, K]``.
-    """
-    if right is None:
-        return left @ M
-    num_cols = M.shape[-1]
-    V = M.reshape(left.shape[1], right.shape[1], num_cols).permute(2, 0, 1)
-    return (left @ V @ right.T).permute(1, 2, 0).reshape(-1, num_cols)
-
-
-def _eigenbasis_matmat(
-    M: Tensor, left: Tensor, right: Tensor | None, eigenvalues: Tensor
-) -> Tensor:
-    r"""Multiply a matrix with Kronecker-structured eigenvectors onto flattened ones.
-
-    Computes :math:`(\mathbf{Q}_L \otimes \mathbf{Q}_R) \mathrm{diag}(\mathrm{vec}
-    \mathbf{\Lambda}) (\mathbf{Q}_L \otimes \mathbf{Q}_R)^\top \mathbf{m}` for each
-    column :math:`\mathbf{m}`.
-
-    Args:
-        M: Columns ``[D_L * D_R, K]``.
-        left: Orthogonal :math:`\mathbf{Q}_L`, ``[D_L, D_L]``.
-        right: Orthogonal :math:`\mathbf{Q}_R`, ``[D_R, D_R]``, or ``None`` for
-            ``D_R = 1``.
-        eigenvalues: :math:`\mathbf{\Lambda}`, ``[D_L, D_R]`` (``[D_L]`` if
-            ``right`` is ``None``).
-
-    Returns:
-        The product, ``[D_L * D_R, K]``.
-    """
-    rotated = _kronecker_matmat(M, left.T, None if right is None else right.T)
-    rotated = rotated * eigenvalues.reshape(-1, 1)
-    return _kronecker_matmat(rotated, left, right)

@@ -528,7 +528,8 @@ class FromCanonicalLinearOperator(_CanonicalFormLinearOperator):
             num_rows = next(iter(shapes.values()))[0]
             roles = [role for role in ("W", "b") if role in group]
             widths = [shapes[role].numel() // num_rows for role in roles]
-            parts = block.reshape(num_rows, sum(widths), num_cols).split(widths, 1)
+            parts = block.reshape(num_rows, sum(widths), num_cols)
+            parts = parts.split(widths, 1) if len(widths) > 1 else [parts]
             for role, part in zip(roles, parts):
                 result[self._position[group[role]]] = part.reshape(
                     *shapes[role], num_cols

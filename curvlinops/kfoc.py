@@ -15,7 +15,6 @@ from curvlinops._execution import with_autograd
 from curvlinops._kfac_base import _KFACBase
 from curvlinops._kfoc_pass import _KFOCPassMixin
 from curvlinops._kfoc_rearrangement import power_iteration
-from curvlinops.kfac import _kronecker_matmat
 from curvlinops.kfac_utils import FisherType, KFACType
 from curvlinops.structured import (
     BlockDiagonalLinearOperator,
@@ -295,24 +294,11 @@ class KFOCLinearOperator(_KFOCPassMixin, _KFACBase):
         for layer, kind in self._block_keys:
             key = (layer, kind)
             factors[key] = (biases[layer], None) if kind == "b" else weights[layer]
-        self._factors, self._iterations = factors, iterations
-        self._iterated_in_memory = cache is not None
-        self._factors_ready = True
-
-    def _matmat(self, M: list[Tensor]) -> list[Tensor]:
-        """Multiply the block-diagonal Kronecker matrix onto a matrix.
-
-        Args:
-            M: Tensors ``[*param.shape, K]``.
-
-        Returns:
-            The product, tensors ``[*param.shape, K]``.
-        """
-        matmats = [
-            lambda m, S1=S1, S2=S2: _kronecker_matmat(m, S1, S2)
-            for S1, S2 in self.kronecker_factors.values()
-        ]
-        return self._blockwise(M, matmats)
+        self._publish_factors(
+            _factors=factors,
+            _iterations=iterations,
+            _iterated_in_memory=cache is not None,
+        )
 
     def to_structured(self) -> BlockDiagonalLinearOperator:
         """Return the approximation as a structured operator on the blocks.
@@ -334,45 +320,6 @@ class KFOCLinearOperator(_KFOCPassMixin, _KFACBase):
             ]
         )
 
-    @property
-    def trace(self) -> Tensor:
-        """The trace, in closed form from the factors (cached).
-
-        Returns:
-            A scalar tensor.
-        """
-        return self._cached("trace", lambda: self.to_structured().trace)
-
-    @property
-    def det(self) -> Tensor:
-        """The determinant, in closed form from the factors (cached).
-
-        Returns:
-            A scalar tensor.
-        """
-        return self._cached("det", lambda: self.to_structured().det)
-
-    @property
-    def logdet(self) -> Tensor:
-        """The log-determinant, in closed form from the factors (cached).
-
-        Returns:
-            A scalar tensor; ``-inf`` if a factor is singular (and ``nan`` if
-            round-off made a singular factor's determinant negative).
-        """
-        return self._cached("logdet", lambda: self.to_structured().logdet)
-
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, in closed form from the factors (cached).
-
-        Returns:
-            A scalar tensor.
-        """
-        return self._cached(
-            "frobenius_norm", lambda: self.to_structured().frobenius_norm
-        )
-
     def inverse(self, damping: float = 0.0):
         r"""Return the damped inverse :math:`(\mathbf{K} + \delta \mathbf{I})^{-1}`.
 
@@ -388,7 +335,7 @@ class KFOCLinearOperator(_KFOCPassMixin, _KFACBase):
             .inverse(damping)`` between the permutations into and out of the
             canonical form).
         """
-        blocks = self.to_structured().inverse(damping)
+        blocks = self._structured().inverse(damping)
         return self._from_canonical @ blocks @ self._to_canonical
 
     def state_dict(self):

@@ -1,39 +1,12 @@
-"""Tests for curvlinops._kfac_interface: mapping, labels, cached matrix functions."""
+"""Tests for curvlinops._kfac_interface: mapping and labels."""
 
 import pytest
-from torch import float64, manual_seed, no_grad, rand, randn, sigmoid, stack
+from torch import float64, manual_seed, rand, randn, sigmoid, stack
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, Linear, MSELoss, Sequential
 
-from curvlinops import EKFACLinearOperator, KFACLinearOperator
+from curvlinops import KFACLinearOperator
 from test.cases import Case
-from test.kfac_references import ekfac_dense, kfac_dense
 from test.utils import assert_close
-
-OPERATORS = pytest.mark.parametrize(
-    "cls", [KFACLinearOperator, EKFACLinearOperator], ids=["kfac", "ekfac"]
-)
-
-
-@OPERATORS
-def test_matrix_functions_are_cached_until_the_factors_change(cls, monkeypatch):
-    model, loss_func, params, data = Case("mlp", "mse").make()
-    op = cls(model, loss_func, params, data, fisher_type="type-2")
-    dense = (kfac_dense if cls is KFACLinearOperator else ekfac_dense)(op)
-    calls = []
-    for name in ["_factor_pairs", "_eigen_blocks"]:
-        if hasattr(op, name):
-            original = getattr(op, name)
-            monkeypatch.setattr(op, name, lambda f=original: calls.append(1) or f())
-    assert_close(op.trace, dense.trace())
-    assert_close(op.frobenius_norm, dense.norm())
-    assert op.trace is op.trace and op.det is op.det and op.logdet is op.logdet
-    assert len(calls) == 3  # trace, frobenius_norm and logdet (det reuses it)
-    with no_grad():
-        model[0].weight.mul_(2.0)
-    op.compute_kronecker_factors()  # new factors: the caches are cleared
-    dense = (kfac_dense if cls is KFACLinearOperator else ekfac_dense)(op)
-    assert_close(op.trace, dense.trace())
-    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce", "bce"])

@@ -111,9 +111,9 @@ def test_inverse_caches_the_inverted_factors(cache, monkeypatch):
     op = _operator(Case("mlp", "ce"))
     op_inv = KFACInverseLinearOperator(op, damping=DAMPING, cache=cache)
     calls = []
-    original = op_inv._inverse_block_matmats
+    original = op_inv._inverted_blocks
     monkeypatch.setattr(
-        op_inv, "_inverse_block_matmats", lambda: calls.append(1) or original()
+        op_inv, "_inverted_blocks", lambda: calls.append(1) or original()
     )
     v = rand(op.shape[1], dtype=float64)
     first = op_inv @ v

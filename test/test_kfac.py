@@ -1,14 +1,13 @@
 """Tests for curvlinops.kfac: exactness, conformance, MC, matrix functions."""
 
 import pytest
-from torch import cat, eye, float64, kron, manual_seed, rand, randn, tensor
-from torch.linalg import matrix_norm, qr, slogdet
+from torch import cat, eye, float64, manual_seed, rand, randn, tensor
+from torch.linalg import matrix_norm, slogdet
 from torch.nn import CrossEntropyLoss, Linear, ReLU, Sequential
 from torch.nn.functional import one_hot
 
 from curvlinops import KFACLinearOperator
 from curvlinops.examples.functorch import functorch_ggn
-from curvlinops.kfac import _eigenbasis_matmat, _kronecker_matmat
 from test.cases import Case, Permute
 from test.kfac_references import (
     CONFORMANCE,
@@ -204,19 +203,6 @@ def test_singular_factors_give_minus_infinite_logdet():
     K = _kfac(model, loss_func, params, [(data[0][0][:1], data[0][1][:1])])
     assert K.logdet.item() == float("-inf")
     assert K.det.item() == 0.0
-
-
-def test_kronecker_and_eigenbasis_matmat_match_dense():
-    manual_seed(0)
-    left, right = rand(3, 3, dtype=float64), rand(4, 4, dtype=float64)
-    M = rand(12, 5, dtype=float64)
-    assert_close(_kronecker_matmat(M, left, right), kron(left, right) @ M)
-    assert_close(_kronecker_matmat(M[:3], left, None), left @ M[:3])
-    QL, QR = qr(left).Q, qr(right).Q
-    eigenvalues = rand(3, 4, dtype=float64)
-    Q = kron(QL, QR)
-    expected = Q @ eigenvalues.flatten().diag() @ Q.T @ M
-    assert_close(_eigenbasis_matmat(M, QL, QR, eigenvalues), expected)
 
 
 def test_empirical_kfac_takes_class_probabilities_as_labels():

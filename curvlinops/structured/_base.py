@@ -2,9 +2,10 @@ r"""What the structured operators share: determinants from signs and logarithms.
 
 Each structured operator computes its determinant as a sign and the logarithm of
 the absolute value (like :func:`torch.linalg.slogdet`), which does not overflow for
-large matrices; :class:`_ClosedFormMixin` turns them into the public ``det`` and
-``logdet`` properties. The module also holds the checks of factors, eigenvectors
-and dampings.
+large matrices, and its squared Frobenius norm (which sums over blocks without
+rounding the blocks' norms); :class:`_ClosedFormMixin` turns them into the public
+``det``, ``logdet`` and ``frobenius_norm`` properties. The module also holds the
+checks of factors, eigenvectors and dampings.
 """
 
 from __future__ import annotations
@@ -22,11 +23,31 @@ CLOSED_FORMS = ("trace", "det", "logdet", "frobenius_norm")
 
 
 class _ClosedFormMixin:
-    """``det`` and ``logdet`` from a subclass's ``_slogdet``, for structured operators.
+    """``det``, ``logdet`` and ``frobenius_norm`` of structured operators.
 
-    Subclasses implement ``_slogdet() -> (sign, logabsdet)`` and the properties
-    ``trace`` and ``frobenius_norm``, and ``inverse(damping)``.
+    Subclasses implement ``_slogdet() -> (sign, logabsdet)``,
+    ``_squared_frobenius_norm()``, the property ``trace``, and
+    ``inverse(damping)``.
     """
+
+    def _squared_frobenius_norm(self) -> Tensor:
+        """Return the squared Frobenius norm.
+
+        Raises:
+            NotImplementedError: Must be implemented by the subclass.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `_squared_frobenius_norm`."
+        )
+
+    @property
+    def frobenius_norm(self) -> Tensor:
+        r"""The Frobenius norm :math:`\lVert \mathbf{A} \rVert_F`, in closed form.
+
+        Returns:
+            A scalar tensor.
+        """
+        return self._squared_frobenius_norm().sqrt()
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         """Return the sign and the log-absolute value of the determinant.

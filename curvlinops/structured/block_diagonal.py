@@ -121,33 +121,34 @@ class BlockDiagonalLinearOperator(_ClosedFormMixin, PyTorchLinearOperator):
 
     @property
     def trace(self) -> Tensor:
-        """The trace, the sum of the blocks' traces.
+        """The trace, the sum of the blocks' traces (added in block order).
 
         Returns:
             A scalar tensor.
         """
-        return stack([block_trace(b, j) for j, b in enumerate(self._blocks)]).sum()
+        return sum(block_trace(b, j) for j, b in enumerate(self._blocks))
 
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, from the blocks' Frobenius norms.
+    def _squared_frobenius_norm(self) -> Tensor:
+        """Return the sum of the blocks' squared Frobenius norms (in block order).
 
         Returns:
             A scalar tensor.
         """
-        norms = [block_frobenius_norm(b, j) for j, b in enumerate(self._blocks)]
-        return stack(norms).square().sum().sqrt()
+        return sum(
+            block_squared_frobenius_norm(b, j) for j, b in enumerate(self._blocks)
+        )
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         """Multiply the blocks' determinants, as signs and log-absolute values.
 
         Returns:
-            Sign and logarithm of the determinant's absolute value.
+            Sign and logarithm of the determinant's absolute value (the blocks'
+            logarithms added in block order).
         """
         signs, logabsdets = zip(
             *(block_slogdet(b, j) for j, b in enumerate(self._blocks))
         )
-        return stack(signs).prod(), stack(logabsdets).sum()
+        return stack(signs).prod(), sum(logabsdets)
 
     def inverse(self, damping: float = 0.0) -> BlockDiagonalLinearOperator:
         r"""Return :math:`(\mathbf{B} + \delta \mathbf{I})^{-1}`, block by block.
@@ -220,19 +221,21 @@ def block_trace(block: PyTorchLinearOperator, index: int) -> Tensor:
     return _closed_form(block, index, "trace")
 
 
-def block_frobenius_norm(block: PyTorchLinearOperator, index: int) -> Tensor:
-    """Return the Frobenius norm of a block.
+def block_squared_frobenius_norm(block: PyTorchLinearOperator, index: int) -> Tensor:
+    """Return the squared Frobenius norm of a block.
 
     Args:
         block: A dense, structured or KFAC-type operator.
         index: Its position, for error messages.
 
     Returns:
-        The Frobenius norm.
+        The squared Frobenius norm.
     """
     if isinstance(block, TensorLinearOperator):
-        return matrix_norm(block.tensor)
-    return _closed_form(block, index, "frobenius_norm")
+        return matrix_norm(block.tensor) ** 2
+    if isinstance(block, _ClosedFormMixin):
+        return block._squared_frobenius_norm()
+    return _closed_form(block, index, "frobenius_norm") ** 2
 
 
 def block_slogdet(block: PyTorchLinearOperator, index: int) -> tuple[Tensor, Tensor]:

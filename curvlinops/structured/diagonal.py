@@ -116,14 +116,13 @@ class DiagonalLinearOperator(_ClosedFormMixin, PyTorchLinearOperator):
         """
         return self._flat_diagonal().sum()
 
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, the Euclidean norm of the diagonal.
+    def _squared_frobenius_norm(self) -> Tensor:
+        """Return the sum of the squared diagonal entries.
 
         Returns:
             A scalar tensor.
         """
-        return self._flat_diagonal().norm()
+        return (self._flat_diagonal() ** 2).sum()
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         """Return sign and log-absolute value of the product of the diagonal.

@@ -151,14 +151,13 @@ class EighDecomposedLinearOperator(_ClosedFormMixin, PyTorchLinearOperator):
         """
         return self._eigenvalues.sum()
 
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, the Euclidean norm of the eigenvalues.
+    def _squared_frobenius_norm(self) -> Tensor:
+        """Return the sum of the squared eigenvalues.
 
         Returns:
             A scalar tensor.
         """
-        return self._eigenvalues.norm()
+        return (self._eigenvalues**2).sum()
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         """Return sign and log-absolute value of the product of the eigenvalues.

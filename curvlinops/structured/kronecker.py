@@ -123,14 +123,13 @@ class KroneckerProductLinearOperator(_ClosedFormMixin, PyTorchLinearOperator):
         """
         return prod(A.trace() for A in self._factors)
 
-    @property
-    def frobenius_norm(self) -> Tensor:
-        """The Frobenius norm, the product of the factors' Frobenius norms.
+    def _squared_frobenius_norm(self) -> Tensor:
+        """Return the product of the factors' squared Frobenius norms.
 
         Returns:
             A scalar tensor.
         """
-        return prod(matrix_norm(A) for A in self._factors)
+        return prod(matrix_norm(A) ** 2 for A in self._factors)
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         """Combine the factors' determinants, each to the power of its multiplicity.
