@@ -10,6 +10,7 @@ TUTORIALS = [
     "example_eigenvalues.py",
     "example_inverses.py",
     "example_kfac_preconditioning.py",
+    "example_structured.py",
     "example_weight_tying.py",
     "example_fisher_monte_carlo.py",
     "example_trace_diagonal.py",
